@@ -1,0 +1,37 @@
+import signal
+import threading
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+from studies.storescp import StorageServer
+
+
+class Command(BaseCommand):
+    help = (
+        "Run the storage SCP that receives studies from configured PACS nodes "
+        "(C-MOVE destination, autoroute, modality push)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--port", type=int, default=settings.DICOM_PORT)
+        parser.add_argument("--bind", default=settings.DICOM_BIND_ADDRESS)
+        parser.add_argument("--aet", default=settings.DICOM_AE_TITLE)
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        server = StorageServer(ae_title=options["aet"], host=options["bind"], port=options["port"])
+        server.start(block=False)
+        self.stdout.write(f"Storage SCP {options['aet']} listening on {options['bind']}:{options['port']}")
+        self.stdout.flush()
+        stopping = threading.Event()
+
+        def stop(signum: int, frame: Any) -> None:
+            stopping.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        while not stopping.wait(1.0):
+            pass
+        server.stop()
+        self.stdout.write("Storage SCP stopped.")

@@ -1,0 +1,140 @@
+"""What there is to see: PACS nodes, the local study index and retrieval jobs."""
+
+from django.conf import settings
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+
+class PacsNode(models.Model):
+    """A DICOM peer: a PACS we query and retrieve from, or a modality that pushes to us.
+
+    Only configured nodes may open associations with the storage SCP.
+    """
+
+    class Retrieve(models.TextChoices):
+        MOVE = "move", "C-MOVE"
+        GET = "get", "C-GET"
+        WADO = "wado", "WADO-RS"
+
+    name = models.SlugField(_("name"), max_length=64, unique=True)
+    ae_title = models.CharField(_("AE title"), max_length=16)
+    host = models.CharField(_("host"), max_length=255)
+    port = models.PositiveIntegerField(_("port"))
+    dicomweb_url = models.URLField(_("DICOMweb URL"), blank=True)
+    retrieve_method = models.CharField(
+        _("retrieve method"), max_length=8, choices=Retrieve.choices, default=Retrieve.MOVE
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+
+class Study(models.Model):
+    study_instance_uid = models.CharField(max_length=64, unique=True)
+    patient_name = models.CharField(max_length=255, blank=True)
+    patient_id = models.CharField(max_length=64, blank=True)
+    patient_birth_date = models.CharField(max_length=8, blank=True)
+    patient_sex = models.CharField(max_length=16, blank=True)
+    study_date = models.CharField(max_length=8, blank=True)
+    study_time = models.CharField(max_length=16, blank=True)
+    accession_number = models.CharField(max_length=64, blank=True)
+    study_description = models.CharField(max_length=255, blank=True)
+    referring_physician_name = models.CharField(max_length=255, blank=True)
+    source = models.ForeignKey(
+        PacsNode, null=True, blank=True, on_delete=models.SET_NULL, related_name="studies",
+        help_text="The node it came from; empty for the local archive.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-study_date", "-created_at"]
+        verbose_name_plural = "studies"
+        indexes = [
+            models.Index(fields=["patient_id"]),
+            models.Index(fields=["accession_number"]),
+            models.Index(fields=["study_date"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.study_date} {self.patient_name} {self.study_description}".strip()
+
+
+class Series(models.Model):
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="series")
+    series_instance_uid = models.CharField(max_length=64, unique=True)
+    modality = models.CharField(max_length=16, blank=True)
+    series_number = models.IntegerField(null=True, blank=True)
+    series_description = models.CharField(max_length=255, blank=True)
+    body_part_examined = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["series_number", "created_at"]
+        verbose_name_plural = "series"
+
+    def __str__(self) -> str:
+        return f"{self.modality} {self.series_number} {self.series_description}".strip()
+
+
+class Instance(models.Model):
+    series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="instances")
+    sop_instance_uid = models.CharField(max_length=64, unique=True)
+    sop_class_uid = models.CharField(max_length=64)
+    instance_number = models.IntegerField(null=True, blank=True)
+    transfer_syntax_uid = models.CharField(max_length=64)
+    rows = models.PositiveIntegerField(null=True, blank=True)
+    columns = models.PositiveIntegerField(null=True, blank=True)
+    number_of_frames = models.PositiveIntegerField(default=1)
+    # Relative to settings.STORE_DIR.
+    file_path = models.CharField(max_length=255)
+    size = models.BigIntegerField(help_text="Bytes of the Part 10 file in the store.")
+    # SHA-256 of the data set as the sender encoded it (the file minus the file meta
+    # header the portal writes): equal to the PACS copy's whatever the transport.
+    sha256 = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["instance_number", "sop_instance_uid"]
+
+    def __str__(self) -> str:
+        return self.sop_instance_uid
+
+
+class RetrievalJob(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", _("Queued")
+        RUNNING = "running", _("Running")
+        DONE = "done", _("Done")
+        FAILED = "failed", _("Failed")
+
+    pacs = models.ForeignKey(PacsNode, null=True, on_delete=models.SET_NULL, related_name="jobs")
+    study_instance_uid = models.CharField(max_length=64)
+    method = models.CharField(max_length=8, choices=PacsNode.Retrieve.choices)
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.QUEUED)
+    expected = models.PositiveIntegerField(null=True, blank=True)
+    received = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+    attempts = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["study_instance_uid", "status"])]
+
+    def __str__(self) -> str:
+        return f"job {self.pk} {self.study_instance_uid} {self.status}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in {self.Status.DONE, self.Status.FAILED}

@@ -1,0 +1,305 @@
+"""DIMSE client for a PACS: C-ECHO, C-FIND, C-MOVE and C-GET with pynetdicom.
+
+Every call opens its own association and closes it; every wait is bounded by the timeouts in
+settings. Failures surface as PacsError with a message a radiology secretary can act on.
+"""
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from django.conf import settings
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.presentation import build_role
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelGet,  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelMove,  # type: ignore[attr-defined]
+    Verification,  # type: ignore[attr-defined]
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+# C-STORE failure statuses the storage handlers answer with (PS3.4 B.2.3).
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+_PENDING = {0xFF00, 0xFF01}
+
+
+class PacsError(Exception):
+    """The PACS could not be reached or refused or failed a request."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass
+class SubOperations:
+    """Counts a C-MOVE or C-GET reports as it goes; `remaining` is None until known."""
+
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    remaining: int | None = None
+
+    @property
+    def expected(self) -> int | None:
+        if self.remaining is None:
+            return None
+        return self.completed + self.failed + self.warning + self.remaining
+
+
+ProgressCallback = Callable[[SubOperations], None]
+# Called with (data set bytes without file meta, SOP class UID, SOP instance UID, transfer
+# syntax UID, sender's AE title); returns the C-STORE status to answer.
+StoreCallback = Callable[[bytes, str, str, str, str], int]
+
+
+def _application_entity() -> AE:
+    ae = AE(ae_title=settings.DICOM_AE_TITLE)
+    ae.acse_timeout = settings.DICOM_CONNECT_TIMEOUT
+    ae.connection_timeout = settings.DICOM_CONNECT_TIMEOUT
+    ae.dimse_timeout = settings.DICOM_DIMSE_TIMEOUT
+    ae.network_timeout = settings.DICOM_NETWORK_TIMEOUT
+    # 0 = no limit: large PDUs are what keep a C-GET of a CT fast.
+    ae.maximum_pdu_size = 0
+    return ae
+
+
+@contextmanager
+def _association(
+    peer: Peer,
+    ae: AE,
+    ext_neg: list | None = None,
+    evt_handlers: list | None = None,
+) -> Iterator[Association]:
+    try:
+        assoc = ae.associate(
+            peer.host,
+            peer.port,
+            ae_title=peer.ae_title,
+            ext_neg=ext_neg,
+            evt_handlers=evt_handlers,
+        )
+    except (OSError, ValueError) as exc:
+        raise PacsError(f"cannot reach {peer}: {exc}") from exc
+    if assoc.is_rejected:
+        raise PacsError(f"{peer} rejected the association (is the portal's AE title known to it?)")
+    if not assoc.is_established:
+        raise PacsError(f"cannot reach {peer}: no association (connection refused or timed out)")
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _check_alive(assoc: Association, peer: Peer, what: str) -> None:
+    if assoc.is_aborted or not assoc.is_established:
+        raise PacsError(f"{peer} dropped the association during {what}")
+
+
+def echo(peer: Peer) -> None:
+    ae = _application_entity()
+    ae.add_requested_context(Verification)
+    with _association(peer, ae) as assoc:
+        status = assoc.send_c_echo()
+        if not status or status.Status != STATUS_SUCCESS:
+            raise PacsError(f"{peer} did not answer the C-ECHO")
+
+
+# The keys a study search asks for; the PACS fills in what it knows.
+STUDY_RETURN_KEYS = (
+    "StudyInstanceUID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
+SERIES_RETURN_KEYS = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "NumberOfSeriesRelatedInstances",
+)
+
+
+def _find(peer: Peer, identifier: Dataset, limit: int) -> list[Dataset]:
+    ae = _application_entity()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    results: list[Dataset] = []
+    with _association(peer, ae) as assoc:
+        for status, match in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+            _check_alive(assoc, peer, "C-FIND")
+            if status is None or "Status" not in status:
+                raise PacsError(f"{peer} sent no answer to the C-FIND in time")
+            code = status.Status
+            if code in _PENDING and match is not None:
+                results.append(match)
+                if len(results) >= limit:
+                    # Ask the PACS to stop rather than draining thousands of matches.
+                    assoc.send_c_cancel(1, None, StudyRootQueryRetrieveInformationModelFind)
+                    break
+            elif code != STATUS_SUCCESS and code not in _PENDING:
+                if code == 0xFE00:  # cancelled, as we asked
+                    break
+                raise PacsError(f"{peer} refused the C-FIND (status 0x{code:04X})")
+    return results
+
+
+def find_studies(peer: Peer, query: dict[str, str], limit: int = 200) -> list[Dataset]:
+    """Study-level C-FIND. `query` maps keywords to matching values (wildcards allowed)."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.SpecificCharacterSet = "ISO_IR 192"
+    for keyword in STUDY_RETURN_KEYS:
+        setattr(identifier, keyword, "")
+    for keyword, value in query.items():
+        setattr(identifier, keyword, value)
+    return _find(peer, identifier, limit)
+
+
+def find_series(peer: Peer, study_uid: str) -> list[Dataset]:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.SpecificCharacterSet = "ISO_IR 192"
+    identifier.StudyInstanceUID = study_uid
+    for keyword in SERIES_RETURN_KEYS:
+        setattr(identifier, keyword, "")
+    return _find(peer, identifier, limit=10000)
+
+
+def _sop_classes_in_study(peer: Peer, study_uid: str) -> set[str]:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.StudyInstanceUID = study_uid
+    identifier.SeriesInstanceUID = ""
+    identifier.SOPInstanceUID = ""
+    identifier.SOPClassUID = ""
+    return {str(m.SOPClassUID) for m in _find(peer, identifier, 100000) if m.get("SOPClassUID")}
+
+
+def _retrieve_identifier(study_uid: str) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    return identifier
+
+
+def _follow(
+    responses: Iterator[tuple[Dataset, Dataset | None]],
+    assoc: Association,
+    peer: Peer,
+    what: str,
+    progress: ProgressCallback | None,
+) -> SubOperations:
+    counts = SubOperations()
+    final_status: int | None = None
+    for status, _identifier in responses:
+        if status is None or "Status" not in status:
+            _check_alive(assoc, peer, what)
+            raise PacsError(f"{peer} stopped answering the {what} (timeout)")
+        counts.completed = int(status.get("NumberOfCompletedSuboperations", counts.completed))
+        counts.failed = int(status.get("NumberOfFailedSuboperations", counts.failed))
+        counts.warning = int(status.get("NumberOfWarningSuboperations", counts.warning))
+        if "NumberOfRemainingSuboperations" in status:
+            counts.remaining = int(status.NumberOfRemainingSuboperations)
+        code = int(status.Status)
+        if code in _PENDING:
+            if progress:
+                progress(counts)
+            continue
+        final_status = code
+        counts.remaining = 0
+    if final_status is None:
+        _check_alive(assoc, peer, what)
+        raise PacsError(f"{peer} ended the {what} without a final status")
+    if progress:
+        progress(counts)
+    if final_status == 0xA801:
+        raise PacsError(
+            f"{peer} does not know the move destination {settings.DICOM_AE_TITLE!r}: "
+            "add the portal to the PACS's list of DICOM nodes"
+        )
+    if final_status in {0xA701, 0xA702}:
+        raise PacsError(f"{peer} is out of resources (status 0x{final_status:04X})")
+    if final_status == 0xC000 or (final_status & 0xF000) == 0xC000:
+        raise PacsError(f"{peer} could not process the {what} (status 0x{final_status:04X})")
+    if final_status not in {STATUS_SUCCESS, 0xB000, 0xFE00}:
+        raise PacsError(f"{peer} failed the {what} (status 0x{final_status:04X})")
+    return counts
+
+
+def move_study(
+    peer: Peer, study_uid: str, destination: str, progress: ProgressCallback | None = None
+) -> SubOperations:
+    """Ask the PACS to send a study to `destination` (normally the portal's own storage SCP).
+
+    When this returns, the PACS has finished its C-STORE sub-operations, each of which the
+    storage SCP acknowledged only after the instance was written and indexed.
+    """
+    ae = _application_entity()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    with _association(peer, ae) as assoc:
+        responses = assoc.send_c_move(
+            _retrieve_identifier(study_uid), destination, StudyRootQueryRetrieveInformationModelMove
+        )
+        return _follow(responses, assoc, peer, "C-MOVE", progress)
+
+
+def get_study(
+    peer: Peer, study_uid: str, on_store: StoreCallback, progress: ProgressCallback | None = None
+) -> SubOperations:
+    """Retrieve a study over the same association (C-GET); each instance goes to on_store."""
+    sop_classes = _sop_classes_in_study(peer, study_uid)
+    if not sop_classes:
+        raise PacsError(f"{peer} has no instances for study {study_uid}")
+    # One presentation context per SOP class, each offering every transfer syntax, so that the
+    # PACS sends what it stores without transcoding. An association holds at most 128 contexts.
+    if len(sop_classes) > 120:
+        raise PacsError(f"study {study_uid} has too many SOP classes for one C-GET association")
+    ae = _application_entity()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    roles = []
+    for uid in sorted(sop_classes):
+        ae.add_requested_context(uid, ALL_TRANSFER_SYNTAXES)
+        roles.append(build_role(uid, scp_role=True))
+
+    def handle_store(event: Event) -> int:
+        return on_store(
+            event.encoded_dataset(include_meta=False),
+            str(event.request.AffectedSOPClassUID),
+            str(event.request.AffectedSOPInstanceUID),
+            str(event.context.transfer_syntax),
+            event.assoc.requestor.ae_title if event.assoc.is_acceptor else peer.ae_title,
+        )
+
+    with _association(peer, ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, handle_store)]) as assoc:
+        responses = assoc.send_c_get(
+            _retrieve_identifier(study_uid), StudyRootQueryRetrieveInformationModelGet
+        )
+        return _follow(responses, assoc, peer, "C-GET", progress)
+
