@@ -4,20 +4,21 @@ Nothing here talks to the network or the database.
 """
 
 import re
+import struct
 from io import BytesIO
 from typing import BinaryIO
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 # UIDs become directory and file names in the store: only this shape is ever accepted, which
 # rules out path traversal by construction.
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1455.1"
+# A UUID-derived UID (PS3.5 B.2): unique without registering an organisation root.
+IMPLEMENTATION_CLASS_UID = "2.25.204586120159834600976043815149901655366"
 IMPLEMENTATION_VERSION_NAME = "IMAGE_PORTAL_01"
 
 
@@ -36,23 +37,44 @@ def is_valid_ae_title(value: object) -> bool:
     return 0 < len(stripped) <= 16 and "\\" not in value and value.isprintable()
 
 
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of the file meta group."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
 def encode_file_meta(
     *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str = ""
 ) -> bytes:
-    """The 128-byte preamble, 'DICM' and the file meta group of a Part 10 file."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae.strip()
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = False
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return b"\x00" * 128 + b"DICM" + buffer.getvalue()
+    """The 128-byte preamble, 'DICM' and the file meta group of a Part 10 file.
+
+    Encoded by hand: it runs once per received instance and pydicom's general writer costs
+    more than the rest of storing a slice.
+    """
+    for uid in (sop_class_uid, sop_instance_uid, transfer_syntax_uid):
+        if not is_valid_uid(uid):
+            raise InvalidDicom(f"invalid UID {uid[:80]!r} in the file meta information")
+    body = b"".join(
+        [
+            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, 0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+            _element(0x0002, 0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+            _element(0x0002, 0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
+            _element(0x0002, 0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
+            _element(0x0002, 0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+        ]
+    )
+    ae = source_ae.strip()
+    if ae and is_valid_ae_title(ae):
+        body += _element(0x0002, 0x0016, b"AE", _padded(ae, b" "))
+    group_length = _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + group_length + body
 
 
 def read_header(source: bytes | BinaryIO) -> Dataset:
@@ -94,9 +116,9 @@ def text(ds: Dataset, keyword: str, max_length: int = 255) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or hasattr(value, "__iter__") and not isinstance(
-        value, str | bytes
-    ):
+    # Only real multi-values are joined: PersonName and str are iterable too, character by
+    # character.
+    if isinstance(value, MultiValue | list | tuple):
         result = "\\".join(str(v) for v in value)
     else:
         result = str(value)
@@ -111,3 +133,120 @@ def integer(ds: Dataset, keyword: str) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+# --- Completeness -------------------------------------------------------------------------
+# A file cut short (an interrupted copy, a sender that died mid-transfer) parses perfectly up to
+# its pixel data, and pydicom reads a short last value without complaint: only walking the
+# element headers to the end of the file tells a whole data set from a truncated one.
+
+_IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+_EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+# Explicit VRs whose length is a 32-bit field after two reserved bytes (PS3.5 7.1.2).
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_DELIMITER = 0xFFFEE00D
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_SOP_CLASS_UID = 0x00080016
+_ROWS = 0x00280010
+# Pixel Data, Float Pixel Data, Double Float Pixel Data.
+_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+class _ElementWalker:
+    """Reads element headers and skips values, never past the end of the file."""
+
+    def __init__(self, handle: BinaryIO, end: int, little_endian: bool) -> None:
+        self.handle = handle
+        self.end = end
+        self.order = "<" if little_endian else ">"
+        # Tags of the top-level data set, in file order, and its SOP Class UID.
+        self.top_level_tags: list[int] = []
+        self.sop_class_uid = ""
+
+    def _read(self, size: int) -> bytes:
+        data = self.handle.read(size)
+        if len(data) < size:
+            raise InvalidDicom("the data set is truncated: the file ends inside an element")
+        return data
+
+    def _skip(self, length: int) -> None:
+        target = self.handle.tell() + length
+        if target > self.end:
+            raise InvalidDicom("the data set is truncated: an element is longer than the file")
+        self.handle.seek(target)
+
+    def _header(self, implicit: bool) -> tuple[int, bytes, int]:
+        group, element = struct.unpack(f"{self.order}HH", self._read(4))
+        tag = group << 16 | element
+        if implicit or group == 0xFFFE:  # items and delimiters never carry a VR
+            return tag, b"", struct.unpack(f"{self.order}I", self._read(4))[0]
+        vr = self._read(2)
+        if vr in _LONG_VRS:
+            self._read(2)
+            return tag, vr, struct.unpack(f"{self.order}I", self._read(4))[0]
+        return tag, vr, struct.unpack(f"{self.order}H", self._read(2))[0]
+
+    def data_set(
+        self, implicit: bool, stop: int | None, delimiter: int | None = None, top: bool = False
+    ) -> None:
+        """Walk elements up to `stop` (a position) or up to the `delimiter` tag."""
+        while stop is None or self.handle.tell() < stop:
+            tag, vr, length = self._header(implicit)
+            if delimiter is not None and tag == delimiter:
+                return
+            if top:
+                self.top_level_tags.append(tag)
+                if tag == _SOP_CLASS_UID and length < 128:
+                    self.sop_class_uid = (
+                        self._read(length).rstrip(b"\0 ").decode("ascii", "replace")
+                    )
+                    continue
+            if length == _UNDEFINED_LENGTH:
+                # A sequence, or encapsulated pixel data; an undefined length UN holds
+                # implicit VR little endian data (PS3.5 6.2.2).
+                self._items(implicit or vr == b"UN")
+            else:
+                self._skip(length)
+        if stop is not None and self.handle.tell() != stop:
+            raise InvalidDicom("the data set is malformed: an element overruns its item")
+
+    def _items(self, implicit: bool) -> None:
+        while True:
+            tag, _vr, length = self._header(implicit=True)
+            if tag == _SEQUENCE_DELIMITER:
+                return
+            if tag != _ITEM:
+                raise InvalidDicom(f"the data set is malformed: tag {tag:08X} inside a sequence")
+            if length == _UNDEFINED_LENGTH:
+                self.data_set(implicit, stop=None, delimiter=_ITEM_DELIMITER)
+            else:
+                self._skip(length)
+
+
+def check_complete(handle: BinaryIO, transfer_syntax_uid: str) -> None:
+    """Raise InvalidDicom unless the Part 10 file in `handle` holds a whole data set: every
+    element fits in the file and the last one ends where the file ends. Reads element headers
+    only (values are skipped), so it costs little even for large images."""
+    if transfer_syntax_uid == _DEFLATED:
+        return  # the data set is a zlib stream: pydicom's inflate would notice a cut
+    end = handle.seek(0, 2)
+    handle.seek(0)
+    offset = dataset_offset(handle.read(144))
+    if offset > end:
+        raise InvalidDicom("the file is truncated inside its file meta information")
+    handle.seek(offset)
+    walker = _ElementWalker(
+        handle, end, little_endian=transfer_syntax_uid != _EXPLICIT_VR_BIG_ENDIAN
+    )
+    walker.data_set(implicit=transfer_syntax_uid == _IMPLICIT_VR_LITTLE_ENDIAN, stop=end, top=True)
+    # A cut that falls exactly between two elements leaves a well-formed data set: an image
+    # whose pixel data went missing is how such a cut shows.
+    tags = set(walker.top_level_tags)
+    is_image = _ROWS in tags or "Image Storage" in UID(walker.sop_class_uid).name
+    if is_image and not tags & _PIXEL_DATA_TAGS:
+        raise InvalidDicom("the data set is truncated: an image without its pixel data")

@@ -102,7 +102,9 @@ class _Progress:
     last_write: float = 0.0
     counts: dict[str, int | None] = field(default_factory=dict)
 
-    def report(self, *, received: int, failed: int, expected: int | None, force: bool = False) -> None:
+    def report(
+        self, *, received: int, failed: int, expected: int | None, force: bool = False
+    ) -> None:
         now = time.monotonic()
         if not force and now - self.last_write < _PROGRESS_INTERVAL:
             return
@@ -283,6 +285,4 @@ def _walk(paths: Iterable[Path], report: ImportReport) -> Iterable[Path]:
 
 def _is_dicomdir(data: bytes) -> bool:
     # Cheap test before a parse: the SOP class UID appears in the file meta of a DICOMDIR.
-    return _MEDIA_STORAGE_DIRECTORY.encode() in data[:512] and (
-        data[128:132] == b"DICM"
-    )
+    return _MEDIA_STORAGE_DIRECTORY.encode() in data[:512] and (data[128:132] == b"DICM")

@@ -1,8 +1,9 @@
 """The local study store: Part 10 files on disk, and their index in the database.
 
 Files are laid out as <STORE_DIR>/<study>/<series>/<sop>.dcm. Each write goes to a temporary
-file in the same file system and is renamed into place, so a reader never sees half a file and
-a crash never leaves one under a real name. Bytes are written exactly as the sender encoded them.
+file under <STORE_DIR>/.incoming (same file system) and is renamed into place, so a reader
+never sees half a file and a crash never leaves one under a real name. Bytes are written
+exactly as the sender encoded them; only the file meta header is the portal's own.
 """
 
 import errno
@@ -12,16 +13,37 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 from pydicom.dataset import Dataset
 
 from studies import dicom
 from studies.models import Instance, PacsNode, Series, Study
 
 logger = logging.getLogger(__name__)
+
+INCOMING = ".incoming"
+# Pixel Data, Float and Double Float Pixel Data tags as they appear in little endian data sets.
+_PIXEL_DATA_TAGS_LE = {b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00"}
+# How many data set bytes are kept to find the header in; real headers are a few kilobytes.
+_PROBE_LIMIT = 256 * 1024
+_INSTANCE_FIELDS = [
+    "series",
+    "sop_class_uid",
+    "instance_number",
+    "transfer_syntax_uid",
+    "rows",
+    "columns",
+    "number_of_frames",
+    "file_path",
+    "size",
+    "sha256",
+]
 
 
 class StoreError(Exception):
@@ -39,6 +61,173 @@ def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> Path:
     return Path(study_uid) / series_uid / f"{sop_uid}.dcm"
 
 
+def _os_error(exc: OSError) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return StoreError("the store's disk is full")
+    return StoreError(f"cannot write to the store: {exc.strerror}")
+
+
+class IncomingInstance:
+    """An instance being received: bytes go straight to a temporary file as they arrive.
+
+    `commit()` checks and indexes it and moves it into place; `abort()` forgets it. Whatever
+    happens, no temporary file outlives the object's use.
+    """
+
+    def __init__(self, indexer: "Indexer", *, expected_sop_uid: str | None, meta: bytes) -> None:
+        self.indexer = indexer
+        self.expected_sop_uid = expected_sop_uid
+        self._meta = meta
+        # The first bytes of the data set, kept to parse the header while the rest arrives.
+        self._probe: bytearray | None = bytearray() if meta else None
+        self._header: Dataset | None = None
+        self._digest = hashlib.sha256()
+        self._size = 0
+        self._closed = False
+        try:
+            incoming = store_dir() / INCOMING
+            incoming.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=incoming, suffix=".part")
+        except OSError as exc:
+            raise _os_error(exc) from exc
+        self.path = Path(name)
+        self._file: BinaryIO = os.fdopen(fd, "wb", buffering=1 << 20)
+        if meta:
+            self._raw_write(meta)
+
+    def _raw_write(self, data: bytes | memoryview) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.abort()
+            raise _os_error(exc) from exc
+        self._size += len(data)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append data set bytes (after the file meta header); they count in the SHA-256."""
+        self._digest.update(data)
+        self._raw_write(data)
+        if self._probe is not None:
+            self._probe += data
+            self._parse_probe()
+
+    def _parse_probe(self) -> None:
+        """Parse the header from the first fragments, if they hold all of it.
+
+        Done as soon as possible, this work overlaps with the transfer of the pixel data
+        instead of delaying the answer to the sender. Only a parse that stopped at the pixel
+        data counts: one that ran out of bytes may have missed elements.
+        """
+        assert self._probe is not None
+        stream = BytesIO(self._meta + self._probe)
+        try:
+            header = dicom.read_header(stream)
+        except dicom.InvalidDicom:
+            header = None
+        position = stream.tell()
+        if header is not None and position + 4 <= len(stream.getbuffer()):
+            tag = bytes(stream.getbuffer()[position : position + 4])
+            if tag in _PIXEL_DATA_TAGS_LE:
+                self._header = header
+                self._probe = None
+                return
+        if len(self._probe) > _PROBE_LIMIT:
+            self._probe = None  # an unusually long header: parse it from the file instead
+
+    def write_file(self, data: bytes) -> None:
+        """A complete Part 10 file: the digest covers only what follows its meta header."""
+        offset = dicom.dataset_offset(data)
+        self._digest.update(memoryview(data)[offset:])
+        self._raw_write(data)
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._file.close()
+            except OSError:
+                pass
+        _unlink_quietly(self.path)
+
+    def commit(self) -> Instance:
+        """Check, place and index the instance."""
+        return self.place().index()
+
+    def place(self) -> "PlacedInstance":
+        """Check the received instance and move it into place, without indexing it yet.
+
+        The storage SCP answers the sender right after this and indexes on another thread, so
+        that the sender's next instance arrives while the database works.
+        """
+        try:
+            self._file.close()
+        except OSError as exc:
+            self.abort()
+            raise _os_error(exc) from exc
+        self._closed = True
+        try:
+            with self.path.open("rb") as handle:
+                header = self._header or dicom.read_header(handle)
+                dicom.check_complete(handle, str(header.file_meta.TransferSyntaxUID))
+            if self.expected_sop_uid and str(header.SOPInstanceUID) != self.expected_sop_uid:
+                raise dicom.InvalidDicom(
+                    "the data set's SOP Instance UID differs from the request's"
+                )
+            relative = instance_path(
+                str(header.StudyInstanceUID),
+                str(header.SeriesInstanceUID),
+                str(header.SOPInstanceUID),
+            )
+            final = store_dir() / relative
+            try:
+                self.indexer.make_folder(final.parent)
+                existed = final.exists()
+                os.replace(self.path, final)
+            except OSError as exc:
+                raise _os_error(exc) from exc
+        except BaseException:
+            _unlink_quietly(self.path)
+            raise
+        return PlacedInstance(
+            indexer=self.indexer,
+            header=header,
+            relative=str(relative),
+            size=self._size,
+            sha256=self._digest.hexdigest(),
+            replaced_existing=existed,
+        )
+
+
+@dataclass
+class PlacedInstance:
+    """An instance whose file is in place in the store but not yet in the index."""
+
+    indexer: "Indexer"
+    header: Dataset
+    relative: str
+    size: int
+    sha256: str
+    replaced_existing: bool
+
+    def build(self) -> Instance:
+        return self.indexer.build(self.header, self.relative, self.size, self.sha256)
+
+    def index(self) -> Instance:
+        try:
+            instance = self.build()
+            upsert_instances([instance])
+        except Exception:
+            self.discard()
+            raise
+        return instance
+
+    def discard(self) -> None:
+        """After a failed indexing. The index is the source of truth for what exists: a file
+        it does not list is removed rather than left for the purge to find."""
+        if not self.replaced_existing:
+            _unlink_quietly(store_dir() / self.relative)
+
+
 @dataclass
 class Indexer:
     """Writes instances into the store and the index.
@@ -50,6 +239,29 @@ class Indexer:
     source: PacsNode | None = None
     _studies: dict[str, int] = field(default_factory=dict)
     _series: dict[str, int] = field(default_factory=dict)
+    _folders: set[Path] = field(default_factory=set)
+
+    def make_folder(self, folder: Path) -> None:
+        if folder not in self._folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._folders.add(folder)
+
+    def begin(
+        self,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax_uid: str,
+        source_ae: str = "",
+    ) -> IncomingInstance:
+        """Start receiving a data set that comes without file meta (DIMSE)."""
+        meta = dicom.encode_file_meta(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            source_ae=source_ae,
+        )
+        return IncomingInstance(self, expected_sop_uid=sop_instance_uid, meta=meta)
 
     def add_dataset(
         self,
@@ -59,18 +271,16 @@ class Indexer:
         sop_instance_uid: str,
         transfer_syntax_uid: str,
         source_ae: str = "",
-    ) -> tuple[Instance, bool]:
-        """Store a data set received over DIMSE (no file meta) and index it."""
-        meta = dicom.encode_file_meta(
+    ) -> Instance:
+        """Store a whole data set received over DIMSE (no file meta) and index it."""
+        incoming = self.begin(
             sop_class_uid=sop_class_uid,
             sop_instance_uid=sop_instance_uid,
             transfer_syntax_uid=transfer_syntax_uid,
             source_ae=source_ae,
         )
-        header = dicom.read_header(meta + dataset_bytes)
-        if str(header.SOPInstanceUID) != sop_instance_uid:
-            raise dicom.InvalidDicom("the data set's SOP Instance UID differs from the request's")
-        return self._write(header, [meta, dataset_bytes], hashlib.sha256(dataset_bytes))
+        incoming.write(dataset_bytes)
+        return incoming.commit()
 
     def add_file_bytes(self, data: bytes) -> tuple[Instance, bool]:
         """Store a complete Part 10 file (WADO-RS part, an imported file) as it is.
@@ -79,54 +289,35 @@ class Indexer:
         """
         header = dicom.read_header(data)
         offset = dicom.dataset_offset(data)
-        return self._write(header, [data], hashlib.sha256(memoryview(data)[offset:]))
-
-    def _write(
-        self, header: Dataset, chunks: list[bytes], digest: "hashlib._Hash"
-    ) -> tuple[Instance, bool]:
-        relative = instance_path(
-            str(header.StudyInstanceUID), str(header.SeriesInstanceUID), str(header.SOPInstanceUID)
-        )
-        final = store_dir() / relative
-        size = sum(len(c) for c in chunks)
-        sha256 = digest.hexdigest()
-
+        sha256 = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
         existing = Instance.objects.filter(sop_instance_uid=str(header.SOPInstanceUID)).first()
-        if existing and existing.sha256 == sha256 and final.exists():
-            return existing, False  # a repeated retrieval: nothing to do, which keeps jobs idempotent
+        if existing and existing.sha256 == sha256 and (store_dir() / existing.file_path).exists():
+            return existing, False  # a repeated retrieval or import: nothing to do
+        incoming = IncomingInstance(self, expected_sop_uid=str(header.SOPInstanceUID), meta=b"")
+        incoming.write_file(data)
+        return incoming.commit(), True
 
-        tmp_path = _write_temporary(final.parent, chunks)
-        try:
-            os.replace(tmp_path, final)
-        except OSError as exc:
-            _unlink_quietly(tmp_path)
-            raise StoreError(f"cannot place {relative}: {exc.strerror}") from exc
-        try:
-            return self._index(header, str(relative), size, sha256), True
-        except Exception:
-            # The index is the source of truth for what exists: a file it does not list is
-            # removed rather than left for the purge to find.
-            if existing is None:
-                _unlink_quietly(final)
-            raise
+    def index(self, header: Dataset, relative: str, size: int, sha256: str) -> Instance:
+        instance = self.build(header, relative, size, sha256)
+        upsert_instances([instance])
+        return instance
 
-    def _index(self, header: Dataset, relative: str, size: int, sha256: str) -> Instance:
+    def build(self, header: Dataset, relative: str, size: int, sha256: str) -> Instance:
+        """The index row of an instance, its study and series rows created if need be."""
         study_id = self._study_id(header)
         series_id = self._series_id(header, study_id)
-        values = {
-            "series_id": series_id,
-            "sop_class_uid": str(header.SOPClassUID),
-            "instance_number": dicom.integer(header, "InstanceNumber"),
-            "transfer_syntax_uid": str(header.file_meta.TransferSyntaxUID),
-            "rows": dicom.integer(header, "Rows"),
-            "columns": dicom.integer(header, "Columns"),
-            "number_of_frames": dicom.integer(header, "NumberOfFrames") or 1,
-            "file_path": relative,
-            "size": size,
-            "sha256": sha256,
-        }
-        instance, _ = Instance.objects.update_or_create(
-            sop_instance_uid=str(header.SOPInstanceUID), defaults=values
+        instance = Instance(
+            series_id=series_id,
+            sop_instance_uid=str(header.SOPInstanceUID),
+            sop_class_uid=str(header.SOPClassUID),
+            instance_number=dicom.integer(header, "InstanceNumber"),
+            transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
+            rows=dicom.integer(header, "Rows"),
+            columns=dicom.integer(header, "Columns"),
+            number_of_frames=dicom.integer(header, "NumberOfFrames") or 1,
+            file_path=relative,
+            size=size,
+            sha256=sha256,
         )
         return instance
 
@@ -158,10 +349,43 @@ class Indexer:
                 "series_description": dicom.text(ds, "SeriesDescription"),
                 "body_part_examined": dicom.text(ds, "BodyPartExamined", 64),
             }
-            self._series[uid] = _get_or_create_id(
-                Series, {"series_instance_uid": uid}, defaults
-            )
+            self._series[uid] = _get_or_create_id(Series, {"series_instance_uid": uid}, defaults)
         return self._series[uid]
+
+
+def upsert_instances(instances: list[Instance]) -> None:
+    """Insert or update index rows in a single statement and a single round trip.
+
+    This runs for every received slice (or a few at a time): the ORM's
+    bulk_create(update_conflicts=True) would wrap it in a transaction, three round trips.
+    PostgreSQL and SQLite share this syntax. Only column names from the model and
+    placeholders go into the SQL text.
+    """
+    if not instances:
+        return
+    now = timezone.now()
+    meta = Instance._meta
+    columns = [meta.get_field(name).column for name in _INSTANCE_FIELDS]
+    qn = connection.ops.quote_name
+    names = ", ".join(qn(c) for c in ["sop_instance_uid", "created_at", *columns])
+    row = "(" + ", ".join(["%s"] * (len(columns) + 2)) + ")"
+    updates = ", ".join(f"{qn(c)} = excluded.{qn(c)}" for c in columns)
+    # One row per SOP Instance UID: ON CONFLICT cannot touch the same row twice in one go.
+    unique = list({i.sop_instance_uid: i for i in instances}.values())
+    sql = (
+        f"INSERT INTO {qn(meta.db_table)} ({names}) VALUES {', '.join([row] * len(unique))} "  # noqa: S608
+        f"ON CONFLICT ({qn('sop_instance_uid')}) DO UPDATE SET {updates}"
+    )
+    params: list[object] = []
+    for instance in unique:
+        instance.created_at = now
+        params += [instance.sop_instance_uid, now]
+        params += [
+            instance.series_id if name == "series" else getattr(instance, name)
+            for name in _INSTANCE_FIELDS
+        ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def _get_or_create_id(model: type[Study] | type[Series], lookup: dict, defaults: dict) -> int:
@@ -175,24 +399,6 @@ def _get_or_create_id(model: type[Study] | type[Series], lookup: dict, defaults:
             return model.objects.create(**lookup, **defaults).pk
     except IntegrityError:
         return model.objects.get(**lookup).pk
-
-
-def _write_temporary(directory: Path, chunks: list[bytes]) -> Path:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=".part")
-    except OSError as exc:
-        raise StoreError(f"cannot write to the store: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-    except OSError as exc:
-        _unlink_quietly(Path(name))
-        if exc.errno == errno.ENOSPC:
-            raise StoreError("the store's disk is full") from exc
-        raise StoreError(f"cannot write to the store: {exc.strerror}") from exc
-    return Path(name)
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -212,5 +418,5 @@ def study_delete(study: Study) -> None:
         shutil.rmtree(store_dir() / uid, ignore_errors=True)
 
 
-def open_instance(instance: Instance) -> Path:
+def instance_file(instance: Instance) -> Path:
     return store_dir() / instance.file_path

@@ -27,7 +27,14 @@ class DicomwebError(Exception):
 
 def _client(base_url: str) -> DICOMwebClient:
     session = requests.Session()
-    client = DICOMwebClient(url=base_url.rstrip("/"), session=session)
+    client = DICOMwebClient(
+        url=base_url.rstrip("/"),
+        session=session,
+        timeout=(settings.DICOM_CONNECT_TIMEOUT, settings.DICOMWEB_TIMEOUT),
+    )
+    # dicomweb-client otherwise retries every failed request, a refused connection included,
+    # for half a minute: a retrieval job has its own retries, a search should fail at once.
+    client.set_http_retry_params(retry=False)
     return client
 
 
@@ -56,7 +63,7 @@ def retrieve_study(
     on_instance: Callable[[bytes], None],
     session: requests.Session | None = None,
 ) -> int:
-    """WADO-RS whole-study retrieval. Calls on_instance with each Part 10 file; returns the count."""
+    """WADO-RS whole-study retrieval: on_instance gets each Part 10 file; returns the count."""
     url = f"{base_url.rstrip('/')}/studies/{study_uid}"
     http = session or requests.Session()
     try:
@@ -105,8 +112,11 @@ def _consume(response: requests.Response, on_instance: Callable[[bytes], None]) 
         for part in iter_multipart(response.iter_content(_CHUNK), boundary):
             on_instance(part)
             count += 1
-    except requests.RequestException as exc:
-        raise DicomwebError(f"the transfer broke off after {count} instances: {exc}") from exc
+    except (requests.RequestException, DicomwebError) as exc:
+        # The server died or the network dropped mid-answer: say where and how far it got.
+        raise DicomwebError(
+            f"the transfer from {response.url} broke off after {count} instances: {exc}"
+        ) from exc
     return count
 
 

@@ -1,4 +1,5 @@
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -20,9 +21,15 @@ class Command(BaseCommand):
         parser.add_argument("--aet", default=settings.DICOM_AE_TITLE)
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # Each association hands its slices to an indexing thread: a short GIL switch interval
+        # keeps that hand-over from delaying the answer to the sender (Python's default, 5 ms,
+        # is longer than it takes to receive a CT slice).
+        sys.setswitchinterval(0.0005)
         server = StorageServer(ae_title=options["aet"], host=options["bind"], port=options["port"])
         server.start(block=False)
-        self.stdout.write(f"Storage SCP {options['aet']} listening on {options['bind']}:{options['port']}")
+        self.stdout.write(
+            f"Storage SCP {options['aet']} listening on {options['bind']}:{options['port']}"
+        )
         self.stdout.flush()
         stopping = threading.Event()
 

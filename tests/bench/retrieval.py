@@ -1,0 +1,204 @@
+"""C-MOVE retrieval of a 300-slice CT: the portal against dcmtk.
+
+Both sides ask the same Orthanc for the same study and receive it on loopback:
+- the portal: a retrieval job (`retrieval_job_run`, what `retrieve --wait` and the worker run)
+  moving the study to the portal's storage SCP (`run_storescp`, its own process), timed until
+  the job is done and every instance is in the store and the index;
+- dcmtk: `movescu` moving it to dcmtk's `storescp`, both with TCP_NODELAY=1, timed until
+  movescu returns.
+Each run starts from an empty store (the portal's files and index rows, dcmtk's folder), and
+the sides alternate so that a passing disturbance hits both.
+"""
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support import dcmtk, free_port
+from tests.support.orthanc import OrthancServer
+
+ROOT = Path(__file__).resolve().parents[2]
+PORTAL_AE = "PORTAL"
+DCMTK_AE = "DCMTKSCP"
+
+
+@dataclass
+class Result:
+    name: str
+    portal: float
+    anchor: float
+    target: float
+
+    @property
+    def ratio(self) -> float:
+        return self.portal / self.anchor
+
+    @property
+    def met(self) -> bool:
+        return self.ratio <= self.target
+
+    def line(self) -> str:
+        return (
+            f"{self.name:<44} {self.portal:>8.3f}s {self.anchor:>8.3f}s "
+            f"{self.ratio:>7.2f} {'≤' + format(self.target, '.1f'):>7}"
+            f"{'' if self.met else '  (not met)'}"
+        )
+
+
+def _database(workdir: Path) -> tuple[str, str | None]:
+    """The portal's database for the run: a throwaway PostgreSQL database when DATABASE_URL
+    points at PostgreSQL (the production configuration), else SQLite in the work folder."""
+    url = os.environ.get("DATABASE_URL", "")
+    if url.startswith(("postgres://", "postgresql://")):
+        name = f"portal_bench_{os.getpid()}"
+        base = url.rsplit("/", 1)[0]
+        subprocess.run(
+            ["psql", url, "-qc", f"CREATE DATABASE {name}"], check=True, capture_output=True
+        )
+        return f"{base}/{name}", name
+    return f"sqlite:///{workdir / 'bench.sqlite3'}", None
+
+
+def _drop_database(name: str | None) -> None:
+    if name:
+        url = os.environ["DATABASE_URL"]
+        subprocess.run(["psql", url, "-qc", f"DROP DATABASE IF EXISTS {name}"], capture_output=True)
+
+
+def run(*, runs: int = 5, slices: int = 300) -> Result:
+    workdir = Path(tempfile.mkdtemp(prefix="portal-bench-"))
+    database_url, pg_name = _database(workdir)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "PORTAL_STORE_DIR": str(workdir / "store"),
+        "PORTAL_BROKER_DIR": str(workdir / "broker"),
+        "PORTAL_AE_TITLE": PORTAL_AE,
+        "TCP_NODELAY": "1",
+    }
+    os.environ.update(env)
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    django.setup()
+    from django.core.management import call_command
+
+    from studies import services, synthetic
+    from studies.models import Instance, RetrievalJob, Study
+    from studies.store import study_delete
+
+    call_command("migrate", verbosity=0)
+    portal_port, dcmtk_port = free_port(), free_port()
+    print(f"database: {'PostgreSQL' if pg_name else 'SQLite'}; generating {slices} CT slices…")
+    datasets = synthetic.make_study(
+        patient_name="Bench^Scanner",
+        patient_id="BENCH1",
+        modalities=(("CT", slices),),
+        rows=512,
+        columns=512,
+    )
+    study_uid = str(datasets[0].StudyInstanceUID)
+    files = synthetic.write_study(datasets, workdir / "source")
+    del datasets
+    storescp = None
+    try:
+        with OrthancServer(
+            modalities={
+                "portal": (PORTAL_AE, "127.0.0.1", portal_port),
+                "dcmtk": (DCMTK_AE, "127.0.0.1", dcmtk_port),
+            },
+            workdir=workdir / "orthanc",
+        ) as orthanc:
+            dcmtk.storescu(
+                "127.0.0.1",
+                orthanc.dicom_port,
+                files,
+                aet="BENCHLOAD",
+                aec=orthanc.aet,
+                timeout=600,
+            )
+            if len(orthanc.study_instances(study_uid)) != slices:
+                raise RuntimeError("Orthanc did not take the whole study")
+            node = services.pacs_node_create(
+                name="orthanc", ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port
+            )
+            storescp = subprocess.Popen(
+                [
+                    sys.executable,
+                    "manage.py",
+                    "run_storescp",
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(portal_port),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            assert storescp.stdout is not None
+            storescp.stdout.readline()  # "listening on …": it is ready
+
+            portal_times, dcmtk_times = [], []
+            for index in range(runs + 1):  # the first round warms caches and is not counted
+                for study in Study.objects.filter(study_instance_uid=study_uid):
+                    study_delete(study)
+                started = time.perf_counter()
+                job = services.retrieval_job_create(node=node, study_uid=study_uid)
+                job = services.retrieval_job_run(job.pk)
+                elapsed = time.perf_counter() - started
+                indexed = Instance.objects.filter(
+                    series__study__study_instance_uid=study_uid
+                ).count()
+                if job.status != RetrievalJob.Status.DONE or indexed != slices:
+                    raise RuntimeError(f"portal retrieval incomplete: {job.status} {job.error}")
+                target = workdir / f"dcmtk-{index}"
+                target.mkdir()
+                with dcmtk.StoreSCP(target, port=dcmtk_port, aet=DCMTK_AE):
+                    started = time.perf_counter()
+                    moved = dcmtk.movescu(
+                        "127.0.0.1",
+                        orthanc.dicom_port,
+                        study_uid,
+                        move_destination=DCMTK_AE,
+                        aet=DCMTK_AE,
+                        aec=orthanc.aet,
+                        timeout=600,
+                    )
+                    dcmtk_elapsed = time.perf_counter() - started
+                if moved.returncode != 0:
+                    raise RuntimeError(f"movescu failed: {moved.stderr[-500:]}")
+                received = sum(1 for _ in target.rglob("*") if _.is_file())
+                if received != slices:
+                    raise RuntimeError(f"dcmtk received {received} of {slices} instances")
+                shutil.rmtree(target)
+                if index:
+                    portal_times.append(elapsed)
+                    dcmtk_times.append(dcmtk_elapsed)
+                print(
+                    f"  run {index}: portal {elapsed:.3f} s, dcmtk {dcmtk_elapsed:.3f} s"
+                    f"{' (warm-up)' if not index else ''}"
+                )
+    finally:
+        if storescp is not None:
+            storescp.terminate()
+            storescp.wait(10)
+        from django.db import connections
+
+        connections.close_all()
+        _drop_database(pg_name)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return Result(
+        name=f"C-MOVE retrieval, {slices}-slice CT (dcmtk)",
+        portal=statistics.median(portal_times),
+        anchor=statistics.median(dcmtk_times),
+        target=1.0,
+    )
