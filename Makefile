@@ -42,7 +42,7 @@ demo: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py demo_data
 	$(PY) manage.py collectstatic --noinput >/dev/null
-	PORTAL_DEBUG=true $(PY) -m tests.support.demo_runner --port $(DEMO_PORT)
+	PORTAL_DEBUG=true $(PY) manage.py serve_demo --port $(DEMO_PORT)
 
 bench: install system-packages
 	$(PY) -m tests.bench

@@ -45,7 +45,11 @@ class Study(models.Model):
     study_description = models.CharField(max_length=255, blank=True)
     referring_physician_name = models.CharField(max_length=255, blank=True)
     source = models.ForeignKey(
-        PacsNode, null=True, blank=True, on_delete=models.SET_NULL, related_name="studies",
+        PacsNode,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="studies",
         help_text="The node it came from; empty for the local archive.",
     )
     created_at = models.DateTimeField(auto_now_add=True)

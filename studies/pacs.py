@@ -5,21 +5,37 @@ settings. Failures surface as PacsError with a message a radiology secretary can
 """
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from django.conf import settings
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_role
-from pynetdicom.sop_class import (
-    StudyRootQueryRetrieveInformationModelFind,  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelGet,  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelMove,  # type: ignore[attr-defined]
-    Verification,  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,7 +114,7 @@ def _association(
     except (OSError, ValueError) as exc:
         raise PacsError(f"cannot reach {peer}: {exc}") from exc
     if assoc.is_rejected:
-        raise PacsError(f"{peer} rejected the association (is the portal's AE title known to it?)")
+        raise PacsError(f"{peer} rejected the association: {_rejection_reason(assoc, peer)}")
     if not assoc.is_established:
         raise PacsError(f"cannot reach {peer}: no association (connection refused or timed out)")
     try:
@@ -108,9 +124,36 @@ def _association(
             assoc.release()
 
 
+def _rejection_reason(assoc: Association, peer: Peer) -> str:
+    """What an operator should check, from the A-ASSOCIATE-RJ's reason (PS3.8 9.3.4)."""
+    primitive = assoc.acceptor.primitive
+    reason = getattr(primitive, "diagnostic", None)
+    by_service_user = getattr(primitive, "result_source", None) == 0x01
+    if by_service_user and reason == 0x03:
+        return f"it does not know the portal's AE title {settings.DICOM_AE_TITLE!r}"
+    if by_service_user and reason == 0x07:
+        return f"its AE title is not {peer.ae_title!r}"
+    return "is the portal's AE title known to it, and is its own AE title right?"
+
+
 def _check_alive(assoc: Association, peer: Peer, what: str) -> None:
     if assoc.is_aborted or not assoc.is_established:
-        raise PacsError(f"{peer} dropped the association during {what}")
+        raise PacsError(f"{peer} dropped the association during the {what}")
+
+
+def _no_answer(peer: Peer, what: str, since: float, answered: bool) -> PacsError:
+    """pynetdicom gives an empty status both when the DIMSE timeout expires and when the peer
+    aborts or closes the association (which is how Orthanc, for one, refuses a request from an
+    AE title it does not know): the time waited tells them apart."""
+    timeout = settings.DICOM_DIMSE_TIMEOUT
+    if time.monotonic() - since >= timeout * 0.95:
+        return PacsError(f"{peer} sent no answer to the {what} within {timeout:g} s")
+    if answered:
+        return PacsError(f"{peer} dropped the association during the {what}")
+    return PacsError(
+        f"{peer} closed the association instead of answering the {what} "
+        f"(does it know the portal's AE title {settings.DICOM_AE_TITLE!r}?)"
+    )
 
 
 def echo(peer: Peer) -> None:
@@ -152,10 +195,13 @@ def _find(peer: Peer, identifier: Dataset, limit: int) -> list[Dataset]:
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     results: list[Dataset] = []
     with _association(peer, ae) as assoc:
-        for status, match in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
-            _check_alive(assoc, peer, "C-FIND")
+        since, answered = time.monotonic(), False
+        for status, match in assoc.send_c_find(
+            identifier, StudyRootQueryRetrieveInformationModelFind
+        ):
             if status is None or "Status" not in status:
-                raise PacsError(f"{peer} sent no answer to the C-FIND in time")
+                raise _no_answer(peer, "C-FIND", since, answered)
+            since, answered = time.monotonic(), True
             code = status.Status
             if code in _PENDING and match is not None:
                 results.append(match)
@@ -202,6 +248,43 @@ def _sop_classes_in_study(peer: Peer, study_uid: str) -> set[str]:
     return {str(m.SOPClassUID) for m in _find(peer, identifier, 100000) if m.get("SOPClassUID")}
 
 
+# An association holds at most 128 presentation contexts.
+_MAX_CONTEXTS = 128
+# The transfer syntaxes PACSs store images in, most common first. The PACS accepts a single
+# transfer syntax per presentation context and transcodes an instance stored in any other
+# (Orthanc turns JPEG-LS into Explicit VR Little Endian, say): a C-GET therefore offers each of
+# these in a context of its own, so that every instance arrives as the PACS holds it.
+_STORED_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGBaseline8Bit,
+    JPEG2000,
+    JPEGLSNearLossless,
+    JPEGLossless,
+    JPEGExtended12Bit,
+    RLELossless,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+)
+
+
+def _storage_contexts(sop_classes: set[str]) -> list[tuple[str, list[str]]]:
+    """C-GET storage contexts: per SOP class, one per common stored transfer syntax, then one
+    offering all the others, within the association's limit."""
+    per_class = min(len(_STORED_SYNTAXES), (_MAX_CONTEXTS - 1) // len(sop_classes))
+    contexts = []
+    for uid in sorted(sop_classes):
+        dedicated = list(_STORED_SYNTAXES[: per_class - 1])
+        rest = list(_STORED_SYNTAXES[per_class - 1 :])
+        rest += [str(ts) for ts in ALL_TRANSFER_SYNTAXES if ts not in dedicated + rest]
+        contexts += [(uid, [syntax]) for syntax in dedicated]
+        contexts.append((uid, rest))
+    return contexts
+
+
 def _retrieve_identifier(study_uid: str) -> Dataset:
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
@@ -218,10 +301,11 @@ def _follow(
 ) -> SubOperations:
     counts = SubOperations()
     final_status: int | None = None
+    since, answered = time.monotonic(), False
     for status, _identifier in responses:
         if status is None or "Status" not in status:
-            _check_alive(assoc, peer, what)
-            raise PacsError(f"{peer} stopped answering the {what} (timeout)")
+            raise _no_answer(peer, what, since, answered)
+        since, answered = time.monotonic(), True
         counts.completed = int(status.get("NumberOfCompletedSuboperations", counts.completed))
         counts.failed = int(status.get("NumberOfFailedSuboperations", counts.failed))
         counts.warning = int(status.get("NumberOfWarningSuboperations", counts.warning))
@@ -277,29 +361,29 @@ def get_study(
     sop_classes = _sop_classes_in_study(peer, study_uid)
     if not sop_classes:
         raise PacsError(f"{peer} has no instances for study {study_uid}")
-    # One presentation context per SOP class, each offering every transfer syntax, so that the
-    # PACS sends what it stores without transcoding. An association holds at most 128 contexts.
-    if len(sop_classes) > 120:
+    if len(sop_classes) > _MAX_CONTEXTS - 1:
         raise PacsError(f"study {study_uid} has too many SOP classes for one C-GET association")
     ae = _application_entity()
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     roles = []
+    for uid, syntaxes in _storage_contexts(sop_classes):
+        ae.add_requested_context(uid, syntaxes)
     for uid in sorted(sop_classes):
-        ae.add_requested_context(uid, ALL_TRANSFER_SYNTAXES)
         roles.append(build_role(uid, scp_role=True))
 
     def handle_store(event: Event) -> int:
         return on_store(
             event.encoded_dataset(include_meta=False),
             str(event.request.AffectedSOPClassUID),
-            str(event.request.AffectedSOPInstanceUID),
+            str(getattr(event.request, "AffectedSOPInstanceUID", "")),
             str(event.context.transfer_syntax),
             event.assoc.requestor.ae_title if event.assoc.is_acceptor else peer.ae_title,
         )
 
-    with _association(peer, ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, handle_store)]) as assoc:
+    with _association(
+        peer, ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, handle_store)]
+    ) as assoc:
         responses = assoc.send_c_get(
             _retrieve_identifier(study_uid), StudyRootQueryRetrieveInformationModelGet
         )
         return _follow(responses, assoc, peer, "C-GET", progress)
-

@@ -12,6 +12,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from accounts.models import User
 from studies import dicom, pacs, wado
 from studies.models import Instance, PacsNode, RetrievalJob
 from studies.store import Indexer, StoreError
@@ -70,6 +71,8 @@ def retrieval_job_create(
     """A job to bring a study into the store; an unfinished job for the same study is reused."""
     if not dicom.is_valid_uid(study_uid):
         raise ValidationError({"study_uid": ["This is not a valid Study Instance UID."]})
+    # An anonymous user (or none) is recorded as nobody.
+    user = requested_by if isinstance(requested_by, User) and requested_by.pk else None
     with transaction.atomic():
         existing = (
             RetrievalJob.objects.select_for_update()
@@ -86,7 +89,7 @@ def retrieval_job_create(
             pacs=node,
             study_instance_uid=study_uid,
             method=node.retrieve_method,
-            requested_by=requested_by if getattr(requested_by, "pk", None) else None,
+            requested_by=user,
         )
 
 
@@ -215,10 +218,12 @@ def _retrieve_wado(node: PacsNode, study_uid: str, progress: _Progress) -> tuple
         except dicom.InvalidDicom as exc:
             logger.warning("refused a WADO-RS part from %s: %s", node.name, exc)
             counts["failed"] += 1
-        progress.report(expected=expected, **counts)
+        progress.report(expected=expected, received=counts["received"], failed=counts["failed"])
 
     wado.retrieve_study(node.dicomweb_url, study_uid, on_instance)
-    progress.report(expected=expected, force=True, **counts)
+    progress.report(
+        expected=expected, received=counts["received"], failed=counts["failed"], force=True
+    )
     return counts["received"], counts["failed"]
 
 

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
@@ -365,7 +365,10 @@ def upsert_instances(instances: list[Instance]) -> None:
         return
     now = timezone.now()
     meta = Instance._meta
-    columns = [meta.get_field(name).column for name in _INSTANCE_FIELDS]
+    columns: list[str] = [
+        str(Instance._meta.get_field(name).column)  # type: ignore[union-attr]
+        for name in _INSTANCE_FIELDS
+    ]
     qn = connection.ops.quote_name
     names = ", ".join(qn(c) for c in ["sop_instance_uid", "created_at", *columns])
     row = "(" + ", ".join(["%s"] * (len(columns) + 2)) + ")"
@@ -376,7 +379,7 @@ def upsert_instances(instances: list[Instance]) -> None:
         f"INSERT INTO {qn(meta.db_table)} ({names}) VALUES {', '.join([row] * len(unique))} "  # noqa: S608
         f"ON CONFLICT ({qn('sop_instance_uid')}) DO UPDATE SET {updates}"
     )
-    params: list[object] = []
+    params: list[Any] = []
     for instance in unique:
         instance.created_at = now
         params += [instance.sop_instance_uid, now]

@@ -76,7 +76,7 @@ class ProtocolError(Exception):
 
 def _addresses(host: str) -> set[str]:
     try:
-        return {info[4][0] for info in socket.getaddrinfo(host, None)}
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
     except OSError:
         return set()
 
@@ -120,6 +120,7 @@ def _supported_contexts() -> list:
     contexts = [
         build_context(c.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         for c in AllStoragePresentationContexts
+        if c.abstract_syntax
     ]
     contexts.append(build_context(Verification))
     return contexts
@@ -285,7 +286,7 @@ class Association:
             primitive.presentation_context_definition_list, self.server._contexts
         )
         for context in accepted:
-            if context.result == 0x00 and context.transfer_syntax:
+            if context.result == 0x00 and context.transfer_syntax and context.context_id:
                 self.contexts[context.context_id] = (
                     str(context.abstract_syntax),
                     str(context.transfer_syntax[0]),

@@ -1,0 +1,155 @@
+"""`share create|revoke|unlock|list`: shares from the command line.
+
+The share itself is accounts' (accounts.services); this command lives in studies because, with
+`--pacs`, it also queues the retrieval of a study the store lacks. Such a share is "pending"
+until the study is in the store (accounts.selectors.share_status), then "active": the
+recipient can open it at any time, and sees "being prepared" until then.
+"""
+
+import json
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from accounts import selectors as account_selectors
+from accounts import services as account_services
+from accounts.models import Share
+from studies import services
+from studies.models import Instance, PacsNode
+
+
+def share_as_dict(share: Share) -> dict[str, Any]:
+    return {
+        "id": share.pk,
+        "study_uid": share.study_instance_uid,
+        "recipient": share.recipient,
+        "channel": share.channel,
+        "expires_at": share.expires_at.isoformat(),
+        "status": account_selectors.share_status(share),
+        "locked": account_services.share_is_locked(share),
+        "single_use": share.single_use,
+        "download": share.allow_download,
+    }
+
+
+class Command(BaseCommand):
+    help = "Create, revoke, unlock or list shares (a recipient's access to one study)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True)
+
+        create = sub.add_parser("create", help="Share a study with a patient or a physician.")
+        create.add_argument("study_uid", help="The Study Instance UID.")
+        create.add_argument(
+            "--pacs",
+            help="Retrieve the study from this PACS node if the store does not have it.",
+        )
+        who = create.add_mutually_exclusive_group(required=True)
+        who.add_argument("--patient-phone", help="The patient's mobile, E.164 (+33612345678).")
+        who.add_argument("--patient-email", help="The patient's email address.")
+        who.add_argument("--physician-email", help="The referring physician's email address.")
+        create.add_argument(
+            "--days",
+            type=int,
+            help="Days until it expires (default 30 for patients, 14 for physicians; at most 90).",
+        )
+        create.add_argument("--no-download", action="store_true", help="View only, no download.")
+        create.add_argument("--single-use", action="store_true", help="The share opens once only.")
+        create.add_argument("--json", action="store_true", help="Print one JSON object.")
+
+        revoke = sub.add_parser("revoke", help="End a share now.")
+        revoke.add_argument("id", type=int)
+
+        unlock = sub.add_parser("unlock", help="Lift a lockout after too many wrong codes.")
+        unlock.add_argument("id", type=int)
+
+        listing = sub.add_parser("list", help="List shares, newest first.")
+        listing.add_argument("--live", action="store_true", help="Only unexpired, unrevoked.")
+        listing.add_argument("--json", action="store_true", help="Print one JSON list.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        action = options["action"]
+        if action == "create":
+            self._create(options)
+        elif action == "revoke":
+            share = self._get(options["id"])
+            account_services.share_revoke(share=share)
+            self.stdout.write(f"Share {share.pk} revoked.")
+        elif action == "unlock":
+            share = self._get(options["id"])
+            account_services.share_unlock(share=share)
+            self.stdout.write(f"Share {share.pk} unlocked.")
+        else:
+            self._list(options)
+
+    def _get(self, share_id: int) -> Share:
+        try:
+            return Share.objects.get(pk=share_id)
+        except Share.DoesNotExist:
+            raise CommandError(f"No share {share_id}.") from None
+
+    def _create(self, options: dict[str, Any]) -> None:
+        study_uid = options["study_uid"]
+        node = None
+        if options["pacs"]:
+            try:
+                node = PacsNode.objects.get(name=options["pacs"])
+            except PacsNode.DoesNotExist:
+                raise CommandError(f"No PACS node named {options['pacs']!r}.") from None
+        if options["patient_phone"]:
+            recipient, channel, contact = "patient", "sms", options["patient_phone"]
+        elif options["patient_email"]:
+            recipient, channel, contact = "patient", "email", options["patient_email"]
+        else:
+            recipient, channel, contact = "physician", "email", options["physician_email"]
+        try:
+            created = account_services.share_create(
+                study_instance_uid=study_uid,
+                recipient=recipient,
+                channel=channel,
+                contact=contact,
+                days=options["days"],
+                allow_download=not options["no_download"],
+                single_use=options["single_use"],
+            )
+        except ValidationError as exc:
+            raise CommandError(" ".join(exc.messages)) from exc
+        in_store = Instance.objects.filter(series__study__study_instance_uid=study_uid).exists()
+        job = None
+        if node is not None and not in_store:
+            try:
+                job = services.retrieval_job_create(node=node, study_uid=study_uid)
+            except ValidationError as exc:
+                raise CommandError(" ".join(exc.messages)) from exc
+            services.retrieval_job_enqueue(job)
+        share = created.share
+        result = {
+            "id": share.pk,
+            "url": created.url,
+            "access_code": created.access_code,
+            "expires_at": share.expires_at.isoformat(),
+            "status": account_selectors.share_status(share),
+        }
+        if options["json"]:
+            self.stdout.write(json.dumps(result))
+            return
+        self.stdout.write(f"Share {share.pk} ({result['status']}), expires {result['expires_at']}")
+        self.stdout.write(f"Link:        {created.url}")
+        self.stdout.write(f"Access code: {created.access_code}")
+        if job is not None:
+            self.stdout.write(f"Retrieval job {job.pk} queued from {node}.")
+        elif not in_store:
+            self.stdout.write("The study is not in the store yet: the share stays pending.")
+
+    def _list(self, options: dict[str, Any]) -> None:
+        shares = [share_as_dict(s) for s in account_selectors.share_list(live_only=options["live"])]
+        if options["json"]:
+            self.stdout.write(json.dumps(shares))
+            return
+        for s in shares:
+            locked = " locked" if s["locked"] else ""
+            self.stdout.write(
+                f"{s['id']:>6}  {s['status']:<8}{locked}  {s['recipient']:<9}  "
+                f"{s['expires_at'][:16]}  {s['study_uid']}"
+            )

@@ -1,0 +1,200 @@
+"""dcmtk command-line tools as DICOM peers: each call is bounded by a timeout.
+
+The functions return the CompletedProcess (exit code, stdout and stderr as text) and never
+raise on a DICOM failure: the tests assert on what the tool reports. A tool that hangs past its
+timeout raises subprocess.TimeoutExpired.
+"""
+
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from tests.support import free_port
+
+DEFAULT_TIMEOUT = 60.0
+
+
+def run(
+    tool: str, *args: str, timeout: float = DEFAULT_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool, *args],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def _peer(host: str, port: int, aet: str, aec: str) -> list[str]:
+    return ["-aet", aet, "-aec", aec, host, str(port)]
+
+
+def echoscu(
+    host: str,
+    port: int,
+    *,
+    aet: str,
+    aec: str,
+    extra: Sequence[str] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    return run("echoscu", *extra, *_peer(host, port, aet, aec), timeout=timeout)
+
+
+def storescu(
+    host: str,
+    port: int,
+    files: Iterable[str | Path],
+    *,
+    aet: str,
+    aec: str,
+    extra: Sequence[str] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Send files (or folders, with "+sd" in `extra`) to a storage SCP."""
+    return run("storescu", *extra, *_peer(host, port, aet, aec), *map(str, files), timeout=timeout)
+
+
+def findscu(
+    host: str,
+    port: int,
+    keys: dict[str, str],
+    *,
+    aet: str,
+    aec: str,
+    level: str = "STUDY",
+    extra: Sequence[str] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Study-root C-FIND; `keys` maps a keyword or a tag ("0010,0010") to its value."""
+    args = ["-S", "-k", f"QueryRetrieveLevel={level}"]
+    for key, value in keys.items():
+        args += ["-k", f"{key}={value}" if value else key]
+    return run("findscu", *extra, *args, *_peer(host, port, aet, aec), timeout=timeout)
+
+
+def movescu(
+    host: str,
+    port: int,
+    study_uid: str,
+    *,
+    aet: str,
+    aec: str,
+    move_destination: str,
+    extra: Sequence[str] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Study-root C-MOVE of one study to another AE (movescu does not receive it itself)."""
+    args = [
+        "-S",
+        "-aem",
+        move_destination,
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study_uid}",
+    ]
+    return run("movescu", *extra, *args, *_peer(host, port, aet, aec), timeout=timeout)
+
+
+def getscu(
+    host: str,
+    port: int,
+    study_uid: str,
+    output_dir: str | Path,
+    *,
+    aet: str,
+    aec: str,
+    extra: Sequence[str] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Study-root C-GET of one study into a folder."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    args = [
+        "-S",
+        "-od",
+        str(output_dir),
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={study_uid}",
+    ]
+    return run("getscu", *extra, *args, *_peer(host, port, aet, aec), timeout=timeout)
+
+
+class StoreSCP:
+    """dcmtk's storescp, writing what it receives under `output_dir`, as a context manager.
+
+    By default it accepts every AE title and every transfer syntax and writes files as
+    received ("+B": bit-preserving).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        aet: str = "STORESCP",
+        port: int | None = None,
+        extra: Sequence[str] = ("+xa", "+B"),
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.aet = aet
+        self.port = port or free_port()
+        self.extra = list(extra)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> "StoreSCP":
+        import socket
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                "storescp",
+                "-aet",
+                self.aet,
+                "-od",
+                str(self.output_dir),
+                *self.extra,
+                str(self.port),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"storescp exited with {self.process.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("storescp did not start listening")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "StoreSCP":
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

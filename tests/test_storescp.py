@@ -1,0 +1,364 @@
+"""The portal's storage SCP under attack: strangers, impostors and malformed data.
+
+dcmtk's storescu and echoscu play the senders. storescu parses every file before sending it
+and refuses to send one that does not parse, so the truncated and garbage data sets are sent
+by pynetdicom in its "send the file's bytes as they are" mode, and a sender that vanishes
+mid-instance by hand-made PDUs.
+"""
+
+import hashlib
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from studies import dicom, synthetic
+from studies.models import Instance, PacsNode, Study
+from studies.store import store_dir
+from studies.storescp import StorageServer
+from tests.conftest import MODALITY_AE, assert_store_consistent, scp_port, wait_until
+from tests.support import dcmtk
+
+pytestmark = [pytest.mark.dicom, pytest.mark.django_db(transaction=True)]
+
+
+def dataset_sha256(part10: bytes) -> str:
+    return hashlib.sha256(part10[dicom.dataset_offset(part10) :]).hexdigest()
+
+
+def make_files(folder: Path, **kwargs: object) -> dict[str, Path]:
+    """A small synthetic study written as files; SOP Instance UID → path."""
+    options: dict[str, object] = {
+        "patient_name": "Bénédicte^Noël",
+        "patient_id": "PUSH-1",
+        "charset": "ISO_IR 100",
+        "modalities": (("CT", 2), ("MR", 2)),
+        "compress_series": 1,
+    }
+    options.update(kwargs)
+    datasets = synthetic.make_study(**options)
+    paths = synthetic.write_study(datasets, folder)
+    return {str(ds.SOPInstanceUID): path for ds, path in zip(datasets, paths, strict=True)}
+
+
+def store_files() -> list[Path]:
+    root = store_dir()
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def part_files() -> list[Path]:
+    return [p for p in store_files() if p.suffix == ".part"]
+
+
+def assert_nothing_stored() -> None:
+    assert Instance.objects.count() == 0
+    assert Study.objects.count() == 0
+    assert store_files() == []
+
+
+@contextmanager
+def association(
+    server: StorageServer,
+    *,
+    calling: str = MODALITY_AE,
+    called: str | None = None,
+    bind: str = "127.0.0.1",
+) -> Iterator[Association]:
+    """A pynetdicom association to the storage SCP, from `bind`."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, JPEGLSLossless])
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(
+        "127.0.0.1",
+        scp_port(server),
+        ae_title=called or server.ae_title,
+        bind_address=(bind, 0),
+    )
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def send_file_as_is(assoc: Association, path: Path) -> int:
+    """C-STORE a file's data set bytes exactly as they are on disk (no parsing)."""
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    assert "Status" in status, "the SCP did not answer the C-STORE"
+    return int(status.Status)
+
+
+def push_valid_study(server: StorageServer, folder: Path) -> dict[str, Path]:
+    """Send a valid study with storescu and check that the SCP took all of it."""
+    files = make_files(folder)
+    # One run per series: offered JPEG-LS and an uncompressed syntax in one association,
+    # storescu sends uncompressed files in implicit VR, re-encoding them.
+    for series, extra in (("001", []), ("002", ["-xt"])):
+        result = dcmtk.storescu(
+            "127.0.0.1", scp_port(server), [folder / series], aet=MODALITY_AE,
+            aec=server.ae_title, extra=["+sd", "-R", *extra],
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+    stored = set(
+        Instance.objects.filter(sop_instance_uid__in=files).values_list(
+            "sop_instance_uid", flat=True
+        )
+    )
+    assert stored == set(files)
+    return files
+
+
+def test_it_stores_what_a_configured_modality_pushes(
+    storage_scp: StorageServer, modality_node: PacsNode, tmp_path: Path
+) -> None:
+    files = push_valid_study(storage_scp, tmp_path / "push")
+
+    study = Study.objects.get()
+    assert study.patient_name == "Bénédicte^Noël"
+    assert study.source_id == modality_node.pk
+    for instance in Instance.objects.all():
+        original = files[instance.sop_instance_uid].read_bytes()
+        stored = (store_dir() / instance.file_path).read_bytes()
+        # storescu re-encodes what it parsed; for these files that is the same bytes.
+        assert instance.sha256 == dataset_sha256(stored) == dataset_sha256(original)
+    syntaxes = set(Instance.objects.values_list("transfer_syntax_uid", flat=True))
+    assert syntaxes == {ExplicitVRLittleEndian, JPEGLSLossless}
+    assert_store_consistent()
+
+
+def test_it_answers_an_echo_from_a_configured_node(
+    storage_scp: StorageServer, modality_node: PacsNode
+) -> None:
+    result = dcmtk.echoscu(
+        "127.0.0.1", scp_port(storage_scp), aet=MODALITY_AE, aec=storage_scp.ae_title
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_it_rejects_a_calling_ae_that_is_not_configured(
+    storage_scp: StorageServer, modality_node: PacsNode, tmp_path: Path
+) -> None:
+    make_files(tmp_path / "push")
+    port = scp_port(storage_scp)
+
+    echo = dcmtk.echoscu("127.0.0.1", port, aet="INTRUDER", aec=storage_scp.ae_title)
+    assert echo.returncode != 0
+    assert "Association Rejected" in echo.stdout + echo.stderr
+
+    store = dcmtk.storescu(
+        "127.0.0.1", port, [tmp_path / "push"], aet="INTRUDER", aec=storage_scp.ae_title,
+        extra=["+sd", "+r", "-R", "-xt"],
+    )  # fmt: skip
+    assert store.returncode != 0
+    assert "Association Rejected" in store.stdout + store.stderr
+    assert_nothing_stored()
+
+
+def test_it_rejects_an_association_addressed_to_another_ae_title(
+    storage_scp: StorageServer, modality_node: PacsNode
+) -> None:
+    result = dcmtk.echoscu("127.0.0.1", scp_port(storage_scp), aet=MODALITY_AE, aec="SOMEONE")
+    assert result.returncode != 0
+    assert "Association Rejected" in result.stdout + result.stderr
+
+
+def test_it_rejects_a_known_ae_title_from_another_address(
+    storage_scp: StorageServer, modality_node: PacsNode, tmp_path: Path
+) -> None:
+    path = next(iter(make_files(tmp_path / "push").values()))
+    # The whole of 127.0.0.0/8 is loopback: 127.0.0.2 is "another machine" that knows the
+    # modality's AE title.
+    with association(storage_scp, bind="127.0.0.2") as impostor:
+        assert impostor.is_rejected
+    assert_nothing_stored()
+    with association(storage_scp, bind="127.0.0.1") as genuine:
+        assert genuine.is_established
+        assert send_file_as_is(genuine, path) == 0x0000
+    assert Instance.objects.count() == 1
+
+
+def test_it_stops_accepting_a_node_once_it_is_removed(
+    storage_scp: StorageServer, modality_node: PacsNode
+) -> None:
+    port = scp_port(storage_scp)
+    assert (
+        dcmtk.echoscu("127.0.0.1", port, aet=MODALITY_AE, aec=storage_scp.ae_title).returncode == 0
+    )
+    modality_node.delete()
+    storage_scp.nodes.invalidate()
+    result = dcmtk.echoscu("127.0.0.1", port, aet=MODALITY_AE, aec=storage_scp.ae_title)
+    assert result.returncode != 0
+
+
+def _edit(ds: Dataset, what: str) -> None:
+    if what == "no study uid":
+        del ds.StudyInstanceUID
+    elif what == "path traversal in the study uid":
+        ds.StudyInstanceUID = "1.2.3/../../../../tmp/evil"
+    elif what == "letters in the series uid":
+        ds.SeriesInstanceUID = "1.2.abc.4"
+    elif what == "overlong sop instance uid":
+        ds.SOPInstanceUID = "1." + "2" * 70
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.filterwarnings("ignore:The value length")
+@pytest.mark.parametrize(
+    "what",
+    [
+        "no study uid",
+        "path traversal in the study uid",
+        "letters in the series uid",
+        "overlong sop instance uid",
+    ],
+)
+def test_it_refuses_a_data_set_it_cannot_index_and_goes_on(
+    what: str, storage_scp: StorageServer, modality_node: PacsNode, tmp_path: Path
+) -> None:
+    ds = synthetic.make_study(patient_name="Bad^Data", patient_id="BAD", modalities=(("CT", 1),))[0]
+    _edit(ds, what)
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(synthetic.to_bytes(ds))
+
+    result = dcmtk.storescu(
+        "127.0.0.1", scp_port(storage_scp), [bad], aet=MODALITY_AE, aec=storage_scp.ae_title,
+        extra=["-v"],
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    # storescu reports the SCP's failure status (0xC000: cannot understand).
+    assert "Received Store Response (Error: CannotUnderstand)" in output, output
+    assert_nothing_stored()
+    assert not (Path("/tmp") / "evil").exists()
+
+    push_valid_study(storage_scp, tmp_path / "push")
+    assert_store_consistent()
+
+
+def _part10_with(data_set: bytes, *, sop_uid: str) -> bytes:
+    meta = dicom.encode_file_meta(
+        sop_class_uid=synthetic.CT_IMAGE_STORAGE,
+        sop_instance_uid=sop_uid,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    return meta + data_set
+
+
+def _hostile_files(tmp_path: Path) -> dict[str, Path]:
+    ds = synthetic.make_study(patient_name="Hostile^Data", patient_id="H", modalities=(("CT", 1),))[
+        0
+    ]
+    valid = synthetic.to_bytes(ds)
+    sop_uid = str(ds.SOPInstanceUID)
+    data_set = valid[dicom.dataset_offset(valid) :]
+    other = synthetic.make_study(patient_name="Other^One", patient_id="O", modalities=(("CT", 1),))[
+        0
+    ]
+    other_bytes = synthetic.to_bytes(other)
+    cases = {
+        # The pixel data claims more bytes than follow.
+        "truncated pixel data": _part10_with(data_set[:-3000], sop_uid=sop_uid),
+        # Cut inside the header, in the middle of an element.
+        "truncated header": _part10_with(data_set[:301], sop_uid=sop_uid),
+        "garbage": _part10_with(hashlib.sha512(b"x").digest() * 64, sop_uid=sop_uid),
+        "empty data set": _part10_with(b"", sop_uid=sop_uid),
+        # Announced as one instance, carries another.
+        "another instance than announced": _part10_with(
+            other_bytes[dicom.dataset_offset(other_bytes) :], sop_uid=sop_uid
+        ),
+    }
+    paths = {}
+    for name, content in cases.items():
+        path = tmp_path / f"{name.replace(' ', '-')}.dcm"
+        path.write_bytes(content)
+        paths[name] = path
+    return paths
+
+
+@pytest.mark.filterwarnings("ignore:Expected explicit VR")
+def test_it_refuses_truncated_and_garbage_data_sets_and_goes_on(
+    storage_scp: StorageServer, modality_node: PacsNode, tmp_path: Path
+) -> None:
+    hostile = _hostile_files(tmp_path)
+    statuses = {}
+    with association(storage_scp) as assoc:
+        assert assoc.is_established
+        for name, path in hostile.items():
+            statuses[name] = send_file_as_is(assoc, path)
+    assert all(status != 0x0000 for status in statuses.values()), statuses
+    assert statuses["another instance than announced"] == 0xA900
+    assert_nothing_stored()
+
+    push_valid_study(storage_scp, tmp_path / "push")
+    assert_store_consistent()
+
+
+def _command_set(sop_uid: str) -> bytes:
+    """A C-STORE-RQ command set, implicit VR little endian with its group length."""
+    command = Dataset()
+    command.AffectedSOPClassUID = synthetic.CT_IMAGE_STORAGE
+    command.CommandField = 0x0001
+    command.MessageID = 7
+    command.Priority = 0
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = sop_uid
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, command)
+    body = buffer.getvalue()
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def _p_data(context_id: int, control: int, fragment: bytes) -> bytes:
+    item = struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment
+    return struct.pack(">BBI", 0x04, 0, len(item)) + item
+
+
+@pytest.mark.parametrize("ending", ["connection closed", "association aborted"])
+def test_it_keeps_nothing_of_an_instance_cut_short(
+    ending: str, storage_scp: StorageServer, modality_node: PacsNode, tmp_path: Path
+) -> None:
+    ds = synthetic.make_study(patient_name="Cut^Short", patient_id="C", modalities=(("CT", 1),))[0]
+    part10 = synthetic.to_bytes(ds)
+    data_set = part10[dicom.dataset_offset(part10) :]
+    with association(storage_scp) as assoc:
+        assert assoc.is_established
+        context = next(
+            c
+            for c in assoc.accepted_contexts
+            if c.abstract_syntax == CTImageStorage
+            and c.transfer_syntax[0] == ExplicitVRLittleEndian
+        )
+        sock = assoc.dul.socket
+        assert sock is not None
+        assert context.context_id is not None
+        # The command, then the first half of the data set, not marked as the last fragment.
+        sock.send(_p_data(context.context_id, 0x03, _command_set(str(ds.SOPInstanceUID))))
+        sock.send(_p_data(context.context_id, 0x00, data_set[: len(data_set) // 2]))
+        # The SCP writes fragments to a temporary file as they come.
+        wait_until(lambda: bool(part_files()))
+        if ending == "association aborted":
+            assoc.abort()
+        else:
+            sock.close()
+            assoc.kill()
+    # The SCP notices at once (abort, or the end of the stream) and drops the fragment.
+    wait_until(lambda: not part_files())
+    assert_nothing_stored()
+    push_valid_study(storage_scp, tmp_path / "push")
+    assert_store_consistent()
