@@ -1,6 +1,9 @@
+from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import models
+from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+from django_otp.models import CooldownMixin, SideChannelDevice, ThrottlingMixin, TimestampMixin
 
 
 class User(AbstractUser):
@@ -12,3 +15,167 @@ class User(AbstractUser):
         ADMIN = "admin", _("Administrator")
 
     role = models.CharField(_("role"), max_length=16, choices=Role.choices, default=Role.SHARER)
+
+
+class Share(models.Model):
+    """One recipient's access to one study (optionally some of its series).
+
+    The link token and the access code are never stored, only their hashes
+    (see accounts.credentials). The study may not be in the store yet: `study` is filled when
+    it is, and until then the share is pending (accounts.selectors.share_status).
+    """
+
+    class Recipient(models.TextChoices):
+        PATIENT = "patient", _("Patient")
+        PHYSICIAN = "physician", _("Referring physician")
+
+    class Channel(models.TextChoices):
+        SMS = "sms", _("Text message")
+        EMAIL = "email", _("Email")
+
+    study = models.ForeignKey(
+        "studies.Study",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="shares",
+        verbose_name=_("study"),
+    )
+    study_instance_uid = models.CharField(_("Study Instance UID"), max_length=64, db_index=True)
+    # Empty: the whole study.
+    series_instance_uids = models.JSONField(_("series"), default=list, blank=True)
+    recipient = models.CharField(_("recipient"), max_length=16, choices=Recipient.choices)
+    channel = models.CharField(_("one-time code sent by"), max_length=8, choices=Channel.choices)
+    # E.164 phone number or email address, as the hospital recorded it.
+    contact = models.CharField(_("contact"), max_length=254)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    code_prefix = models.CharField(max_length=4, unique=True, editable=False)
+    code_hash = models.CharField(max_length=128, editable=False)
+    allow_download = models.BooleanField(_("download allowed"), default=True)
+    single_use = models.BooleanField(_("single use"), default=False)
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    expires_at = models.DateTimeField(_("expires"))
+    revoked_at = models.DateTimeField(_("revoked"), null=True, blank=True)
+    revoked_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    used_at = models.DateTimeField(_("used"), null=True, blank=True)
+    # Set when too many wrong one-time codes were typed; staff clear it.
+    locked_until = models.DateTimeField(_("locked until"), null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = _("share")
+        verbose_name_plural = _("shares")
+
+    def __str__(self) -> str:
+        return f"share {self.pk} {self.study_instance_uid}"
+
+
+class ShareOTPDevice(TimestampMixin, CooldownMixin, ThrottlingMixin, SideChannelDevice):
+    """The one-time code channel of one share's recipient (its phone or mailbox).
+
+    django-otp does the token (6 digits, expiry, cleared once used), the resend cooldown and the
+    exponential throttling; the hard limit of wrong codes per share and the lock are in
+    accounts.services. Recipients are not users, so the device belongs to the share.
+    """
+
+    user = None  # type: ignore[assignment]
+    share = models.OneToOneField(Share, on_delete=models.CASCADE, related_name="otp_device")
+
+    class Meta:
+        verbose_name = _("one-time code device")
+
+    def __str__(self) -> str:
+        return f"one-time code device of share {self.share_id}"
+
+    def get_cooldown_duration(self) -> int:
+        return int(settings.OTP_RESEND_COOLDOWN)
+
+    def get_throttle_factor(self) -> int:
+        return int(settings.OTP_THROTTLE_FACTOR)
+
+    def verify_token(self, token: str) -> bool:
+        # The pattern of django-otp's EmailDevice: throttle, then the base class check
+        # (content and expiry; clears the token on success so it cannot be used twice).
+        allowed, _data = self.verify_is_allowed()
+        if not allowed:
+            return False
+        if super().verify_token(token):
+            self.throttle_reset(commit=False)
+            self.set_last_used_timestamp(commit=False)
+            self.save()
+            return True
+        self.throttle_increment()
+        return False
+
+
+class PhysicianPasskey(models.Model):
+    """A WebAuthn credential a referring physician enrolled after proving their mailbox, so
+    that later shares sent to the same address need no emailed code."""
+
+    email = models.EmailField(_("email"), db_index=True)
+    # Random, per physician address: what the authenticator stores as the user handle.
+    user_handle = models.BinaryField(max_length=64)
+    credential_id = models.BinaryField(unique=True)
+    public_key = models.BinaryField()
+    sign_count = models.PositiveBigIntegerField(default=0)
+    enrolled_with = models.ForeignKey(Share, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("physician passkey")
+
+    def __str__(self) -> str:
+        return f"passkey of {self.email}"
+
+
+class AuditEvent(models.Model):
+    """Append-only: created by accounts.services.audit and nothing else; the admin shows it
+    read-only. Never holds a token, a code or a one-time code."""
+
+    class Action(models.TextChoices):
+        SHARE_CREATED = "share_created", _("Share created")
+        SHARE_REVOKED = "share_revoked", _("Share revoked")
+        SHARE_UNLOCKED = "share_unlocked", _("Share unlocked")
+        LINK_OPENED = "link_opened", _("Link opened")
+        LINK_FAILED = "link_failed", _("Invalid link")
+        CODE_OK = "code_ok", _("Access code accepted")
+        CODE_FAILED = "code_failed", _("Wrong access code")
+        OTP_SENT = "otp_sent", _("One-time code sent")
+        OTP_SEND_FAILED = "otp_send_failed", _("One-time code could not be sent")
+        OTP_OK = "otp_ok", _("One-time code accepted")
+        OTP_FAILED = "otp_failed", _("Wrong one-time code")
+        PASSKEY_ENROLLED = "passkey_enrolled", _("Passkey enrolled")
+        PASSKEY_OK = "passkey_ok", _("Signed in with a passkey")
+        PASSKEY_FAILED = "passkey_failed", _("Passkey refused")
+        LOCKOUT = "lockout", _("Locked after too many attempts")
+        LOGOUT = "logout", _("Signed out")
+        SESSION_EXPIRED = "session_expired", _("Session expired")
+        VIEW = "view", _("Study viewed")
+
+    at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
+    action = models.CharField(_("what"), max_length=32, choices=Action.choices)
+    # An audit trail outlives what it describes: shares with events cannot be deleted.
+    share = models.ForeignKey(
+        Share, null=True, blank=True, on_delete=models.PROTECT, related_name="events"
+    )
+    actor = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    ip_address = models.GenericIPAddressField(_("from"), null=True, blank=True)
+    user_agent = models.CharField(_("browser"), max_length=255, blank=True)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-pk"]
+        verbose_name = _("audit event")
+        verbose_name_plural = _("audit events")
+        indexes = [models.Index(fields=["share", "-at"])]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.action}"

@@ -34,7 +34,12 @@ def check_dicom_settings(app_configs: Any, **kwargs: Any) -> list[Error]:
         )
     if not 1 <= settings.DICOM_PORT <= 65535:
         errors.append(Error("PORTAL_DICOM_PORT must be 1-65535.", id="portal.E003"))
-    if settings.CELERY_BROKER_URL.split(":", 1)[0] not in {"filesystem", "redis", "rediss", "memory"}:
+    if settings.CELERY_BROKER_URL.split(":", 1)[0] not in {
+        "filesystem",
+        "redis",
+        "rediss",
+        "memory",
+    }:
         errors.append(
             Error(
                 f"CELERY_BROKER_URL scheme is not supported: {settings.CELERY_BROKER_URL!r}.",

@@ -5,6 +5,7 @@ sets PORTAL_SECRET_KEY, PORTAL_ALLOWED_HOSTS, PORTAL_BASE_URL, DATABASE_URL and 
 DEBUG is off unless PORTAL_DEBUG says otherwise.
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -31,6 +32,11 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "axes",
+    "captcha",
+    "csp",
     "accounts",
     "studies",
     "dicomweb",
@@ -39,14 +45,19 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
+    # Django's, made to work with `Referrer-Policy: no-referrer` (see accounts.csrf).
+    "accounts.csrf.NoReferrerCsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "accounts.middleware.RecipientSessionMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out attempt into the 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -79,8 +90,23 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         "transaction_mode": "IMMEDIATE",
     }
+    # A fresh checkout has no var/ yet, and SQLite does not create folders.
+    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    # Tests run a real worker in another process: an in-memory test database would be
+    # invisible to it, so the test database is a file too.
+    # (Beside the database file, so a run with another DATABASE_URL has its own.)
+    DATABASES["default"]["TEST"] = {
+        "NAME": str(Path(DATABASES["default"]["NAME"]).with_name("test.sqlite3"))
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "accounts.User"
+AUTHENTICATION_BACKENDS = [
+    # First: refuses locked-out attempts before anything is checked.
+    "axes.backends.AxesStandaloneBackend",
+    # Share links and access codes (accounts.backends documents the credentials).
+    "accounts.backends.ShareBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 
 PASSWORD_HASHERS = [
     "django.contrib.auth.hashers.Argon2PasswordHasher",
@@ -143,15 +169,21 @@ if TRUSTED_PROXIES:
 
 # --- Celery ------------------------------------------------------------------------------
 # Without Redis the broker is a folder on disk, so `make demo` needs no extra service.
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
+# (A host name, although the folder broker has none, keeps kombu from warning on each use.)
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://localhost/")
 if CELERY_BROKER_URL.startswith("filesystem://"):
-    _broker_dir = VAR_DIR / "broker"
+    _broker_dir = Path(env.str("PORTAL_BROKER_DIR", default=str(VAR_DIR / "broker")))
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
         "store_processed": False,
+        # Without it kombu keeps its exchange table in ./control, wherever the process runs.
+        "control_folder": str(_broker_dir / "control"),
     }
+    # kombu lists the queue folder on every poll and fails if it does not exist.
+    for _folder in ("queue", "processed", "control"):
+        (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
@@ -180,6 +212,65 @@ EMAIL_FILE_PATH = env.str("EMAIL_FILE_PATH", default=str(VAR_DIR / "mail"))
 DEFAULT_FROM_EMAIL = env.str("PORTAL_FROM_EMAIL", default="portal@localhost")
 SMS_BACKEND = env.str("PORTAL_SMS_BACKEND", default="console")
 SMS_FILE_PATH = env.str("PORTAL_SMS_FILE_PATH", default=str(VAR_DIR / "sms"))
+# The `http` SMS backend (accounts.sms.HttpGatewayBackend documents the request).
+SMS_GATEWAY_URL = env.str("PORTAL_SMS_GATEWAY_URL", default="")
+SMS_GATEWAY_TOKEN = env.str("PORTAL_SMS_GATEWAY_TOKEN", default="")
+SMS_SENDER = env.str("PORTAL_SMS_SENDER", default="Portal")
+SMS_TIMEOUT = env.float("PORTAL_SMS_TIMEOUT", default=10.0)
+
+# --- Recipient access (accounts) -----------------------------------------------------------
+# Days a share lives unless staff choose otherwise, and the most they may choose.
+SHARE_DAYS_PATIENT = env.int("PORTAL_SHARE_DAYS_PATIENT", default=30)
+SHARE_DAYS_PHYSICIAN = env.int("PORTAL_SHARE_DAYS_PHYSICIAN", default=14)
+SHARE_MAX_DAYS = 90
+# One-time codes: seconds valid, seconds before another may be sent, wrong codes before the
+# share locks, and django-otp's throttle (seconds to wait after n failures: factor × 2^(n-1)).
+OTP_VALIDITY = env.int("PORTAL_OTP_VALIDITY", default=300)
+OTP_RESEND_COOLDOWN = env.int("PORTAL_OTP_RESEND_COOLDOWN", default=60)
+OTP_MAX_FAILURES = 5
+OTP_THROTTLE_FACTOR = env.int("PORTAL_OTP_THROTTLE_FACTOR", default=1)
+# Recipient sessions: idle and absolute limits, in seconds.
+RECIPIENT_SESSION_IDLE = 15 * 60
+RECIPIENT_SESSION_MAX = 2 * 60 * 60
+# Who a locked-out or lost recipient should call; shown on the lockout and help pages.
+SUPPORT_CONTACT = env.str("PORTAL_SUPPORT_CONTACT", default="")
+
+# Brute force (django-axes): failed links and codes are counted by client address and by share
+# (accounts.backends.axes_username); 5 failures lock for the cool-off, in the database so that
+# every process and machine sees the same state.
+# Django's security.W003 recognises only its own CSRF middleware by name; accounts.E001 checks
+# that ours (accounts.csrf) is there instead.
+SILENCED_SYSTEM_CHECKS = ["security.W003"]
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
+AXES_FAILURE_LIMIT = 5
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("PORTAL_LOCKOUT_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = ["ip_address", "username"]
+AXES_USERNAME_CALLABLE = "accounts.backends.axes_username"
+AXES_CLIENT_IP_CALLABLE = "accounts.net.axes_client_ip"
+AXES_LOCKOUT_CALLABLE = "accounts.views.lockout"
+AXES_SENSITIVE_PARAMETERS = ["username", "ip_address", "code", "otp", "csrfmiddlewaretoken"]
+AXES_ENABLE_ADMIN = True
+AXES_VERBOSE = False
+# Captchas (django-simple-captcha) are drawn by the portal itself, shown after 3 failures.
+CAPTCHA_IMAGE_SIZE = (110, 40)
+CAPTCHA_LENGTH = 5
+CAPTCHA_TIMEOUT = 10
+
+# --- Content Security Policy (django-csp): nothing inline, nothing from elsewhere. -----------
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:", "blob:"],
+        "connect-src": ["'self'"],
+        "font-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'none'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    },
+}
 
 # --- Logging -----------------------------------------------------------------------------
 LOGGING = {
@@ -188,14 +279,23 @@ LOGGING = {
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
     },
+    "filters": {
+        # Share link tokens never reach a log line (accounts.logging).
+        "redact_links": {"()": "accounts.logging.RedactShareLinks"},
+    },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["redact_links"],
+        },
     },
     "root": {"handlers": ["console"], "level": env.str("PORTAL_LOG_LEVEL", default="INFO")},
     "loggers": {
         # pynetdicom logs every PDU at INFO; only its warnings matter to an operator.
         "pynetdicom": {"level": "WARNING"},
         # The request logger prints paths, and recipient paths may carry a link token.
-        "django.server": {"level": "WARNING"},
+        "django.server": {"level": "WARNING", "filters": ["redact_links"]},
+        "django.request": {"filters": ["redact_links"]},
     },
 }

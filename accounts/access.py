@@ -1,0 +1,169 @@
+"""The recipient's session: bound to exactly one share, rotated at every step, short-lived.
+
+Stages: after a valid link or code the session holds the share with stage "pending" (it may
+only ask for and type a one-time code); after the one-time code (or a physician's passkey) the
+stage is "verified" and the recipient may see the study. Endpoints with patient data call
+`recipient_share()` / `recipient_required` and answer 404 to anything the share does not cover.
+"""
+
+import time
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from django.conf import settings
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
+
+from accounts import services
+from accounts.models import AuditEvent, Share
+
+SHARE = "recipient.share"
+STAGE = "recipient.stage"
+STARTED = "recipient.started"
+SEEN = "recipient.seen"
+VIA = "recipient.via"
+PENDING = "pending"
+VERIFIED = "verified"
+# How often the idle clock is written back to the session (seconds): often enough for the
+# 15-minute idle limit, rarely enough not to write the session on every image request.
+_SEEN_RESOLUTION = 30
+
+# The only URLs a recipient session may reach; anything else answers 404.
+RECIPIENT_PATHS = (
+    "/s/",
+    "/access/",
+    "/viewer/",
+    "/dicomweb/",
+    "/download/",
+    "/static/",
+    "/i18n/",
+    "/captcha/",
+    "/healthz",
+    "/favicon.ico",
+)
+
+
+def bind(request: HttpRequest, share: Share, *, via: str) -> None:
+    """Start a recipient session for this share after a valid link or code.
+
+    Whatever the session held before (another share, a staff login) is dropped, and the key
+    changes, so a session planted before this step is worth nothing after it.
+    """
+    request.session.flush()
+    now = int(time.time())
+    request.session[SHARE] = share.pk
+    request.session[STAGE] = PENDING
+    request.session[VIA] = via
+    request.session[STARTED] = now
+    request.session[SEEN] = now
+    request.session.set_expiry(settings.RECIPIENT_SESSION_IDLE)
+
+
+def mark_verified(request: HttpRequest) -> None:
+    request.session.cycle_key()
+    request.session[STAGE] = VERIFIED
+    request.session[SEEN] = int(time.time())
+
+
+def end(request: HttpRequest) -> None:
+    request.session.flush()
+
+
+def is_recipient_session(request: HttpRequest) -> bool:
+    return SHARE in request.session
+
+
+def _bound_share(request: HttpRequest, stage: str) -> Share | None:
+    share_id = request.session.get(SHARE)
+    if share_id is None or request.session.get(STAGE) != stage:
+        return None
+    share = Share.objects.filter(pk=share_id).first()
+    if share is None or services.share_is_locked(share):
+        return None
+    if share.revoked_at is not None or share.expires_at <= timezone.now():
+        return None
+    # A single-use share is used up by the one-time code of the session that then keeps it
+    # open until it ends; no other session gets that far.
+    if stage == PENDING and share.single_use and share.used_at is not None:
+        return None
+    return share
+
+
+def bound_share_is_locked(request: HttpRequest) -> bool:
+    """Whether this session's share (at any stage) is locked after too many wrong codes."""
+    share_id = request.session.get(SHARE)
+    share = Share.objects.filter(pk=share_id).first() if share_id is not None else None
+    return share is not None and services.share_is_locked(share)
+
+
+def pending_share(request: HttpRequest) -> Share | None:
+    """The share whose link or code this session presented, awaiting the second factor."""
+    return _bound_share(request, PENDING)
+
+
+def recipient_share(request: HttpRequest) -> Share | None:
+    """The share this session fully opened, or None."""
+    return _bound_share(request, VERIFIED)
+
+
+def recipient_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """For recipient pages: the verified share as `request.share`, else back to the code page.
+    The answer is never cached."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        share = recipient_share(request)
+        if share is None:
+            response: HttpResponse = redirect("accounts:access")
+        else:
+            request.share = share  # type: ignore[attr-defined]
+            response = view(request, *args, **kwargs)
+        add_never_cache_headers(response)
+        return response
+
+    return wrapper
+
+
+def study_uid_or_404(request: HttpRequest, study_instance_uid: str) -> Share:
+    """For endpoints that carry a UID: the session's share if it covers this study, else 404,
+    the same 404 as for a study that does not exist."""
+    share = recipient_share(request)
+    if share is None or share.study_instance_uid != study_instance_uid:
+        raise Http404
+    return share
+
+
+def series_allowed(share: Share, series_instance_uid: str) -> bool:
+    return not share.series_instance_uids or series_instance_uid in share.series_instance_uids
+
+
+def check_session_age(request: HttpRequest) -> bool:
+    """False (and the session ended) when a recipient session passed its idle or absolute
+    limit; refreshes the idle clock otherwise."""
+    if not is_recipient_session(request):
+        return True
+    now = int(time.time())
+    started = int(request.session.get(STARTED, 0))
+    seen = int(request.session.get(SEEN, 0))
+    if (
+        now - started > settings.RECIPIENT_SESSION_MAX
+        or now - seen > settings.RECIPIENT_SESSION_IDLE
+    ):
+        share = Share.objects.filter(pk=int(request.session.get(SHARE, 0))).first()
+        services.audit(AuditEvent.Action.SESSION_EXPIRED, request=request, share=share)
+        end(request)
+        return False
+    if now - seen >= _SEEN_RESOLUTION:
+        request.session[SEEN] = now
+        remaining = settings.RECIPIENT_SESSION_MAX - (now - started)
+        request.session.set_expiry(min(settings.RECIPIENT_SESSION_IDLE, max(1, remaining)))
+    return True
+
+
+def no_store(response: HttpResponse) -> HttpResponse:
+    add_never_cache_headers(response)
+    response["Cache-Control"] = "no-store, no-cache, must-revalidate, private, max-age=0"
+    return response

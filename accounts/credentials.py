@@ -1,0 +1,132 @@
+"""The secrets a share is opened with: its link token and its typed access code.
+
+Neither is ever stored. The link token (128 random bits) is signed with its issue time, so a
+forged or stale link is refused before any database lookup, and stored as a SHA-256 hash (a
+128-bit random value needs no salt or stretching). The access code is what a patient types from
+a printed handout: Crockford base32, grouped by four, read case- and dash-insensitively. Its first
+group is a public lookup prefix (unique, it finds the share row and keys the per-share lockout);
+the other three groups are the secret, 60 bits, stored as a salted Argon2 hash.
+"""
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from django.contrib.auth.hashers import Argon2PasswordHasher
+from django.core import signing
+
+# Crockford's alphabet has no I, L, O or U: nothing to confuse with 1, 0 or V.
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_READ_AS = str.maketrans({"I": "1", "L": "1", "O": "0"})
+PREFIX_LENGTH = 4
+SECRET_LENGTH = 12  # 12 × 5 bits = 60 bits
+CODE_LENGTH = PREFIX_LENGTH + SECRET_LENGTH
+TOKEN_BYTES = 16  # 128 bits
+_LINK_SALT = "accounts.share-link"
+# Longest a share can live: a link signed earlier than this is refused unread.
+LINK_MAX_AGE_DAYS = 90
+
+
+class AccessCodeHasher(Argon2PasswordHasher):
+    """Argon2id with OWASP's minimum cost: the 60-bit secret part needs no more, and every
+    typed code costs one hash, including codes that match nothing."""
+
+    time_cost = 2
+    memory_cost = 19456
+    parallelism = 1
+
+
+_hasher = AccessCodeHasher()
+# A hash of a secret nobody has: verified against when nothing matched, so that an unknown
+# code takes as long as a known one.
+_DUMMY_HASH = _hasher.encode(secrets.token_hex(16), _hasher.salt())
+
+
+@dataclass(frozen=True)
+class NewAccessCode:
+    prefix: str
+    secret: str
+    hashed_secret: str
+
+    @property
+    def display(self) -> str:
+        return format_code(self.prefix + self.secret)
+
+
+def _random_crockford(length: int) -> str:
+    return "".join(secrets.choice(CROCKFORD) for _ in range(length))
+
+
+def format_code(code: str) -> str:
+    return "-".join(code[i : i + 4] for i in range(0, len(code), 4))
+
+
+def new_access_code(prefix: str | None = None) -> NewAccessCode:
+    prefix = prefix or _random_crockford(PREFIX_LENGTH)
+    secret = _random_crockford(SECRET_LENGTH)
+    return NewAccessCode(prefix, secret, _hasher.encode(secret, _hasher.salt()))
+
+
+def new_prefix() -> str:
+    return _random_crockford(PREFIX_LENGTH)
+
+
+def normalize_code(typed: str) -> str | None:
+    """The code as stored (16 Crockford characters), or None when it cannot be one."""
+    cleaned = "".join(ch for ch in typed.upper() if ch not in " -\u2010\u2011\u2012\u2013\t")
+    cleaned = cleaned.translate(_READ_AS)
+    if len(cleaned) != CODE_LENGTH or any(ch not in CROCKFORD for ch in cleaned):
+        return None
+    return cleaned
+
+
+def split_code(code: str) -> tuple[str, str]:
+    return code[:PREFIX_LENGTH], code[PREFIX_LENGTH:]
+
+
+def code_secret_matches(secret: str, hashed: str | None) -> bool:
+    """Always runs the hasher once, whether or not there is a hash to check against."""
+    if hashed is None:
+        _hasher.verify(secret, _DUMMY_HASH)
+        return False
+    return _hasher.verify(secret, hashed)
+
+
+def new_link_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def hash_link_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def sign_link_token(token: str) -> str:
+    # "." cannot appear in a URL-safe base64 token, and keeps the link free of ":".
+    return signing.TimestampSigner(salt=_LINK_SALT, sep=".").sign(token)
+
+
+def unsign_link_token(signed: str) -> str | None:
+    """The raw token of a link we issued less than LINK_MAX_AGE_DAYS ago, else None."""
+    if len(signed) > 200:
+        return None
+    try:
+        return signing.TimestampSigner(salt=_LINK_SALT, sep=".").unsign(
+            signed, max_age=LINK_MAX_AGE_DAYS * 86400
+        )
+    except signing.BadSignature:
+        return None
+
+
+def lockout_key_for_code(code: str | None, typed: str) -> str:
+    """What axes counts failures of a typed code against: its public prefix, so that guesses
+    at one share from many addresses still add up. Text that cannot be a code has no share:
+    it counts against its own digest (and, like everything, against its address)."""
+    if code is None:
+        return "code:?" + hashlib.sha256(typed.encode()).hexdigest()[:16]
+    return "code:" + code[:PREFIX_LENGTH]
+
+
+def lockout_key_for_link(token: str | None, signed: str) -> str:
+    if token is None:
+        return "link:?" + hashlib.sha256(signed.encode()).hexdigest()[:16]
+    return "link:" + hash_link_token(token)[:16]

@@ -1,0 +1,35 @@
+"""Recipient sessions reach recipient URLs only, expire on time, and are never cached."""
+
+from collections.abc import Callable
+
+from django.http import Http404, HttpRequest, HttpResponse
+
+from accounts import access
+
+NOTICE = "recipient.notice"
+
+
+class RecipientSessionMiddleware:
+    """After SessionMiddleware and AuthenticationMiddleware.
+
+    - A recipient session past its idle (15 min) or absolute (2 h) limit is ended here.
+    - A recipient session asking for anything but recipient URLs (staff pages, the admin…)
+      gets 404: it is bound to one share and can reach nothing else.
+    - Every recipient URL answers with `Cache-Control: no-store`.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        path = request.path_info
+        recipient_url = path.startswith(access.RECIPIENT_PATHS)
+        if access.is_recipient_session(request):
+            if not access.check_session_age(request):
+                request.session[NOTICE] = "expired"
+            elif not recipient_url:
+                raise Http404
+        response = self.get_response(request)
+        if recipient_url and not path.startswith("/static/"):
+            access.no_store(response)
+        return response

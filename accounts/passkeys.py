@@ -1,0 +1,158 @@
+"""Passkeys (WebAuthn, through py_webauthn) for referring physicians.
+
+A physician who proved their mailbox with an emailed code may enrol a passkey; a later share
+sent to the same address then takes the passkey instead of an emailed code (the link is still
+needed: the passkey replaces the second factor only). The relying party is PORTAL_BASE_URL's
+host, and only that origin is accepted.
+"""
+
+import json
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.contrib.sessions.backends.base import SessionBase
+from django.db import transaction
+from django.utils import timezone
+from webauthn import (
+    base64url_to_bytes,
+    generate_authentication_options,
+    generate_registration_options,
+    options_to_json,
+    verify_authentication_response,
+    verify_registration_response,
+)
+from webauthn.helpers import bytes_to_base64url
+from webauthn.helpers.exceptions import WebAuthnException
+from webauthn.helpers.structs import (
+    AuthenticatorSelectionCriteria,
+    PublicKeyCredentialDescriptor,
+    ResidentKeyRequirement,
+    UserVerificationRequirement,
+)
+
+from accounts.models import PhysicianPasskey, Share
+
+_CHALLENGE = "passkey.challenge"
+
+
+class PasskeyError(Exception):
+    """The browser's answer was not a valid passkey response for this challenge."""
+
+
+def rp_id() -> str:
+    return urlsplit(settings.BASE_URL).hostname or "localhost"
+
+
+def expected_origin() -> str:
+    parts = urlsplit(settings.BASE_URL)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _passkeys(share: Share) -> Any:
+    return PhysicianPasskey.objects.filter(email__iexact=share.contact)
+
+
+def should_offer(share: Share) -> bool:
+    return share.recipient == Share.Recipient.PHYSICIAN and not _passkeys(share).exists()
+
+
+def can_sign_in(share: Share) -> bool:
+    return share.recipient == Share.Recipient.PHYSICIAN and _passkeys(share).exists()
+
+
+def _remember(session: SessionBase, challenge: bytes, purpose: str, share: Share) -> None:
+    session[_CHALLENGE] = {"c": bytes_to_base64url(challenge), "p": purpose, "s": share.pk}
+
+
+def _recall(session: SessionBase, purpose: str, share: Share) -> bytes:
+    # A challenge serves once, for the purpose and share it was made for.
+    stored = session.pop(_CHALLENGE, None)
+    if not stored or stored.get("p") != purpose or stored.get("s") != share.pk:
+        raise PasskeyError("no challenge pending")
+    return base64url_to_bytes(stored["c"])
+
+
+def registration_options(share: Share, session: SessionBase) -> str:
+    existing = list(_passkeys(share))
+    user_handle = bytes(existing[0].user_handle) if existing else None
+    options = generate_registration_options(
+        rp_id=rp_id(),
+        rp_name="Image portal",
+        user_name=share.contact,
+        user_id=user_handle,
+        user_display_name=share.contact,
+        authenticator_selection=AuthenticatorSelectionCriteria(
+            resident_key=ResidentKeyRequirement.PREFERRED,
+            user_verification=UserVerificationRequirement.REQUIRED,
+        ),
+        exclude_credentials=[
+            PublicKeyCredentialDescriptor(id=bytes(p.credential_id)) for p in existing
+        ],
+    )
+    _remember(session, options.challenge, "register", share)
+    session["passkey.user"] = bytes_to_base64url(options.user.id)
+    return options_to_json(options)
+
+
+def register(share: Share, session: SessionBase, credential: str) -> PhysicianPasskey:
+    challenge = _recall(session, "register", share)
+    user_handle = base64url_to_bytes(session.pop("passkey.user", ""))
+    try:
+        verified = verify_registration_response(
+            credential=credential,
+            expected_challenge=challenge,
+            expected_rp_id=rp_id(),
+            expected_origin=expected_origin(),
+            require_user_verification=True,
+        )
+    except (WebAuthnException, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise PasskeyError(str(exc)) from exc
+    return PhysicianPasskey.objects.create(
+        email=share.contact.lower(),
+        user_handle=user_handle,
+        credential_id=verified.credential_id,
+        public_key=verified.credential_public_key,
+        sign_count=verified.sign_count,
+        enrolled_with=share,
+    )
+
+
+def authentication_options(share: Share, session: SessionBase) -> str:
+    options = generate_authentication_options(
+        rp_id=rp_id(),
+        allow_credentials=[
+            PublicKeyCredentialDescriptor(id=bytes(p.credential_id)) for p in _passkeys(share)
+        ],
+        user_verification=UserVerificationRequirement.REQUIRED,
+    )
+    _remember(session, options.challenge, "login", share)
+    return options_to_json(options)
+
+
+def authenticate(share: Share, session: SessionBase, credential: str) -> PhysicianPasskey:
+    challenge = _recall(session, "login", share)
+    try:
+        raw_id = base64url_to_bytes(json.loads(credential)["rawId"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PasskeyError("malformed credential") from exc
+    with transaction.atomic():
+        passkey = _passkeys(share).select_for_update().filter(credential_id=raw_id).first()
+        if passkey is None:
+            raise PasskeyError("unknown credential for this address")
+        try:
+            verified = verify_authentication_response(
+                credential=credential,
+                expected_challenge=challenge,
+                expected_rp_id=rp_id(),
+                expected_origin=expected_origin(),
+                credential_public_key=bytes(passkey.public_key),
+                credential_current_sign_count=passkey.sign_count,
+                require_user_verification=True,
+            )
+        except (WebAuthnException, ValueError, KeyError) as exc:
+            raise PasskeyError(str(exc)) from exc
+        passkey.sign_count = verified.new_sign_count
+        passkey.last_used_at = timezone.now()
+        passkey.save(update_fields=["sign_count", "last_used_at"])
+    return passkey

@@ -1,0 +1,425 @@
+"""Writes to the accounts domain: shares, recipient authentication steps, the audit log."""
+
+import logging
+import re
+import smtplib
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any
+
+from axes.handlers.proxy import AxesProxyHandler
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.mail import send_mail
+from django.core.validators import validate_email
+from django.db import IntegrityError, transaction
+from django.http import HttpRequest
+from django.template.loader import render_to_string
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from accounts import credentials, net, sms
+from accounts.models import AuditEvent, Share, ShareOTPDevice, User
+
+logger = logging.getLogger(__name__)
+
+E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+# --- audit ----------------------------------------------------------------------------------
+
+
+def audit(
+    action: str,
+    *,
+    request: HttpRequest | None = None,
+    share: Share | None = None,
+    actor: User | None = None,
+    **detail: Any,
+) -> AuditEvent:
+    """Record one event. The only way events are written; there is no update or delete."""
+    if actor is None and request is not None:
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated and isinstance(user, User):
+            actor = user
+    return AuditEvent.objects.create(
+        action=action,
+        share=share,
+        actor=actor,
+        ip_address=net.client_ip(request) if request is not None else None,
+        user_agent=net.user_agent(request) if request is not None else "",
+        detail=detail,
+    )
+
+
+# --- shares ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreatedShare:
+    share: Share
+    url: str
+    access_code: str
+
+
+def share_link_url(signed_token: str) -> str:
+    return f"{settings.BASE_URL}/s/{signed_token}"
+
+
+def _validate_contact(channel: str, contact: str) -> str:
+    contact = contact.strip()
+    if channel == Share.Channel.SMS:
+        number = re.sub(r"[\s.()-]", "", contact)
+        if not E164.match(number):
+            raise ValidationError(
+                {"contact": [_("A phone number in international form, such as +33612345678.")]}
+            )
+        return number
+    try:
+        validate_email(contact)
+    except ValidationError as exc:
+        raise ValidationError({"contact": [_("This is not a valid email address.")]}) from exc
+    return contact
+
+
+def _default_days(recipient: str) -> int:
+    if recipient == Share.Recipient.PHYSICIAN:
+        return int(settings.SHARE_DAYS_PHYSICIAN)
+    return int(settings.SHARE_DAYS_PATIENT)
+
+
+def share_create(
+    *,
+    study_instance_uid: str,
+    recipient: str,
+    channel: str,
+    contact: str,
+    days: int | None = None,
+    allow_download: bool = True,
+    single_use: bool = False,
+    series_instance_uids: list[str] | None = None,
+    created_by: User | None = None,
+    request: HttpRequest | None = None,
+) -> CreatedShare:
+    """A new share with its link and access code: the only moment they exist in clear."""
+    errors: dict[str, list[str]] = {}
+    if recipient not in Share.Recipient.values:
+        errors["recipient"] = [_("Unknown kind of recipient.")]
+    if channel not in Share.Channel.values:
+        errors["channel"] = [_("Unknown way of sending codes.")]
+    if recipient == Share.Recipient.PHYSICIAN and channel != Share.Channel.EMAIL:
+        errors["channel"] = [_("Physicians receive their codes by email.")]
+    if not _UID.match(study_instance_uid) or len(study_instance_uid) > 64:
+        errors["study_instance_uid"] = [_("This is not a valid Study Instance UID.")]
+    days = _default_days(recipient) if days is None else days
+    if not 1 <= days <= settings.SHARE_MAX_DAYS:
+        errors["days"] = [
+            _("A share lasts from 1 to %(max)d days.") % {"max": settings.SHARE_MAX_DAYS}
+        ]
+    try:
+        contact = _validate_contact(channel, contact)
+    except ValidationError as exc:
+        errors.update(exc.message_dict)
+    if errors:
+        raise ValidationError(errors)
+
+    token = credentials.new_link_token()
+    now = timezone.now()
+    for _attempt in range(50):
+        code = credentials.new_access_code()
+        try:
+            with transaction.atomic():
+                share = Share.objects.create(
+                    study=_find_study(study_instance_uid),
+                    study_instance_uid=study_instance_uid,
+                    series_instance_uids=list(series_instance_uids or []),
+                    recipient=recipient,
+                    channel=channel,
+                    contact=contact,
+                    token_hash=credentials.hash_link_token(token),
+                    code_prefix=code.prefix,
+                    code_hash=code.hashed_secret,
+                    allow_download=allow_download,
+                    single_use=single_use,
+                    created_at=now,
+                    created_by=created_by,
+                    expires_at=now + timedelta(days=days),
+                )
+        except IntegrityError:
+            # The 20-bit public prefix is taken by another share: draw another code.
+            continue
+        break
+    else:  # pragma: no cover - a million shares would be needed first
+        raise RuntimeError("could not draw a free access code prefix")
+    ShareOTPDevice.objects.create(share=share, name=share.get_channel_display())
+    audit(
+        AuditEvent.Action.SHARE_CREATED,
+        request=request,
+        share=share,
+        actor=created_by,
+        days=days,
+        single_use=single_use,
+    )
+    return CreatedShare(
+        share=share,
+        url=share_link_url(credentials.sign_link_token(token)),
+        access_code=code.display,
+    )
+
+
+def _study_model() -> Any:
+    # The lazy reference "studies.Study", resolved without importing the studies app.
+    return Share._meta.get_field("study").related_model
+
+
+def _find_study(study_instance_uid: str) -> Any:
+    return _study_model().objects.filter(study_instance_uid=study_instance_uid).first()
+
+
+def share_attach_study(share: Share) -> Share:
+    """Point a pending share at its study once the store has it. Idempotent."""
+    if share.study_id is None:
+        study = _find_study(share.study_instance_uid)
+        if study is not None:
+            Share.objects.filter(pk=share.pk, study__isnull=True).update(study=study)
+            share.study = study
+    return share
+
+
+def share_revoke(
+    *, share: Share, by: User | None = None, request: HttpRequest | None = None
+) -> Share:
+    if share.revoked_at is None:
+        share.revoked_at = timezone.now()
+        share.revoked_by = by
+        share.save(update_fields=["revoked_at", "revoked_by"])
+        audit(AuditEvent.Action.SHARE_REVOKED, request=request, share=share, actor=by)
+    return share
+
+
+def share_unlock(
+    *, share: Share, by: User | None = None, request: HttpRequest | None = None
+) -> Share:
+    """Lift every lock on a share: wrong one-time codes and failed links or codes counted
+    against it. Failures counted against an address are left alone."""
+    share.locked_until = None
+    share.save(update_fields=["locked_until"])
+    device = ShareOTPDevice.objects.filter(share=share).first()
+    if device is not None:
+        device.throttle_reset()
+    for key in _lockout_keys(share):
+        AxesProxyHandler.reset_attempts(username=key)
+    audit(AuditEvent.Action.SHARE_UNLOCKED, request=request, share=share, actor=by)
+    return share
+
+
+def _lockout_keys(share: Share) -> list[str]:
+    return ["code:" + share.code_prefix, "link:" + share.token_hash[:16]]
+
+
+# --- recipient authentication ----------------------------------------------------------------
+
+
+class Refusal(StrEnum):
+    UNKNOWN = "unknown"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    USED = "used"
+
+
+def share_refusal(share: Share) -> Refusal | None:
+    """Why this share cannot be opened any more, or None. (Locks are separate: a locked share
+    answers with the lockout page, not as if it did not exist.)"""
+    now = timezone.now()
+    if share.revoked_at is not None:
+        return Refusal.REVOKED
+    if share.expires_at <= now:
+        return Refusal.EXPIRED
+    if share.single_use and share.used_at is not None:
+        return Refusal.USED
+    return None
+
+
+def share_is_locked(share: Share) -> bool:
+    return share.locked_until is not None and share.locked_until > timezone.now()
+
+
+@dataclass(frozen=True)
+class AccessCheck:
+    """The outcome of a link or code: `share` when it opens one; `matched` is the share the
+    credential pointed at even when refused (for the audit log only, never for the answer)."""
+
+    share: Share | None
+    matched: Share | None
+    reason: Refusal | None
+
+
+def share_check_link(signed: str) -> AccessCheck:
+    token = credentials.unsign_link_token(signed)
+    if token is None:
+        # Forged or older than any share can live: refused before any lookup.
+        return AccessCheck(None, None, Refusal.UNKNOWN)
+    share = Share.objects.filter(token_hash=credentials.hash_link_token(token)).first()
+    if share is None:
+        return AccessCheck(None, None, Refusal.UNKNOWN)
+    reason = share_refusal(share)
+    return AccessCheck(None if reason else share, share, reason)
+
+
+def share_check_code(typed: str) -> AccessCheck:
+    """The same work whatever the code: one lookup by prefix and one hash verification, so an
+    unknown code takes as long as an expired, revoked or right one."""
+    code = credentials.normalize_code(typed)
+    prefix, secret = credentials.split_code(code or "0" * credentials.CODE_LENGTH)
+    share = Share.objects.filter(code_prefix=prefix).first()
+    matches = credentials.code_secret_matches(secret, share.code_hash if share else None)
+    if code is None or share is None or not matches:
+        return AccessCheck(None, share if code else None, Refusal.UNKNOWN)
+    reason = share_refusal(share)
+    return AccessCheck(None if reason else share, share, reason)
+
+
+# --- one-time codes -----------------------------------------------------------------------------
+
+
+class OtpSend(StrEnum):
+    SENT = "sent"
+    COOLDOWN = "cooldown"
+    LOCKED = "locked"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class OtpSendResult:
+    outcome: OtpSend
+    wait_seconds: int = 0
+
+
+def _device(share: Share, *, for_update: bool = False) -> ShareOTPDevice:
+    devices = ShareOTPDevice.objects.all()
+    if for_update:
+        devices = devices.select_for_update()
+    device, _created = devices.get_or_create(share=share, defaults={"name": share.channel})
+    return device
+
+
+def _expire_lock(share: Share) -> None:
+    """A lock whose cool-off has passed gives the recipient a fresh count of attempts."""
+    if share.locked_until is not None and share.locked_until <= timezone.now():
+        Share.objects.filter(pk=share.pk).update(locked_until=None)
+        share.locked_until = None
+        _device(share).throttle_reset()
+
+
+def otp_send(*, share: Share, request: HttpRequest) -> OtpSendResult:
+    _expire_lock(share)
+    if share_is_locked(share):
+        return OtpSendResult(OtpSend.LOCKED)
+    with transaction.atomic():
+        device = _device(share, for_update=True)
+        allowed, data = device.generate_is_allowed()
+        if not allowed:
+            wait = (data or {}).get("next_generation_at", timezone.now()) - timezone.now()
+            return OtpSendResult(OtpSend.COOLDOWN, max(1, int(wait.total_seconds()) + 1))
+        # Resending draws a new code but leaves the count of wrong codes as it is.
+        device.cooldown_set(commit=False)
+        device.generate_token(valid_secs=settings.OTP_VALIDITY, commit=True)
+        token = device.token or ""
+    try:
+        _deliver(share, token, request)
+    except (sms.SmsError, smtplib.SMTPException, OSError) as exc:
+        logger.warning("one-time code for share %s not sent: %s", share.pk, exc)
+        device.cooldown_reset()
+        audit(AuditEvent.Action.OTP_SEND_FAILED, request=request, share=share)
+        return OtpSendResult(OtpSend.FAILED)
+    audit(AuditEvent.Action.OTP_SENT, request=request, share=share, channel=share.channel)
+    return OtpSendResult(OtpSend.SENT)
+
+
+def _deliver(share: Share, token: str, request: HttpRequest) -> None:
+    minutes = max(1, settings.OTP_VALIDITY // 60)
+    context = {"code": token, "minutes": minutes, "site": settings.BASE_URL}
+    if share.channel == Share.Channel.SMS:
+        host = settings.BASE_URL.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+        body = render_to_string("accounts/otp_sms.txt", context).strip()
+        # The last line lets phones offer the code for this site only (WebOTP / iOS autofill).
+        sms.send_sms(share.contact, f"{body}\n\n@{host} #{token}")
+    else:
+        send_mail(
+            _("Your code to view your images"),
+            render_to_string("accounts/otp_email.txt", context),
+            settings.DEFAULT_FROM_EMAIL,
+            [share.contact],
+        )
+
+
+class OtpVerify(StrEnum):
+    OK = "ok"
+    WRONG = "wrong"
+    WAIT = "wait"
+    LOCKED = "locked"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class OtpVerifyResult:
+    outcome: OtpVerify
+    wait_seconds: int = 0
+    remaining: int = 0
+
+
+def otp_verify(*, share: Share, otp: str, request: HttpRequest) -> OtpVerifyResult:
+    """Check a typed one-time code. Five wrong codes lock the share until staff unlock it or the
+    cool-off passes; a right code is cleared so it cannot serve twice; a single-use share is
+    used up here, never before."""
+    if share_refusal(share) is not None:
+        return OtpVerifyResult(OtpVerify.REFUSED)
+    _expire_lock(share)
+    if share_is_locked(share):
+        return OtpVerifyResult(OtpVerify.LOCKED)
+    typed = re.sub(r"\s", "", otp)
+    with transaction.atomic():
+        device = _device(share, for_update=True)
+        allowed, data = device.verify_is_allowed()
+        if not allowed:
+            until = (data or {}).get("locked_until", timezone.now())
+            wait = max(1, int((until - timezone.now()).total_seconds()) + 1)
+            return OtpVerifyResult(OtpVerify.WAIT, wait_seconds=wait)
+        ok = typed.isdigit() and device.verify_token(typed)
+        if not typed.isdigit():
+            # Not even digits: django-otp was not asked, but it counts all the same.
+            device.throttle_increment()
+        failures = device.throttling_failure_count
+        if ok and not share_consume(share):
+            return OtpVerifyResult(OtpVerify.REFUSED)
+        if not ok and failures >= settings.OTP_MAX_FAILURES:
+            locked_until = timezone.now() + _cool_off()
+            Share.objects.filter(pk=share.pk).update(locked_until=locked_until)
+            share.locked_until = locked_until
+    if ok:
+        audit(AuditEvent.Action.OTP_OK, request=request, share=share)
+        return OtpVerifyResult(OtpVerify.OK)
+    audit(AuditEvent.Action.OTP_FAILED, request=request, share=share, failures=failures)
+    if share_is_locked(share):
+        audit(AuditEvent.Action.LOCKOUT, request=request, share=share, step="otp")
+        return OtpVerifyResult(OtpVerify.LOCKED)
+    return OtpVerifyResult(OtpVerify.WRONG, remaining=settings.OTP_MAX_FAILURES - failures)
+
+
+def share_consume(share: Share) -> bool:
+    """Use up a single-use share at the moment its recipient is fully authenticated; False if
+    another session got there first. Other shares are not affected."""
+    if not share.single_use:
+        return True
+    now = timezone.now()
+    used = Share.objects.filter(pk=share.pk, used_at__isnull=True).update(used_at=now)
+    if used:
+        share.used_at = now
+    return bool(used)
+
+
+def _cool_off() -> timedelta:
+    value = settings.AXES_COOLOFF_TIME
+    return value if isinstance(value, timedelta) else timedelta(minutes=15)

@@ -1,0 +1,328 @@
+"""Recipient access: share link, access code, one-time code, history, sign-out.
+
+Every invalid, unknown, expired, revoked or used-up link or code gets the same answer, whatever
+the reason (which only goes to the audit log). Failures go through Django's authentication so
+that django-axes counts them by address and by share; locked-out attempts get the 429 page.
+"""
+
+from datetime import timedelta
+from typing import Any
+
+from axes.handlers.proxy import AxesProxyHandler
+from axes.helpers import get_cool_off
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import authenticate
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from accounts import access, credentials, net, passkeys, selectors, services
+from accounts.forms import AccessCodeForm, OtpForm
+from accounts.middleware import NOTICE
+from accounts.models import AuditEvent, Share
+
+# Failures from one address after which the code form asks for a captcha.
+CAPTCHA_AFTER = 3
+
+
+def _notice(request: HttpRequest) -> str | None:
+    notice: str | None = request.session.pop(NOTICE, None)
+    return notice
+
+
+def _locked_response(request: HttpRequest) -> HttpResponse:
+    cool_off = get_cool_off(request) or timedelta(minutes=15)
+    response = render(
+        request,
+        "accounts/locked.html",
+        {
+            "minutes": int(cool_off.total_seconds() // 60),
+            "support_contact": settings.SUPPORT_CONTACT,
+        },
+        status=429,
+    )
+    response["Retry-After"] = str(int(cool_off.total_seconds()))
+    return access.no_store(response)
+
+
+def lockout(
+    request: HttpRequest, response: HttpResponse | None = None, credentials: Any = None
+) -> HttpResponse:
+    """AXES_LOCKOUT_CALLABLE. At /s/<token> the answer is a redirect, never a 4xx: Django logs
+    the path of every 4xx answer, and that path holds a token."""
+    if request.path_info.startswith("/s/"):
+        return redirect("accounts:locked")
+    return _locked_response(request)
+
+
+@require_GET
+def locked(request: HttpRequest) -> HttpResponse:
+    return _locked_response(request)
+
+
+def _hide_path_from_axes(request: HttpRequest) -> None:
+    # axes records (and logs) the path of a failed attempt, and this path is the token.
+    AxesProxyHandler.update_request(request)
+    request.axes_path_info = "/s/[redacted]"  # type: ignore[attr-defined]
+
+
+def _audit_failure(request: HttpRequest, action: str) -> None:
+    check: services.AccessCheck | None = getattr(request, "share_check", None)
+    matched = check.matched if check else None
+    reason = check.reason.value if check and check.reason else "locked-out"
+    services.audit(action, request=request, share=matched, reason=reason)
+    if getattr(request, "axes_locked_out", False):
+        services.audit(AuditEvent.Action.LOCKOUT, request=request, share=matched, step=action)
+
+
+def _opened(request: HttpRequest, share: Share, *, via: str) -> HttpResponse:
+    if services.share_is_locked(share):
+        return _locked_response(request)
+    access.bind(request, share, via=via)
+    services.share_attach_study(share)
+    action = AuditEvent.Action.LINK_OPENED if via == "link" else AuditEvent.Action.CODE_OK
+    services.audit(action, request=request, share=share)
+    return redirect("accounts:verify")
+
+
+@require_GET
+def link(request: HttpRequest, token: str) -> HttpResponse:
+    """/s/<token>: check it, swap it for a session bound to the share, and leave the URL."""
+    _hide_path_from_axes(request)
+    raw = credentials.unsign_link_token(token)
+    share = authenticate(
+        request,
+        link_token=token,
+        lockout_scope=credentials.lockout_key_for_link(raw, token),
+    )
+    if isinstance(share, Share):
+        if services.share_is_locked(share):
+            return redirect("accounts:locked")
+        return _opened(request, share, via="link")
+    _audit_failure(request, AuditEvent.Action.LINK_FAILED)
+    request.session[NOTICE] = "invalid"
+    return redirect("accounts:access")
+
+
+@require_http_methods(["GET", "POST"])
+def access_code(request: HttpRequest) -> HttpResponse:
+    """/access/: the typed access code (field `code`)."""
+    ip = net.client_ip(request)
+    needs_captcha = selectors.failures_from_ip(ip) >= CAPTCHA_AFTER
+    notice = _notice(request)
+    invalid = notice == "invalid"
+    if request.method == "POST":
+        form = AccessCodeForm(request.POST, captcha=needs_captcha)
+        if form.is_valid():
+            typed = form.cleaned_data["code"]
+            share = authenticate(
+                request,
+                access_passcode=typed,
+                lockout_scope=credentials.lockout_key_for_code(
+                    credentials.normalize_code(typed), typed
+                ),
+            )
+            if isinstance(share, Share):
+                return _opened(request, share, via="code")
+            _audit_failure(request, AuditEvent.Action.CODE_FAILED)
+            invalid = True
+            # The form shown next asks for a captcha as soon as this address needs one.
+            needs_captcha = selectors.failures_from_ip(ip) >= CAPTCHA_AFTER
+            form = AccessCodeForm(captcha=needs_captcha)
+    else:
+        form = AccessCodeForm(captcha=needs_captcha)
+    return access.no_store(
+        render(
+            request,
+            "accounts/access.html",
+            {"form": form, "invalid": invalid, "notice": notice},
+        )
+    )
+
+
+@require_http_methods(["GET", "POST"])
+def verify(request: HttpRequest) -> HttpResponse:
+    """/access/verify: where the one-time code goes; a GET never sends anything nor uses up a
+    share (mail scanners and link previews follow links). POST action=send sends it; POST otp
+    checks it."""
+    share = access.pending_share(request)
+    if share is None:
+        if access.recipient_share(request) is not None:
+            return redirect("dicomweb:viewer")
+        if access.bound_share_is_locked(request):
+            return _locked_response(request)
+        request.session[NOTICE] = _notice(request) or "start"
+        return redirect("accounts:access")
+    form = OtpForm()
+    if request.method == "POST" and request.POST.get("action") == "send":
+        sent = services.otp_send(share=share, request=request)
+        if sent.outcome == services.OtpSend.SENT:
+            messages.success(
+                request,
+                _("We have sent you a code. It is valid for %(minutes)d minutes.")
+                % {"minutes": settings.OTP_VALIDITY // 60},
+            )
+        elif sent.outcome == services.OtpSend.COOLDOWN:
+            messages.warning(
+                request,
+                ngettext(
+                    "A code was sent a moment ago. You can ask for another one in %(n)d second.",
+                    "A code was sent a moment ago. You can ask for another one in %(n)d seconds.",
+                    sent.wait_seconds,
+                )
+                % {"n": sent.wait_seconds},
+            )
+        elif sent.outcome == services.OtpSend.LOCKED:
+            return _locked_response(request)
+        else:
+            messages.error(
+                request, _("We could not send the code just now. Please try again in a minute.")
+            )
+        return redirect("accounts:verify")
+    if request.method == "POST":
+        form = OtpForm(request.POST)
+        if form.is_valid():
+            result = services.otp_verify(share=share, otp=form.cleaned_data["otp"], request=request)
+            if result.outcome == services.OtpVerify.OK:
+                access.mark_verified(request)
+                if passkeys.should_offer(share):
+                    return redirect("accounts:passkey_offer")
+                return redirect("dicomweb:viewer")
+            if result.outcome == services.OtpVerify.LOCKED:
+                return _locked_response(request)
+            if result.outcome == services.OtpVerify.REFUSED:
+                access.end(request)
+                request.session[NOTICE] = "invalid"
+                return redirect("accounts:access")
+            if result.outcome == services.OtpVerify.WAIT:
+                form.add_error(
+                    "otp",
+                    ngettext(
+                        "Please wait %(n)d second before trying again.",
+                        "Please wait %(n)d seconds before trying again.",
+                        result.wait_seconds,
+                    )
+                    % {"n": result.wait_seconds},
+                )
+            else:
+                form.add_error(
+                    "otp",
+                    ngettext(
+                        "This code is not right. You have %(n)d more try.",
+                        "This code is not right. You have %(n)d more tries.",
+                        result.remaining,
+                    )
+                    % {"n": result.remaining},
+                )
+    context = {
+        "share": share,
+        "form": form,
+        "destination": selectors.masked_contact(share),
+        "code_sent": selectors.otp_pending(share),
+        "passkey": passkeys.can_sign_in(share),
+        "minutes": settings.OTP_VALIDITY // 60,
+    }
+    return access.no_store(render(request, "accounts/verify.html", context))
+
+
+@require_POST
+def logout(request: HttpRequest) -> HttpResponse:
+    share = access.recipient_share(request) or access.pending_share(request)
+    if share is not None:
+        services.audit(AuditEvent.Action.LOGOUT, request=request, share=share)
+    access.end(request)
+    request.session[NOTICE] = "signed-out"
+    return redirect("accounts:access")
+
+
+@require_GET
+@access.recipient_required
+def history(request: HttpRequest) -> HttpResponse:
+    share: Share = request.share  # type: ignore[attr-defined]
+    events = selectors.share_events(share)[:500]
+    return render(
+        request,
+        "accounts/history.html",
+        {"share": share, "events": events, "now": timezone.now()},
+    )
+
+
+# --- passkeys (referring physicians) ------------------------------------------------------
+
+
+def _json(data: dict[str, Any], status: int = 200) -> HttpResponse:
+    return access.no_store(JsonResponse(data, status=status))
+
+
+@require_GET
+@access.recipient_required
+def passkey_offer(request: HttpRequest) -> HttpResponse:
+    share: Share = request.share  # type: ignore[attr-defined]
+    if share.recipient != Share.Recipient.PHYSICIAN:
+        return redirect("dicomweb:viewer")
+    return render(request, "accounts/passkey_offer.html", {"share": share})
+
+
+@require_POST
+@access.recipient_required
+def passkey_register_options(request: HttpRequest) -> HttpResponse:
+    share: Share = request.share  # type: ignore[attr-defined]
+    if share.recipient != Share.Recipient.PHYSICIAN:
+        return _json({"error": "not allowed"}, status=404)
+    return access.no_store(
+        HttpResponse(
+            passkeys.registration_options(share, request.session),
+            content_type="application/json",
+        )
+    )
+
+
+@require_POST
+@access.recipient_required
+def passkey_register(request: HttpRequest) -> HttpResponse:
+    share: Share = request.share  # type: ignore[attr-defined]
+    if share.recipient != Share.Recipient.PHYSICIAN:
+        return _json({"error": "not allowed"}, status=404)
+    try:
+        passkeys.register(share, request.session, request.body.decode())
+    except (passkeys.PasskeyError, UnicodeDecodeError):
+        services.audit(AuditEvent.Action.PASSKEY_FAILED, request=request, share=share, step="enrol")
+        return _json({"error": _("Your passkey could not be saved.")}, status=400)
+    services.audit(AuditEvent.Action.PASSKEY_ENROLLED, request=request, share=share)
+    return _json({"ok": True, "next": reverse("dicomweb:viewer")})
+
+
+@require_POST
+def passkey_login_options(request: HttpRequest) -> HttpResponse:
+    share = access.pending_share(request)
+    if share is None or not passkeys.can_sign_in(share):
+        return _json({"error": "not found"}, status=404)
+    return access.no_store(
+        HttpResponse(
+            passkeys.authentication_options(share, request.session),
+            content_type="application/json",
+        )
+    )
+
+
+@require_POST
+def passkey_login(request: HttpRequest) -> HttpResponse:
+    share = access.pending_share(request)
+    if share is None or not passkeys.can_sign_in(share):
+        return _json({"error": "not found"}, status=404)
+    try:
+        passkeys.authenticate(share, request.session, request.body.decode())
+    except (passkeys.PasskeyError, UnicodeDecodeError):
+        services.audit(AuditEvent.Action.PASSKEY_FAILED, request=request, share=share, step="login")
+        return _json({"error": _("Your passkey was not accepted.")}, status=400)
+    if not services.share_consume(share):
+        access.end(request)
+        return _json({"error": _("This link is no longer valid.")}, status=400)
+    services.audit(AuditEvent.Action.PASSKEY_OK, request=request, share=share)
+    access.mark_verified(request)
+    return _json({"ok": True, "next": reverse("dicomweb:viewer")})

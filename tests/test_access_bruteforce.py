@@ -1,0 +1,213 @@
+"""Brute force on access codes and links: by one address, by many, with forged headers."""
+
+import re
+from datetime import timedelta
+
+import pytest
+from axes.models import AccessAttempt
+from captcha.models import CaptchaStore
+from django.test import Client
+from django.utils import timezone
+
+from accounts import credentials, selectors
+from accounts.models import AuditEvent, Share
+from tests.access_fixtures import *  # noqa: F403
+from tests.access_fixtures import link_path, make_share, share_of
+
+pytestmark = pytest.mark.django_db
+
+ATTACKER = "203.0.113.66"
+
+
+@pytest.fixture
+def captcha_passes(monkeypatch):  # type: ignore[no-untyped-def]
+    """These tests are about lockouts: the captcha that appears after 3 failures is answered
+    with django-simple-captcha's test answer (the captcha itself is tested below). The app
+    reads its settings once, at import."""
+    monkeypatch.setattr("captcha.conf.settings.CAPTCHA_TEST_MODE", True)
+
+
+def wrong_code_for(created) -> str:  # type: ignore[no-untyped-def]
+    """A code with the share's public prefix and a wrong secret."""
+    right = created.access_code.replace("-", "")
+    secret = "".join("0" if ch != "0" else "1" for ch in right[4:])
+    return credentials.format_code(right[:4] + secret)
+
+
+def random_code() -> str:
+    return credentials.format_code(credentials.new_prefix() + "0" * 12)
+
+
+def post_code(client: Client, code: str, ip: str, **extra):  # type: ignore[no-untyped-def]
+    data = {"code": code, "captcha_0": "x", "captcha_1": "PASSED"}
+    return client.post("/access/", data, REMOTE_ADDR=ip, **extra)
+
+
+class TestCodesFromOneAddress:
+    def test_it_locks_the_address_after_5_failures_with_a_429(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+        client = Client()
+        for _ in range(4):
+            response = post_code(client, random_code(), ATTACKER)
+            assert response.status_code == 200
+            assert b"does not work" in response.content
+        response = post_code(client, random_code(), ATTACKER)
+        assert response.status_code == 429
+        assert b"15 minutes" in response.content
+        assert response["Retry-After"] == "900"
+        assert AuditEvent.objects.filter(action="lockout").exists()
+
+    def test_it_refuses_even_the_right_code_during_the_cool_off(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+        client = Client()
+        for _ in range(5):
+            post_code(client, random_code(), ATTACKER)
+        response = post_code(client, share.access_code, ATTACKER)
+        assert response.status_code == 429
+        assert "recipient.share" not in client.session
+        # Another address is not affected.
+        other = Client()
+        response = post_code(other, share.access_code, "198.51.100.1")
+        assert response.status_code == 302 and response["Location"] == "/access/verify"
+
+    def test_it_lets_the_address_in_again_after_the_cool_off(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+        client = Client()
+        for _ in range(5):
+            post_code(client, random_code(), ATTACKER)
+        AccessAttempt.objects.update(attempt_time=timezone.now() - timedelta(minutes=16))
+        response = post_code(client, share.access_code, ATTACKER)
+        assert response.status_code == 302
+
+    def test_it_ignores_a_forged_x_forwarded_for(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+        client = Client()
+        for i in range(5):
+            post_code(client, random_code(), ATTACKER, HTTP_X_FORWARDED_FOR=f"10.9.8.{i}")
+        response = post_code(client, share.access_code, ATTACKER, HTTP_X_FORWARDED_FOR="10.1.1.1")
+        assert response.status_code == 429
+        assert set(AccessAttempt.objects.values_list("ip_address", flat=True)) == {ATTACKER}
+
+    def test_it_believes_only_trusted_proxies_and_their_last_hop(
+        self, share, captcha_passes, settings
+    ):  # type: ignore[no-untyped-def]
+        settings.TRUSTED_PROXIES = ["192.0.2.10"]
+        client = Client()
+        for i in range(5):
+            # The client wrote the left part; the proxy appended the real address.
+            forged = f"10.9.8.{i}, {ATTACKER}"
+            post_code(client, random_code(), "192.0.2.10", HTTP_X_FORWARDED_FOR=forged)
+        assert set(AccessAttempt.objects.values_list("ip_address", flat=True)) == {ATTACKER}
+        response = post_code(
+            client, share.access_code, "192.0.2.10", HTTP_X_FORWARDED_FOR=f"1.2.3.4, {ATTACKER}"
+        )
+        assert response.status_code == 429
+        # Somebody else behind the same proxy still gets in.
+        response = post_code(
+            Client(), share.access_code, "192.0.2.10", HTTP_X_FORWARDED_FOR="198.51.100.7"
+        )
+        assert response.status_code == 302
+
+
+class TestCodesFromManyAddresses:
+    def test_it_locks_the_share_when_guesses_come_from_many_addresses(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+        for i in range(5):
+            response = post_code(Client(), wrong_code_for(share), f"198.51.100.{i + 1}")
+        assert response.status_code == 429
+        # The patient's own, right code from a fresh address waits for the cool-off too.
+        response = post_code(Client(), share.access_code, "192.0.2.200")
+        assert response.status_code == 429
+        # Other shares are not affected.
+        other = make_share()
+        response = post_code(Client(), other.access_code, "192.0.2.201")
+        assert response.status_code == 302
+
+    def test_staff_unlock_lifts_the_share_lockout(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+        from accounts import services
+
+        for i in range(5):
+            post_code(Client(), wrong_code_for(share), f"198.51.100.{i + 1}")
+        services.share_unlock(share=share_of(share))
+        response = post_code(Client(), share.access_code, "192.0.2.200")
+        assert response.status_code == 302
+        assert AuditEvent.objects.filter(share=share.share, action="share_unlocked").exists()
+
+    def test_failures_on_a_share_are_in_its_history(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+        post_code(Client(), wrong_code_for(share), "198.51.100.9")
+        event = AuditEvent.objects.get(share=share.share, action="code_failed")
+        assert event.ip_address == "198.51.100.9"
+        assert share.access_code.replace("-", "")[4:] not in str(event.detail)
+
+
+class TestLinks:
+    def test_it_locks_an_address_that_tries_links(self, share):  # type: ignore[no-untyped-def]
+        client = Client()
+        for i in range(4):
+            response = client.get(f"/s/forged{i}.abc.def", REMOTE_ADDR=ATTACKER)
+            assert response.status_code == 302 and response["Location"] == "/access/"
+        response = client.get("/s/forged5.abc.def", REMOTE_ADDR=ATTACKER)
+        # Never a 4xx at /s/: Django would log the path, and with it the token.
+        assert response.status_code == 302 and response["Location"] == "/access/locked"
+        response = client.get(link_path(share), REMOTE_ADDR=ATTACKER)
+        assert response["Location"] == "/access/locked"
+        assert client.get("/access/locked", REMOTE_ADDR=ATTACKER).status_code == 429
+        # The real owner, elsewhere, still gets in.
+        response = Client().get(link_path(share), REMOTE_ADDR="198.51.100.50")
+        assert response["Location"] == "/access/verify"
+
+    def test_a_locked_share_answers_the_right_link_with_the_lockout_page(self, share):  # type: ignore[no-untyped-def]
+        Share.objects.filter(pk=share.share.pk).update(
+            locked_until=timezone.now() + timedelta(minutes=15)
+        )
+        client = Client()
+        response = client.get(link_path(share))
+        assert response["Location"] == "/access/locked"
+        assert "recipient.share" not in client.session
+
+
+class TestCaptcha:
+    def _captcha_answer(self, html: str) -> tuple[str, str]:
+        key = re.search(r'name="captcha_0" value="([0-9a-f]+)"', html)
+        assert key, "no captcha in the page"
+        return key.group(1), CaptchaStore.objects.get(hashkey=key.group(1)).response
+
+    def test_it_asks_for_a_captcha_after_3_failures_from_one_address(self, share):  # type: ignore[no-untyped-def]
+        client = Client()
+        for _ in range(3):
+            response = client.post("/access/", {"code": random_code()}, REMOTE_ADDR=ATTACKER)
+            assert response.status_code == 200
+        html = response.content.decode()
+        assert 'name="captcha_1"' in html
+        # Without the answer the code is not even checked (and so not counted).
+        before = selectors.failures_from_ip(ATTACKER)
+        assert before == 3
+        response = client.post("/access/", {"code": share.access_code}, REMOTE_ADDR=ATTACKER)
+        assert response.status_code == 200 and "recipient.share" not in client.session
+        assert selectors.failures_from_ip(ATTACKER) == before
+        # A wrong answer is refused too.
+        key, _answer = self._captcha_answer(response.content.decode())
+        response = client.post(
+            "/access/",
+            {"code": share.access_code, "captcha_0": key, "captcha_1": "wrong"},
+            REMOTE_ADDR=ATTACKER,
+        )
+        assert "recipient.share" not in client.session
+        # With the answer, the right code works.
+        key, answer = self._captcha_answer(response.content.decode())
+        response = client.post(
+            "/access/",
+            {"code": share.access_code, "captcha_0": key, "captcha_1": answer},
+            REMOTE_ADDR=ATTACKER,
+        )
+        assert response.status_code == 302 and response["Location"] == "/access/verify"
+
+    def test_the_captcha_image_is_drawn_locally(self, share):  # type: ignore[no-untyped-def]
+        client = Client()
+        for _ in range(3):
+            response = client.post("/access/", {"code": random_code()}, REMOTE_ADDR=ATTACKER)
+        src = re.search(r'<img src="(/captcha/image/[0-9a-f]+/)"', response.content.decode())
+        assert src
+        image = client.get(src.group(1), REMOTE_ADDR=ATTACKER)
+        assert image.status_code == 200
+        assert image["Content-Type"] == "image/png"
+        assert image.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def test_a_fresh_address_gets_no_captcha(self, share):  # type: ignore[no-untyped-def]
+        response = Client().get("/access/", REMOTE_ADDR="198.51.100.77")
+        assert b"captcha" not in response.content

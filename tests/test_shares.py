@@ -1,0 +1,279 @@
+"""Shares: what is stored, what is refused, how long they live, and the `share` command."""
+
+import io
+import json
+import re
+from datetime import timedelta
+
+import pytest
+from django.core import signing
+from django.core.exceptions import ValidationError
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.utils import timezone
+
+from accounts import credentials, selectors, services
+from accounts.models import AuditEvent, Share
+from studies.models import PacsNode, RetrievalJob
+from tests.access_fixtures import *  # noqa: F403
+from tests.access_fixtures import OTHER_STUDY_UID, STUDY_UID, make_share, make_study
+
+CODE_FORMAT = re.compile(r"^[0-9A-HJKMNP-TV-Z]{4}(-[0-9A-HJKMNP-TV-Z]{4}){3}$")
+
+
+def _raw_token(url: str) -> str:
+    signed = url.rsplit("/s/", 1)[1]
+    return signing.TimestampSigner(salt="accounts.share-link", sep=".").unsign(signed)
+
+
+class TestSecretsAtRest:
+    def test_it_stores_neither_the_token_nor_the_code(self, share):  # type: ignore[no-untyped-def]
+        row = Share.objects.get(pk=share.share.pk)
+        token = _raw_token(share.url)
+        code = share.access_code.replace("-", "")
+        stored = " ".join(str(getattr(row, f.attname)) for f in Share._meta.fields)
+        assert token not in stored
+        assert code not in stored
+        assert code[4:] not in stored  # the secret part
+        assert row.token_hash == credentials.hash_link_token(token)
+        assert row.code_hash.startswith("argon2$argon2id$")
+        # Salted: the same secret hashes differently each time.
+        assert credentials.AccessCodeHasher().encode(code[4:], "a" * 22) != row.code_hash
+
+    def test_it_draws_128_bit_tokens_and_60_bit_code_secrets(self, share):  # type: ignore[no-untyped-def]
+        token = _raw_token(share.url)
+        assert len(token) >= 22  # 16 bytes of URL-safe base64
+        assert CODE_FORMAT.match(share.access_code)
+        assert credentials.SECRET_LENGTH * 5 >= 60
+
+    def test_it_audits_the_creation_without_the_secrets(self, share):  # type: ignore[no-untyped-def]
+        event = AuditEvent.objects.get(share=share.share, action=AuditEvent.Action.SHARE_CREATED)
+        blob = json.dumps(event.detail)
+        assert share.access_code not in blob and _raw_token(share.url) not in blob
+
+
+class TestCodeReading:
+    def test_it_reads_codes_case_and_dash_insensitively(self) -> None:
+        assert credentials.normalize_code("k7rm-9xq2-ht4p-2b6d") == "K7RM9XQ2HT4P2B6D"
+        assert credentials.normalize_code(" K7RM 9XQ2 HT4P 2B6D ") == "K7RM9XQ2HT4P2B6D"
+        # Crockford: I and L read as 1, O as 0.
+        assert credentials.normalize_code("KIRM-9XQ2-HT4P-2B6O") == "K1RM9XQ2HT4P2B60"
+        assert credentials.normalize_code("KLRM9XQ2HT4P2B6D") == "K1RM9XQ2HT4P2B6D"
+
+    def test_it_rejects_what_cannot_be_a_code(self) -> None:
+        assert credentials.normalize_code("K7RM-9XQ2-HT4P") is None  # too short
+        assert credentials.normalize_code("K7RM-9XQ2-HT4P-2B6U") is None  # U is not Crockford
+        assert credentials.normalize_code("' OR 1=1 --") is None
+
+
+class TestLinkSignature:
+    def test_it_refuses_a_forged_link_before_any_lookup(self, share, django_assert_num_queries):  # type: ignore[no-untyped-def]
+        forged = credentials.new_link_token() + ".abcdef.forgedsignature"
+        with django_assert_num_queries(0):
+            check = services.share_check_link(forged)
+        assert check.share is None
+
+    def test_it_refuses_a_link_signed_longer_ago_than_a_share_can_live(
+        self, share, django_assert_num_queries, monkeypatch
+    ):  # type: ignore[no-untyped-def]
+        signed = share.url.rsplit("/s/", 1)[1]
+        later = timezone.now().timestamp() + (credentials.LINK_MAX_AGE_DAYS + 1) * 86400
+        monkeypatch.setattr("django.core.signing.time.time", lambda: later)
+        with django_assert_num_queries(0):
+            assert services.share_check_link(signed).share is None
+
+    def test_it_accepts_its_own_link(self, share):  # type: ignore[no-untyped-def]
+        signed = share.url.rsplit("/s/", 1)[1]
+        assert services.share_check_link(signed).share == share.share
+
+
+class TestExpiry:
+    def test_it_gives_patients_30_days_and_physicians_14(self, study) -> None:  # type: ignore[no-untyped-def]
+        patient = make_share().share
+        physician = make_share(
+            recipient="physician", channel="email", contact="dr@example.org"
+        ).share
+        assert abs(patient.expires_at - patient.created_at - timedelta(days=30)) < timedelta(
+            seconds=1
+        )
+        assert abs(physician.expires_at - physician.created_at - timedelta(days=14)) < timedelta(
+            seconds=1
+        )
+
+    def test_it_never_allows_more_than_90_days(self, study) -> None:  # type: ignore[no-untyped-def]
+        with pytest.raises(ValidationError):
+            make_share(days=91)
+        with pytest.raises(ValidationError):
+            make_share(days=0)
+        assert make_share(days=90).share
+
+    def test_it_refuses_bad_contacts(self, study) -> None:  # type: ignore[no-untyped-def]
+        with pytest.raises(ValidationError):
+            make_share(contact="0612345642")  # not international
+        with pytest.raises(ValidationError):
+            make_share(channel="email", contact="not-an-address")
+        with pytest.raises(ValidationError):
+            make_share(recipient="physician", channel="sms")
+
+    def test_it_refuses_a_bad_study_uid(self, db) -> None:  # type: ignore[no-untyped-def]
+        with pytest.raises(ValidationError):
+            make_share("1.2.<script>")
+
+
+class TestStatus:
+    def test_it_is_pending_until_the_study_is_in_the_store(self, db) -> None:  # type: ignore[no-untyped-def]
+        created = make_share(OTHER_STUDY_UID)
+        assert created.share.study is None
+        assert selectors.share_status(created.share) == "pending"
+        make_study(OTHER_STUDY_UID)
+        assert selectors.share_status(created.share) == "active"
+        services.share_attach_study(created.share)
+        assert Share.objects.get(pk=created.share.pk).study is not None
+
+    def test_it_says_revoked_expired_and_used(self, share) -> None:  # type: ignore[no-untyped-def]
+        row = share.share
+        row.single_use = True
+        row.used_at = timezone.now()
+        assert selectors.share_status(row) == "used"
+        row.expires_at = timezone.now() - timedelta(seconds=1)
+        assert selectors.share_status(row) == "expired"
+        services.share_revoke(share=row)
+        assert selectors.share_status(row) == "revoked"
+
+
+class TestShareCommand:
+    def _run(self, *args: str) -> str:
+        out = io.StringIO()
+        call_command("share", *args, stdout=out)
+        return out.getvalue()
+
+    def test_it_prints_exactly_the_contract_fields_as_json(self, study) -> None:  # type: ignore[no-untyped-def]
+        data = json.loads(
+            self._run("create", STUDY_UID, "--patient-phone", "+33612345642", "--json")
+        )
+        assert set(data) == {"id", "url", "access_code", "expires_at", "status"}
+        assert data["status"] == "active"
+        assert re.match(r"^http://127\.0\.0\.1:8000/s/[A-Za-z0-9_\-.]+$", data["url"])
+        assert CODE_FORMAT.match(data["access_code"])
+        share = Share.objects.get(pk=data["id"])
+        assert share.recipient == "patient" and share.channel == "sms"
+        assert services.share_check_code(data["access_code"]).share == share
+
+    def test_it_creates_physician_shares_for_14_days_with_options(self, study) -> None:  # type: ignore[no-untyped-def]
+        data = json.loads(
+            self._run(
+                "create",
+                STUDY_UID,
+                "--physician-email",
+                "dr@example.org",
+                "--no-download",
+                "--days",
+                "7",
+                "--json",
+            )
+        )
+        share = Share.objects.get(pk=data["id"])
+        assert share.recipient == "physician" and share.channel == "email"
+        assert not share.allow_download
+        assert timedelta(days=6, hours=23) < share.expires_at - timezone.now() <= timedelta(days=7)
+
+    def test_it_queues_a_retrieval_for_a_study_the_store_lacks(self, db) -> None:  # type: ignore[no-untyped-def]
+        PacsNode.objects.create(name="pacs1", ae_title="PACS1", host="127.0.0.1", port=4242)
+        data = json.loads(
+            self._run(
+                "create",
+                OTHER_STUDY_UID,
+                "--pacs",
+                "pacs1",
+                "--patient-email",
+                "marie@example.org",
+                "--json",
+            )
+        )
+        assert data["status"] == "pending"
+        job = RetrievalJob.objects.get(study_instance_uid=OTHER_STUDY_UID)
+        assert job.pacs is not None and job.pacs.name == "pacs1"
+
+    def test_it_refuses_an_unknown_node_and_bad_input(self, db) -> None:  # type: ignore[no-untyped-def]
+        with pytest.raises(CommandError):
+            self._run("create", STUDY_UID, "--pacs", "nope", "--patient-phone", "+33612345642")
+        with pytest.raises(CommandError):
+            self._run("create", STUDY_UID, "--patient-phone", "0612", "--json")
+        with pytest.raises(CommandError):
+            self._run("create", STUDY_UID, "--patient-phone", "+33612345642", "--days", "120")
+        assert not Share.objects.exists()
+
+    def test_it_revokes_unlocks_and_lists(self, share) -> None:  # type: ignore[no-untyped-def]
+        pk = share.share.pk
+        Share.objects.filter(pk=pk).update(locked_until=timezone.now() + timedelta(minutes=10))
+        listing = json.loads(self._run("list", "--json"))
+        assert listing[0]["id"] == pk and listing[0]["locked"] is True
+        self._run("unlock", str(pk))
+        assert not services.share_is_locked(Share.objects.get(pk=pk))
+        self._run("revoke", str(pk))
+        assert Share.objects.get(pk=pk).revoked_at is not None
+        assert json.loads(self._run("list", "--json"))[0]["status"] == "revoked"
+        assert json.loads(self._run("list", "--live", "--json")) == []
+        assert AuditEvent.objects.filter(share_id=pk, action="share_revoked").count() == 1
+        with pytest.raises(CommandError):
+            self._run("revoke", "999999")
+
+
+class TestCreateStaff:
+    def test_it_creates_staff_with_a_totp_device(self, db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        from django_otp.plugins.otp_totp.models import TOTPDevice
+
+        from accounts.models import User
+
+        monkeypatch.setattr("sys.stdin", io.StringIO("correct horse battery staple 42\n"))
+        out = io.StringIO()
+        call_command(
+            "createstaff",
+            "secretary",
+            "--email",
+            "sec@example.org",
+            "--role",
+            "sharer",
+            "--password-stdin",
+            "--totp",
+            stdout=out,
+        )
+        user = User.objects.get(username="secretary")
+        assert user.check_password("correct horse battery staple 42")
+        assert user.role == "sharer" and not user.is_superuser
+        assert user.password.startswith("argon2")
+        assert TOTPDevice.objects.filter(user=user, confirmed=True).count() == 1
+        assert re.search(r"^otpauth://totp/", out.getvalue(), re.M)
+
+    def test_it_refuses_weak_passwords(self, db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        monkeypatch.setattr("sys.stdin", io.StringIO("123\n"))
+        with pytest.raises(CommandError):
+            call_command("createstaff", "bob", "--email", "bob@example.org", "--password-stdin")
+
+
+class TestAuditLog:
+    def test_the_admin_shows_it_read_only(self, share, rf) -> None:  # type: ignore[no-untyped-def]
+        from django.contrib import admin
+
+        model_admin = admin.site._registry[AuditEvent]
+        request = rf.get("/admin/")
+        event = AuditEvent.objects.first()
+        assert not model_admin.has_add_permission(request)
+        assert not model_admin.has_change_permission(request, event)
+        assert not model_admin.has_delete_permission(request, event)
+
+    def test_the_services_only_ever_add_events(self) -> None:
+        import inspect
+
+        source = inspect.getsource(services)
+        assert "AuditEvent.objects.create(" in source
+        for verb in ("delete(", "update(", ".save("):
+            assert not any(verb in line and "AuditEvent" in line for line in source.splitlines()), (
+                verb
+            )
+
+    def test_a_share_with_events_cannot_be_deleted(self, share) -> None:  # type: ignore[no-untyped-def]
+        from django.db.models import ProtectedError
+
+        with pytest.raises(ProtectedError):
+            Share.objects.filter(pk=share.share.pk).delete()
