@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,8 +27,8 @@ from studies.models import Instance, PacsNode, Series, Study
 logger = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
-# Pixel Data, Float and Double Float Pixel Data tags as they appear in little endian data sets.
-_PIXEL_DATA_TAGS_LE = {b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00"}
+# How many of the last bytes received are kept (a sequence delimitation item is 8).
+_TAIL = 8
 # How many data set bytes are kept to find the header in; real headers are a few kilobytes.
 _PROBE_LIMIT = 256 * 1024
 _INSTANCE_FIELDS = [
@@ -67,6 +66,16 @@ def _os_error(exc: OSError) -> StoreError:
     return StoreError(f"cannot write to the store: {exc.strerror}")
 
 
+def _create_temporary() -> tuple[int, Path]:
+    try:
+        incoming = store_dir() / INCOMING
+        incoming.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=incoming, suffix=".part")
+    except OSError as exc:
+        raise _os_error(exc) from exc
+    return fd, Path(name)
+
+
 class IncomingInstance:
     """An instance being received: bytes go straight to a temporary file as they arrive.
 
@@ -74,30 +83,42 @@ class IncomingInstance:
     happens, no temporary file outlives the object's use.
     """
 
-    def __init__(self, indexer: "Indexer", *, expected_sop_uid: str | None, meta: bytes) -> None:
+    def __init__(
+        self,
+        indexer: "Indexer",
+        *,
+        expected_sop_uid: str | None,
+        meta: bytes,
+        transfer_syntax_uid: str = "",
+    ) -> None:
         self.indexer = indexer
+        self._transfer_syntax = transfer_syntax_uid
         self.expected_sop_uid = expected_sop_uid
         self._meta = meta
         # The first bytes of the data set, kept to parse the header while the rest arrives.
         self._probe: bytearray | None = bytearray() if meta else None
         self._header: Dataset | None = None
+        # Where the pixel data element starts in the data set, and its header: with the last
+        # bytes received, they tell a whole data set without reading the file again.
+        self._pixel_offset: int | None = None
+        self._pixel_element = b""
+        self._tail = b""
         self._digest = hashlib.sha256()
         self._size = 0
         self._closed = False
-        try:
-            incoming = store_dir() / INCOMING
-            incoming.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=incoming, suffix=".part")
-        except OSError as exc:
-            raise _os_error(exc) from exc
-        self.path = Path(name)
-        self._file: BinaryIO = os.fdopen(fd, "wb", buffering=1 << 20)
+        fd, self.path = _create_temporary()
+        # Unbuffered: fragments are large, and a buffer would only add a copy and move the
+        # write to close(), when the sender is waiting for our answer.
+        self._file: BinaryIO = os.fdopen(fd, "wb", buffering=0)
         if meta:
             self._raw_write(meta)
 
     def _raw_write(self, data: bytes | memoryview) -> None:
         try:
-            self._file.write(data)
+            view = memoryview(data)
+            while view:
+                written = self._file.write(view) or 0
+                view = view[written:]
         except OSError as exc:
             self.abort()
             raise _os_error(exc) from exc
@@ -107,6 +128,7 @@ class IncomingInstance:
         """Append data set bytes (after the file meta header); they count in the SHA-256."""
         self._digest.update(data)
         self._raw_write(data)
+        self._tail = (self._tail + bytes(data[-_TAIL:]))[-_TAIL:]
         if self._probe is not None:
             self._probe += data
             self._parse_probe()
@@ -115,24 +137,34 @@ class IncomingInstance:
         """Parse the header from the first fragments, if they hold all of it.
 
         Done as soon as possible, this work overlaps with the transfer of the pixel data
-        instead of delaying the answer to the sender. Only a parse that stopped at the pixel
-        data counts: one that ran out of bytes may have missed elements.
+        instead of delaying the answer to the sender.
         """
         assert self._probe is not None
-        stream = BytesIO(self._meta + self._probe)
-        try:
-            header = dicom.read_header(stream)
-        except dicom.InvalidDicom:
-            header = None
-        position = stream.tell()
-        if header is not None and position + 4 <= len(stream.getbuffer()):
-            tag = bytes(stream.getbuffer()[position : position + 4])
-            if tag in _PIXEL_DATA_TAGS_LE:
-                self._header = header
-                self._probe = None
-                return
-        if len(self._probe) > _PROBE_LIMIT:
+        header = dicom.read_leading_header(bytes(self._probe), self._transfer_syntax)
+        if header is not None:
+            position = header.pixel_data_offset
+            self._header = header
+            self._pixel_element = bytes(
+                self._probe[position : position + dicom.LONGEST_ELEMENT_HEADER]
+            )
+            self._pixel_offset = position
+            self._probe = None
+        elif len(self._probe) > _PROBE_LIMIT:
             self._probe = None  # an unusually long header: parse it from the file instead
+
+    def _ends_where_expected(self) -> bool:
+        """True when the pixel data, the last element, ends exactly where the data set ends.
+
+        Anything else (elements after the pixel data, a cut) goes to the full check.
+        """
+        assert self._header is not None and self._pixel_offset is not None
+        dataset_size = self._size - len(self._meta)
+        return dicom.pixel_data_ends_data_set(
+            self._pixel_element,
+            transfer_syntax_uid=str(self._header.file_meta.TransferSyntaxUID),
+            remaining=dataset_size - self._pixel_offset,
+            tail=self._tail,
+        )
 
     def write_file(self, data: bytes) -> None:
         """A complete Part 10 file: the digest covers only what follows its meta header."""
@@ -166,9 +198,12 @@ class IncomingInstance:
             raise _os_error(exc) from exc
         self._closed = True
         try:
-            with self.path.open("rb") as handle:
-                header = self._header or dicom.read_header(handle)
-                dicom.check_complete(handle, str(header.file_meta.TransferSyntaxUID))
+            if self._header is not None and self._ends_where_expected():
+                header = self._header
+            else:
+                with self.path.open("rb") as handle:
+                    header = self._header or dicom.read_header(handle)
+                    dicom.check_complete(handle, str(header.file_meta.TransferSyntaxUID))
             if self.expected_sop_uid and str(header.SOPInstanceUID) != self.expected_sop_uid:
                 raise dicom.InvalidDicom(
                     "the data set's SOP Instance UID differs from the request's"
@@ -261,7 +296,12 @@ class Indexer:
             transfer_syntax_uid=transfer_syntax_uid,
             source_ae=source_ae,
         )
-        return IncomingInstance(self, expected_sop_uid=sop_instance_uid, meta=meta)
+        return IncomingInstance(
+            self,
+            expected_sop_uid=sop_instance_uid,
+            meta=meta,
+            transfer_syntax_uid=transfer_syntax_uid,
+        )
 
     def add_dataset(
         self,

@@ -66,8 +66,8 @@ _MAX_COMMAND = 64 * 1024
 _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 _NO_DATASET = 0x0101
 # Instances are indexed by batches of this many, or after this many seconds.
-_INDEX_BATCH = 64
-_INDEX_DELAY = 0.2
+_INDEX_BATCH = 1000
+_INDEX_DELAY = 0.1
 
 
 class ProtocolError(Exception):
@@ -212,6 +212,9 @@ class Association:
         self.peer_max_pdu = 16384
         self.indexer: Indexer | None = None
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Room for a whole slice in the socket: the sender can finish sending it while we
+        # hash and write the first fragments.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         conn.settimeout(settings.DICOM_NETWORK_TIMEOUT)
         self._reader = conn.makefile("rb", buffering=1 << 20)
 
@@ -471,9 +474,11 @@ class Association:
 class IndexWorker:
     """Indexes the instances of one association on a thread of its own, in batches.
 
-    Writing index rows is the slowest step of storing a slice. Here it overlaps with the
-    transfer of the next slices, and the thread wakes once per batch rather than per slice:
-    every wake-up competes with the receiving thread for the interpreter.
+    Writing index rows is the slowest step of storing a slice, yet nothing needs the rows
+    before the sender is done: a C-MOVE completes only after the association is released, and
+    `finish()` holds the release until every row is written. So rows are written when the
+    sender pauses, when many are waiting, or at the release, not while slices stream in:
+    indexing meanwhile would compete with the receiving thread for the interpreter.
     """
 
     def __init__(self, calling_ae: str) -> None:
@@ -483,6 +488,7 @@ class IndexWorker:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._finishing = False
+        self._last_submit = 0.0
         self._thread: threading.Thread | None = None
 
     def submit(self, placed: PlacedInstance) -> None:
@@ -493,6 +499,7 @@ class IndexWorker:
         with self._lock:
             self._pending.append(placed)
             full = len(self._pending) >= _INDEX_BATCH
+            self._last_submit = time.monotonic()
         if full:
             self._wake.set()
 
@@ -508,12 +515,15 @@ class IndexWorker:
         try:
             _relax_commit_durability()
             while True:
-                # A slow sender (a modality pushing now and then) still sees its instances
-                # indexed within a fraction of a second.
-                self._wake.wait(timeout=_INDEX_DELAY)
+                woken = self._wake.wait(timeout=_INDEX_DELAY)
                 self._wake.clear()
                 with self._lock:
-                    batch, self._pending = self._pending, []
+                    # A sender that pauses (a modality pushing now and then) still sees its
+                    # instances indexed within a fraction of a second.
+                    paused = time.monotonic() - self._last_submit >= _INDEX_DELAY
+                    batch = []
+                    if woken or paused:
+                        batch, self._pending = self._pending, []
                 self._index(batch)
                 if self._finishing:
                     with self._lock:
