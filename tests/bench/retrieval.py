@@ -6,8 +6,8 @@ Both sides ask the same Orthanc for the same study and receive it on loopback:
   the job is done and every instance is in the store and the index;
 - dcmtk: `movescu` moving it to dcmtk's `storescp`, both with TCP_NODELAY=1, timed until
   movescu returns.
-Each run starts from an empty store (the portal's files and index rows, dcmtk's folder), and
-the sides alternate so that a passing disturbance hits both.
+Each run starts from an empty store (the portal's files and index rows, dcmtk's folder) and a
+settled disk, and the sides alternate so that a passing disturbance hits both.
 """
 
 import os
@@ -69,6 +69,14 @@ def _drop_database(name: str | None) -> None:
     if name:
         url = os.environ["DATABASE_URL"]
         subprocess.run(["psql", url, "-qc", f"DROP DATABASE IF EXISTS {name}"], capture_output=True)
+
+
+def _settle() -> None:
+    """Let the disk finish the previous run's writes and deletions before timing the next:
+    on some file systems creating a file waits for them, which would penalise whichever side
+    runs right after a clean-up."""
+    os.sync()
+    time.sleep(0.5)
 
 
 def run(*, runs: int = 5, slices: int = 300) -> Result:
@@ -151,6 +159,7 @@ def run(*, runs: int = 5, slices: int = 300) -> Result:
             for index in range(runs + 1):  # the first round warms caches and is not counted
                 for study in Study.objects.filter(study_instance_uid=study_uid):
                     study_delete(study)
+                _settle()
                 started = time.perf_counter()
                 job = services.retrieval_job_create(node=node, study_uid=study_uid)
                 job = services.retrieval_job_run(job.pk)
@@ -163,6 +172,7 @@ def run(*, runs: int = 5, slices: int = 300) -> Result:
                 target = workdir / f"dcmtk-{index}"
                 target.mkdir()
                 with dcmtk.StoreSCP(target, port=dcmtk_port, aet=DCMTK_AE):
+                    _settle()
                     started = time.perf_counter()
                     moved = dcmtk.movescu(
                         "127.0.0.1",
