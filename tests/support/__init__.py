@@ -3,7 +3,9 @@
 Nothing here depends on pytest: `python -m tests.bench` uses the same Orthanc and dcmtk helpers.
 """
 
+import signal
 import socket
+import subprocess
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -11,3 +13,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def terminate(
+    process: "subprocess.Popen[bytes] | subprocess.Popen[str] | None",
+    sig: int = signal.SIGTERM,
+    timeout: float = 10.0,
+) -> None:
+    """Stop a server process with `sig`, then SIGKILL if it lingers past `timeout`."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from tests.support import free_port
+from tests.support import free_port, terminate
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -179,13 +179,7 @@ class StoreSCP:
         raise RuntimeError("storescp did not start listening")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.process = None
 
     def __enter__(self) -> "StoreSCP":

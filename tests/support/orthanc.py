@@ -20,7 +20,7 @@ from typing import Any
 
 import requests
 
-from tests.support import free_port
+from tests.support import free_port, terminate
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -164,15 +164,7 @@ class OrthancServer:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop Orthanc gracefully (SIGTERM), then forcefully if it lingers."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, signal.SIGTERM, timeout)
         self.process = None
 
     def kill(self) -> None:

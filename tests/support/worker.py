@@ -24,6 +24,7 @@ from django.conf import settings
 from django.db import connection
 
 import portal.celery
+from tests.support import terminate
 
 
 class WorkerError(RuntimeError):
@@ -132,15 +133,7 @@ class CeleryWorker:
     def stop(self, timeout: float = 2.0) -> None:
         """Cold shutdown, then SIGKILL: the tests wait for their tasks themselves, and the file
         system transport takes seconds to notice a warm shutdown."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, signal.SIGQUIT, timeout)
         self.process = None
 
     def log(self) -> str:
