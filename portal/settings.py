@@ -210,6 +210,13 @@ RETRIEVAL_RETRY_BACKOFF = env.int("PORTAL_RETRIEVAL_RETRY_BACKOFF", default=30)
 EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 EMAIL_FILE_PATH = env.str("EMAIL_FILE_PATH", default=str(VAR_DIR / "mail"))
 DEFAULT_FROM_EMAIL = env.str("PORTAL_FROM_EMAIL", default="portal@localhost")
+# Django's SMTP backend (EMAIL_BACKEND=django.core.mail.backends.smtp.EmailBackend).
+EMAIL_HOST = env.str("EMAIL_HOST", default="localhost")
+EMAIL_PORT = env.int("EMAIL_PORT", default=587)
+EMAIL_HOST_USER = env.str("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD = env.str("EMAIL_HOST_PASSWORD", default="")
+EMAIL_USE_TLS = env.bool("EMAIL_USE_TLS", default=True)
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=20)
 SMS_BACKEND = env.str("PORTAL_SMS_BACKEND", default="console")
 SMS_FILE_PATH = env.str("PORTAL_SMS_FILE_PATH", default=str(VAR_DIR / "sms"))
 # The `http` SMS backend (accounts.sms.HttpGatewayBackend documents the request).

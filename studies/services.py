@@ -145,12 +145,19 @@ def retrieval_job_run(job_id: int) -> RetrievalJob:
         logger.warning("retrieval job %s failed: %s", job.pk, exc)
         _finish(job.pk, RetrievalJob.Status.FAILED, str(exc))
         return RetrievalJob.objects.get(pk=job.pk)
-    stored = Instance.objects.filter(series__study__study_instance_uid=job.study_instance_uid)
+    stored = Instance.objects.filter(
+        series__study__study_instance_uid=job.study_instance_uid
+    ).count()
     if failed:
         error = f"{failed} of {received + failed} instances could not be retrieved."
         _finish(job.pk, RetrievalJob.Status.FAILED, error)
-    elif received == 0 and not stored.exists():
+    elif received == 0 and not stored:
         _finish(job.pk, RetrievalJob.Status.FAILED, "The PACS sent no instance for this study.")
+    elif stored < received:
+        # The storage SCP answers a C-STORE before the index row is written (it writes rows
+        # in batches); should that write fail, this is where it shows.
+        error = f"The PACS sent {received} instances but only {stored} are in the index."
+        _finish(job.pk, RetrievalJob.Status.FAILED, error)
     else:
         _finish(job.pk, RetrievalJob.Status.DONE, "")
     return RetrievalJob.objects.get(pk=job.pk)

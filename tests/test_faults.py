@@ -226,3 +226,30 @@ def test_it_fails_without_damage_when_the_disk_is_full(
         assert "C-MOVE" in job.error, job.error
     assert Instance.objects.count() < study.instance_count
     assert_store_consistent()
+
+
+# --- An index that fails after the storage SCP has answered ---------------------------------
+
+
+def test_it_fails_the_job_when_the_index_loses_what_the_scp_accepted(
+    orthanc: OrthancServer,
+    orthanc_node: PacsNode,
+    pacs_studies: PacsStudies,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The storage SCP answers a C-STORE once the file is in place and writes index rows in
+    batches; a database that refuses those rows must not end in a job reported done."""
+    from django.db import DatabaseError
+
+    import studies.storescp
+
+    def refuse(instances: list[Instance]) -> None:
+        raise DatabaseError("the database is read-only")
+
+    monkeypatch.setattr(studies.storescp, "upsert_instances", refuse)
+
+    job = retrieve(orthanc_node, PacsNode.Retrieve.MOVE, pacs_studies.utf8.uid)
+
+    assert_failed(job, "only 0 are in the index")
+    assert Instance.objects.count() == 0
+    assert_store_consistent()
