@@ -25,6 +25,14 @@ STAGE = "recipient.stage"
 STARTED = "recipient.started"
 SEEN = "recipient.seen"
 VIA = "recipient.via"
+# How and when the second factor was proved ("otp" or "passkey"), and whether this session
+# already enrolled a passkey: enrolment is allowed once, soon after an emailed code.
+VERIFIED_BY = "recipient.verified_by"
+VERIFIED_AT = "recipient.verified_at"
+PASSKEY_ADDED = "recipient.passkey_added"
+BY_OTP = "otp"
+BY_PASSKEY = "passkey"
+PASSKEY_ENROL_WINDOW = 5 * 60  # seconds after the one-time code
 PENDING = "pending"
 VERIFIED = "verified"
 # How often the idle clock is written back to the session (seconds): often enough for the
@@ -62,10 +70,28 @@ def bind(request: HttpRequest, share: Share, *, via: str) -> None:
     request.session.set_expiry(settings.RECIPIENT_SESSION_IDLE)
 
 
-def mark_verified(request: HttpRequest) -> None:
+def mark_verified(request: HttpRequest, *, by: str) -> None:
     request.session.cycle_key()
+    now = int(time.time())
     request.session[STAGE] = VERIFIED
-    request.session[SEEN] = int(time.time())
+    request.session[SEEN] = now
+    request.session[VERIFIED_BY] = by
+    request.session[VERIFIED_AT] = now
+
+
+def may_enrol_passkey(request: HttpRequest) -> bool:
+    """A passkey opens every later share sent to the physician's address, so it is only
+    enrolled by a session that has just proved that mailbox with an emailed code (not with a
+    passkey, which would let one passkey breed others), once, and within a few minutes: a
+    session left open on a shared computer cannot be used to add one later."""
+    session = request.session
+    if session.get(VERIFIED_BY) != BY_OTP or session.get(PASSKEY_ADDED):
+        return False
+    return 0 <= int(time.time()) - int(session.get(VERIFIED_AT, 0)) <= PASSKEY_ENROL_WINDOW
+
+
+def mark_passkey_added(request: HttpRequest) -> None:
+    request.session[PASSKEY_ADDED] = True
 
 
 def end(request: HttpRequest) -> None:
@@ -92,11 +118,11 @@ def _bound_share(request: HttpRequest, stage: str) -> Share | None:
     return share
 
 
-def bound_share_is_locked(request: HttpRequest) -> bool:
-    """Whether this session's share (at any stage) is locked after too many wrong codes."""
+def bound_locked_share(request: HttpRequest) -> Share | None:
+    """This session's share (at any stage) if it is locked after too many wrong codes."""
     share_id = request.session.get(SHARE)
     share = Share.objects.filter(pk=share_id).first() if share_id is not None else None
-    return share is not None and services.share_is_locked(share)
+    return share if share is not None and services.share_is_locked(share) else None
 
 
 def pending_share(request: HttpRequest) -> Share | None:

@@ -3,10 +3,11 @@ failed link and code (it listens to `user_login_failed`) and refuses locked-out 
 they are checked (axes' own backend comes first in AUTHENTICATION_BACKENDS).
 
 Views call `django.contrib.auth.authenticate(request, link_token=…, lockout_scope=…)` or
-`authenticate(request, access_passcode=…, lockout_scope=…)`. The secret credentials are named so
-that Django masks them before the failure signal (names with TOKEN or PASS); `lockout_scope` is
-the non-secret value axes counts per share (accounts.credentials.lockout_key_for_*), named so
-that it is not masked.
+`authenticate(request, access_code_secret=…, lockout_scope=…)`. The secret credentials are named
+so that Django masks them before the failure signal (its `_clean_credentials` masks names that
+contain api, token, key, secret, password or signature); `lockout_scope` is the non-secret
+value axes counts per share (accounts.credentials.lockout_key_for_*), named so that it is not
+masked.
 """
 
 from typing import Any
@@ -22,16 +23,16 @@ class ShareBackend:
         self,
         request: HttpRequest | None,
         link_token: str | None = None,
-        access_passcode: str | None = None,
+        access_code_secret: str | None = None,
         lockout_scope: str | None = None,
         **kwargs: Any,
     ) -> Share | None:
-        if request is None or (link_token is None and access_passcode is None):
+        if request is None or (link_token is None and access_code_secret is None):
             return None
         if link_token is not None:
             check = services.share_check_link(link_token)
         else:
-            check = services.share_check_code(access_passcode or "")
+            check = services.share_check_code(access_code_secret or "")
         # The view reads the outcome for its audit event; the answer never depends on it.
         request.share_check = check  # type: ignore[attr-defined]
         return check.share

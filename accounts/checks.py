@@ -1,6 +1,8 @@
 """Configuration errors of recipient access fail at start-up."""
 
+import ipaddress
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.checks import Error, Tags, register
@@ -16,13 +18,34 @@ def check_csrf_middleware(app_configs: Any, **kwargs: Any) -> list[Error]:
     return []
 
 
-@register()
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@register(Tags.security)
 def check_sms_settings(app_configs: Any, **kwargs: Any) -> list[Error]:
-    if settings.SMS_BACKEND == "http" and not settings.SMS_GATEWAY_URL:
+    if settings.SMS_BACKEND != "http":
+        return []
+    if not settings.SMS_GATEWAY_URL:
         return [
             Error(
                 "PORTAL_SMS_BACKEND is http but PORTAL_SMS_GATEWAY_URL is not set.",
                 id="accounts.E002",
+            )
+        ]
+    url = urlsplit(settings.SMS_GATEWAY_URL)
+    # One-time codes and the gateway's bearer token cross the network in every request.
+    if url.scheme != "https" and not (url.scheme == "http" and _is_loopback(url.hostname or "")):
+        return [
+            Error(
+                "PORTAL_SMS_GATEWAY_URL must be an https:// URL.",
+                hint="Plain http:// is only accepted for a gateway on this machine (loopback).",
+                id="accounts.E005",
             )
         ]
     return []
@@ -35,4 +58,36 @@ def check_lockout_settings(app_configs: Any, **kwargs: Any) -> list[Error]:
         errors.append(Error("AXES_FAILURE_LIMIT must be 5 or less.", id="accounts.E003"))
     if settings.AXES_COOLOFF_TIME.total_seconds() < 15 * 60:
         errors.append(Error("PORTAL_LOCKOUT_MINUTES must be 15 or more.", id="accounts.E004"))
+    return errors
+
+
+@register(Tags.security)
+def check_otp_settings(app_configs: Any, **kwargs: Any) -> list[Error]:
+    errors = []
+    if not 30 <= settings.OTP_VALIDITY <= 300:
+        errors.append(Error("PORTAL_OTP_VALIDITY must be 30 to 300 seconds.", id="accounts.E006"))
+    if settings.OTP_RESEND_COOLDOWN < 60:
+        errors.append(
+            Error("PORTAL_OTP_RESEND_COOLDOWN must be 60 seconds or more.", id="accounts.E007")
+        )
+    if settings.OTP_THROTTLE_FACTOR < 1:
+        # 0 would let parallel or scripted guesses come without any wait between them.
+        errors.append(Error("PORTAL_OTP_THROTTLE_FACTOR must be 1 or more.", id="accounts.E008"))
+    return errors
+
+
+@register(Tags.security)
+def check_trusted_proxies(app_configs: Any, **kwargs: Any) -> list[Error]:
+    errors = []
+    for entry in settings.TRUSTED_PROXIES:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            errors.append(
+                Error(
+                    f"PORTAL_TRUSTED_PROXIES: {entry!r} is not an address or a network.",
+                    hint="List the reverse proxies' addresses (never clients'), comma separated.",
+                    id="accounts.E009",
+                )
+            )
     return errors

@@ -4,7 +4,8 @@ Neither is ever stored. The link token (128 random bits) is signed with its issu
 forged or stale link is refused before any database lookup, and stored as a SHA-256 hash (a
 128-bit random value needs no salt or stretching). The access code is what a patient types from
 a printed handout: Crockford base32, grouped by four, read case- and dash-insensitively. Its first
-group is a public lookup prefix (unique, it finds the share row and keys the per-share lockout);
+group is a public lookup prefix (unique among shares that can still be opened; it finds the
+share row and keys the per-share lockout);
 the other three groups are the secret, 60 bits, stored as a salted Argon2 hash.
 """
 
@@ -126,7 +127,8 @@ def lockout_key_for_code(code: str | None, typed: str) -> str:
     return "code:" + code[:PREFIX_LENGTH]
 
 
-def lockout_key_for_link(token: str | None, signed: str) -> str:
-    if token is None:
-        return "link:?" + hashlib.sha256(signed.encode()).hexdigest()[:16]
+def lockout_key_for_link(token: str) -> str:
+    """What axes counts failures of a correctly signed link against. (A link whose signature is
+    bad or stale is never counted: it cannot open anything, and counting it would let any web
+    page lock its visitors' address out with a few <img src=".../s/junk">.)"""
     return "link:" + hash_link_token(token)[:16]

@@ -6,16 +6,23 @@ middleware takes for a foreign origin (or, over HTTPS, a missing Referer). Here 
 and a missing Referer are not held against a request; everything else stands: a real foreign
 Origin or Referer is refused, and the CSRF token must match the CSRF cookie, which browsers do
 not send with cross-site posts (SameSite) and which no other site can set (`__Host-`, HSTS).
+
+A `null` origin is also what a sandboxed frame or a `data:` page sends. Browsers that say where
+a request comes from (`Sec-Fetch-Site`) are held to it: with a `null` origin, only
+`same-origin` (our own pages) and `none` (typed or bookmarked by the user) pass.
 """
 
 from django.http import HttpRequest
 from django.middleware.csrf import CsrfViewMiddleware
 
+_OWN_SITE = {"same-origin", "none"}
+
 
 class NoReferrerCsrfViewMiddleware(CsrfViewMiddleware):
     def _origin_verified(self, request: HttpRequest) -> bool:
         if request.META.get("HTTP_ORIGIN") == "null":
-            return True
+            site = request.META.get("HTTP_SEC_FETCH_SITE")
+            return site is None or site in _OWN_SITE
         return super()._origin_verified(request)  # type: ignore[misc]
 
     def _check_referer(self, request: HttpRequest) -> None:

@@ -49,7 +49,13 @@ class Share(models.Model):
     # E.164 phone number or email address, as the hospital recorded it.
     contact = models.CharField(_("contact"), max_length=254)
     token_hash = models.CharField(max_length=64, unique=True, editable=False)
-    code_prefix = models.CharField(max_length=4, unique=True, editable=False)
+    # The public first group of the access code: 20 bits, so a share that can no longer be
+    # opened gives it back (revoked, expired: accounts.services.share_release_code) for a
+    # new share to draw, and its old code then matches nothing. NULL, not "": unique allows
+    # any number of NULLs.
+    code_prefix = models.CharField(  # noqa: DJ001
+        max_length=4, unique=True, null=True, editable=False
+    )
     code_hash = models.CharField(max_length=128, editable=False)
     allow_download = models.BooleanField(_("download allowed"), default=True)
     single_use = models.BooleanField(_("single use"), default=False)
@@ -65,6 +71,10 @@ class Share(models.Model):
     used_at = models.DateTimeField(_("used"), null=True, blank=True)
     # Set when too many wrong one-time codes were typed; staff clear it.
     locked_until = models.DateTimeField(_("locked until"), null=True, blank=True)
+    # Wrong one-time codes over the share's whole life: neither a cool-off nor a right code
+    # resets it, only staff do (accounts.services.share_unlock). Past
+    # settings.OTP_LIFETIME_MAX_FAILURES the share stays locked until they do.
+    otp_failures = models.PositiveIntegerField(_("wrong one-time codes"), default=0)
 
     class Meta:
         ordering = ["-created_at"]
@@ -148,6 +158,7 @@ class AuditEvent(models.Model):
         CODE_FAILED = "code_failed", _("Wrong access code")
         OTP_SENT = "otp_sent", _("One-time code sent")
         OTP_SEND_FAILED = "otp_send_failed", _("One-time code could not be sent")
+        OTP_SEND_LIMIT = "otp_send_limit", _("Too many one-time codes asked for")
         OTP_OK = "otp_ok", _("One-time code accepted")
         OTP_FAILED = "otp_failed", _("Wrong one-time code")
         PASSKEY_ENROLLED = "passkey_enrolled", _("Passkey enrolled")

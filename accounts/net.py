@@ -1,18 +1,31 @@
 """The client's address, as far as it can be believed.
 
 `X-Forwarded-For` is only read when the request comes from one of `PORTAL_TRUSTED_PROXIES`
-(addresses or networks); then the right-most address that is not itself a trusted proxy is the
-client. Everything left of it was written by the client and is ignored, so a forged header
-changes nothing: lockout by address and the audit log both rely on this.
+(addresses or networks of reverse proxies, never of clients); then the right-most address that
+is not itself a trusted proxy is the client. Everything left of it was written by the client and
+is ignored, so a forged header changes nothing: lockout by address and the audit log both rely
+on this.
+
+A request whose peer has no IP address (a WSGI server bound to a unix socket gives an empty
+`REMOTE_ADDR`) is believed to come from a proxy only when `PORTAL_TRUSTED_UNIX_SOCKET` says so.
+Otherwise, or when such a proxy sent no usable `X-Forwarded-For`, the client is unknown, and a
+step that counts failures by address refuses to run (`ClientAddressUnknown`): every such client
+would share one lockout bucket, so one attacker could lock everybody out, or nobody.
 """
 
 import ipaddress
 from functools import lru_cache
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class ClientAddressUnknown(ImproperlyConfigured):
+    """The request carries no client address the portal can believe."""
 
 
 @lru_cache(maxsize=8)
@@ -20,38 +33,58 @@ def _trusted_networks(proxies: tuple[str, ...]) -> tuple[_Network, ...]:
     return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in proxies if p.strip())
 
 
-def _parse(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _parse(value: str) -> _Address | None:
     try:
         return ipaddress.ip_address(value.strip())
     except ValueError:
         return None
 
 
-def _is_trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def _is_trusted(address: _Address) -> bool:
     networks = _trusted_networks(tuple(settings.TRUSTED_PROXIES))
     return any(address in network for network in networks)
 
 
-def client_ip(request: HttpRequest) -> str | None:
-    remote = _parse(request.META.get("REMOTE_ADDR", ""))
-    if remote is None:
-        return None
-    if not _is_trusted(remote):
-        return str(remote)
+def _forwarded_client(request: HttpRequest) -> _Address | None:
+    """The right-most hop of X-Forwarded-For that is not a trusted proxy; the left-most hop
+    when all of them are; None without a usable header."""
     hops = [h for h in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
+    client = None
     for hop in reversed(hops):
         address = _parse(hop)
         if address is None:
             # A malformed hop means the chain cannot be believed past this point.
             break
+        client = address
         if not _is_trusted(address):
-            return str(address)
-    return str(remote)
+            break
+    return client
 
 
-def axes_client_ip(request: HttpRequest) -> str | None:
-    """AXES_CLIENT_IP_CALLABLE."""
-    return client_ip(request)
+def client_ip(request: HttpRequest) -> str | None:
+    """The client's address, or None when nothing believable says it."""
+    remote = _parse(request.META.get("REMOTE_ADDR") or "")
+    if remote is None:
+        if not settings.TRUSTED_UNIX_SOCKET:
+            return None
+        forwarded = _forwarded_client(request)
+        return str(forwarded) if forwarded is not None else None
+    if not _is_trusted(remote):
+        return str(remote)
+    forwarded = _forwarded_client(request)
+    return str(forwarded if forwarded is not None else remote)
+
+
+def axes_client_ip(request: HttpRequest) -> str:
+    """AXES_CLIENT_IP_CALLABLE: never None, which axes would count as one shared address."""
+    address = client_ip(request)
+    if address is None:
+        raise ClientAddressUnknown(
+            f"Cannot tell the client's address (REMOTE_ADDR={request.META.get('REMOTE_ADDR')!r}). "
+            "Behind a reverse proxy on a unix socket, set PORTAL_TRUSTED_UNIX_SOCKET=true and "
+            "have the proxy send X-Forwarded-For; otherwise serve the portal on a TCP address."
+        )
+    return address
 
 
 def user_agent(request: HttpRequest) -> str:

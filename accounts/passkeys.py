@@ -7,12 +7,13 @@ host, and only that origin is accepted.
 """
 
 import json
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib.sessions.backends.base import SessionBase
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 from webauthn import (
     base64url_to_bytes,
@@ -34,6 +35,8 @@ from webauthn.helpers.structs import (
 from accounts.models import PhysicianPasskey, Share
 
 _CHALLENGE = "passkey.challenge"
+# A challenge not answered within this many seconds is refused, whatever the browser was told.
+CHALLENGE_SECONDS = 5 * 60
 
 
 class PasskeyError(Exception):
@@ -62,14 +65,21 @@ def can_sign_in(share: Share) -> bool:
 
 
 def _remember(session: SessionBase, challenge: bytes, purpose: str, share: Share) -> None:
-    session[_CHALLENGE] = {"c": bytes_to_base64url(challenge), "p": purpose, "s": share.pk}
+    session[_CHALLENGE] = {
+        "c": bytes_to_base64url(challenge),
+        "p": purpose,
+        "s": share.pk,
+        "t": int(time.time()),
+    }
 
 
 def _recall(session: SessionBase, purpose: str, share: Share) -> bytes:
-    # A challenge serves once, for the purpose and share it was made for.
+    # A challenge serves once, for the purpose and share it was made for, and not for long.
     stored = session.pop(_CHALLENGE, None)
     if not stored or stored.get("p") != purpose or stored.get("s") != share.pk:
         raise PasskeyError("no challenge pending")
+    if not 0 <= int(time.time()) - int(stored.get("t", 0)) <= CHALLENGE_SECONDS:
+        raise PasskeyError("challenge expired")
     return base64url_to_bytes(stored["c"])
 
 
@@ -108,14 +118,19 @@ def register(share: Share, session: SessionBase, credential: str) -> PhysicianPa
         )
     except (WebAuthnException, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise PasskeyError(str(exc)) from exc
-    return PhysicianPasskey.objects.create(
-        email=share.contact.lower(),
-        user_handle=user_handle,
-        credential_id=verified.credential_id,
-        public_key=verified.credential_public_key,
-        sign_count=verified.sign_count,
-        enrolled_with=share,
-    )
+    try:
+        with transaction.atomic():
+            return PhysicianPasskey.objects.create(
+                email=share.contact.lower(),
+                user_handle=user_handle,
+                credential_id=verified.credential_id,
+                public_key=verified.credential_public_key,
+                sign_count=verified.sign_count,
+                enrolled_with=share,
+            )
+    except IntegrityError as exc:
+        # The same authenticator answered again (a replayed or repeated registration).
+        raise PasskeyError("this passkey is already registered") from exc
 
 
 def authentication_options(share: Share, session: SessionBase) -> str:

@@ -4,7 +4,7 @@ import logging
 import re
 import smtplib
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -14,6 +14,7 @@ from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
+from django.db.models import F, Q
 from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.utils import timezone
@@ -81,6 +82,12 @@ def _validate_contact(channel: str, contact: str) -> str:
         validate_email(contact)
     except ValidationError as exc:
         raise ValidationError({"contact": [_("This is not a valid email address.")]}) from exc
+    # Django accepts addresses of up to 320 characters; the column holds fewer, and a longer
+    # one would fail in the database (PostgreSQL) instead of here.
+    limit = Share._meta.get_field("contact").max_length or 254
+    if len(contact) > limit:
+        message = _("This email address is too long (%(max)d characters at most).")
+        raise ValidationError({"contact": [message % {"max": limit}]})
     return contact
 
 
@@ -129,6 +136,8 @@ def share_create(
     now = timezone.now()
     for _attempt in range(50):
         code = credentials.new_access_code()
+        # A share that can no longer be opened may still hold this prefix: it gives it back.
+        _release_prefix_if_dead(code.prefix)
         try:
             with transaction.atomic():
                 share = Share.objects.create(
@@ -151,8 +160,11 @@ def share_create(
             # The 20-bit public prefix is taken by another share: draw another code.
             continue
         break
-    else:  # pragma: no cover - a million shares would be needed first
+    else:  # pragma: no cover - a million live shares would be needed first
         raise RuntimeError("could not draw a free access code prefix")
+    # Guesses typed at this prefix before the share existed were guesses at nothing: they do
+    # not count against its recipient.
+    AxesProxyHandler.reset_attempts(username="code:" + code.prefix)
     ShareOTPDevice.objects.create(share=share, name=share.get_channel_display())
     audit(
         AuditEvent.Action.SHARE_CREATED,
@@ -196,19 +208,48 @@ def share_revoke(
         share.revoked_by = by
         share.save(update_fields=["revoked_at", "revoked_by"])
         audit(AuditEvent.Action.SHARE_REVOKED, request=request, share=share, actor=by)
+    share_release_code(share)
     return share
+
+
+def share_release_code(share: Share) -> Share:
+    """Give back the public prefix of the access code of a share that can no longer be
+    opened. The prefix has 20 bits and must be unique, while shares are never deleted (their
+    audit trail outlives them): without this, prefixes would run out. The old code then matches
+    no share, and gets the same "not valid" answer as before."""
+    if share.code_prefix is not None:
+        Share.objects.filter(pk=share.pk).update(code_prefix=None)
+        share.code_prefix = None
+    return share
+
+
+def shares_release_dead_codes(*, now: datetime | None = None) -> int:
+    """share_release_code for every share expired, revoked or used up: for `purge` and other
+    scheduled work. (share_create also does it, lazily, for a prefix it draws.)"""
+    now = now or timezone.now()
+    dead = Q(expires_at__lte=now) | Q(revoked_at__isnull=False)
+    dead |= Q(single_use=True, used_at__isnull=False)
+    return Share.objects.filter(dead, code_prefix__isnull=False).update(code_prefix=None)
+
+
+def _release_prefix_if_dead(prefix: str) -> None:
+    holder = Share.objects.filter(code_prefix=prefix).first()
+    if holder is not None and share_refusal(holder) is not None:
+        share_release_code(holder)
 
 
 def share_unlock(
     *, share: Share, by: User | None = None, request: HttpRequest | None = None
 ) -> Share:
-    """Lift every lock on a share: wrong one-time codes and failed links or codes counted
-    against it. Failures counted against an address are left alone."""
+    """Lift every lock on a share: wrong one-time codes (the lifetime count too: staff vouch
+    for the recipient) and failed links or codes counted against it. Failures counted against
+    an address are left alone."""
     share.locked_until = None
-    share.save(update_fields=["locked_until"])
-    device = ShareOTPDevice.objects.filter(share=share).first()
-    if device is not None:
-        device.throttle_reset()
+    share.otp_failures = 0
+    share.save(update_fields=["locked_until", "otp_failures"])
+    ShareOTPDevice.objects.filter(share=share).update(
+        throttling_failure_count=0, throttling_failure_timestamp=None
+    )
     for key in _lockout_keys(share):
         AxesProxyHandler.reset_attempts(username=key)
     audit(AuditEvent.Action.SHARE_UNLOCKED, request=request, share=share, actor=by)
@@ -216,7 +257,10 @@ def share_unlock(
 
 
 def _lockout_keys(share: Share) -> list[str]:
-    return ["code:" + share.code_prefix, "link:" + share.token_hash[:16]]
+    keys = ["link:" + share.token_hash[:16]]
+    if share.code_prefix is not None:
+        keys.append("code:" + share.code_prefix)
+    return keys
 
 
 # --- recipient authentication ----------------------------------------------------------------
@@ -242,7 +286,14 @@ def share_refusal(share: Share) -> Refusal | None:
     return None
 
 
+def share_lock_is_final(share: Share) -> bool:
+    """Too many wrong one-time codes over the share's life: only staff unlock it."""
+    return share.otp_failures >= settings.OTP_LIFETIME_MAX_FAILURES
+
+
 def share_is_locked(share: Share) -> bool:
+    if share_lock_is_final(share):
+        return True
     return share.locked_until is not None and share.locked_until > timezone.now()
 
 
@@ -287,6 +338,7 @@ def share_check_code(typed: str) -> AccessCheck:
 class OtpSend(StrEnum):
     SENT = "sent"
     COOLDOWN = "cooldown"
+    LIMIT = "limit"
     LOCKED = "locked"
     FAILED = "failed"
 
@@ -305,37 +357,71 @@ def _device(share: Share, *, for_update: bool = False) -> ShareOTPDevice:
     return device
 
 
-def _expire_lock(share: Share) -> None:
-    """A lock whose cool-off has passed gives the recipient a fresh count of attempts."""
+def _locked_row(share: Share) -> Share:
+    """The share re-read and held until the transaction ends: parallel requests on one share
+    take their turn here, and each sees the counts the previous one left."""
+    return Share.objects.select_for_update().get(pk=share.pk)
+
+
+def _expire_lock(share: Share, device: ShareOTPDevice) -> None:
+    """A lock whose cool-off has passed gives the recipient a fresh run of attempts; the
+    lifetime count (share.otp_failures) stays, so this happens once at most
+    (settings.OTP_LIFETIME_MAX_FAILURES is twice settings.OTP_MAX_FAILURES)."""
     if share.locked_until is not None and share.locked_until <= timezone.now():
         Share.objects.filter(pk=share.pk).update(locked_until=None)
         share.locked_until = None
-        _device(share).throttle_reset()
+        device.throttle_reset()
+
+
+def _sends_today(share: Share) -> int:
+    since = timezone.now() - timedelta(hours=24)
+    return AuditEvent.objects.filter(
+        share=share, action=AuditEvent.Action.OTP_SENT, at__gte=since
+    ).count()
 
 
 def otp_send(*, share: Share, request: HttpRequest) -> OtpSendResult:
-    _expire_lock(share)
-    if share_is_locked(share):
-        return OtpSendResult(OtpSend.LOCKED)
+    """Send a new one-time code, at most one per cooldown and settings.OTP_MAX_SENDS_PER_DAY
+    per share in 24 hours (each message costs, and a flood of them is a nuisance)."""
     with transaction.atomic():
+        share = _locked_row(share)
         device = _device(share, for_update=True)
-        allowed, data = device.generate_is_allowed()
-        if not allowed:
-            wait = (data or {}).get("next_generation_at", timezone.now()) - timezone.now()
-            return OtpSendResult(OtpSend.COOLDOWN, max(1, int(wait.total_seconds()) + 1))
-        # Resending draws a new code but leaves the count of wrong codes as it is.
-        device.cooldown_set(commit=False)
-        device.generate_token(valid_secs=settings.OTP_VALIDITY, commit=True)
-        token = device.token or ""
+        _expire_lock(share, device)
+        if share_is_locked(share):
+            return OtpSendResult(OtpSend.LOCKED)
+        limited = _sends_today(share) >= settings.OTP_MAX_SENDS_PER_DAY
+        if not limited:
+            allowed, data = device.generate_is_allowed()
+            if not allowed:
+                wait = (data or {}).get("next_generation_at", timezone.now()) - timezone.now()
+                return OtpSendResult(OtpSend.COOLDOWN, max(1, int(wait.total_seconds()) + 1))
+            # Resending draws a new code but leaves the count of wrong codes as it is.
+            device.cooldown_set(commit=False)
+            device.generate_token(valid_secs=settings.OTP_VALIDITY, commit=True)
+            token = device.token or ""
+    if limited:
+        audit(AuditEvent.Action.OTP_SEND_LIMIT, request=request, share=share)
+        return OtpSendResult(OtpSend.LIMIT)
     try:
         _deliver(share, token, request)
-    except (sms.SmsError, smtplib.SMTPException, OSError) as exc:
+    except sms.SmsError as exc:
+        # SmsError texts are ours and hold neither the number nor the message.
         logger.warning("one-time code for share %s not sent: %s", share.pk, exc)
-        device.cooldown_reset()
-        audit(AuditEvent.Action.OTP_SEND_FAILED, request=request, share=share)
-        return OtpSendResult(OtpSend.FAILED)
+        return _send_failed(share, device, request)
+    except (smtplib.SMTPException, OSError) as exc:
+        # An SMTP error's text may quote the recipient's address: only its kind is logged.
+        logger.warning("one-time code for share %s not sent: %s", share.pk, type(exc).__name__)
+        return _send_failed(share, device, request)
     audit(AuditEvent.Action.OTP_SENT, request=request, share=share, channel=share.channel)
     return OtpSendResult(OtpSend.SENT)
+
+
+def _send_failed(share: Share, device: ShareOTPDevice, request: HttpRequest) -> OtpSendResult:
+    # The recipient may ask again at once. Only this column: the device row may have changed
+    # (wrong codes counted) while the gateway was being waited for.
+    ShareOTPDevice.objects.filter(pk=device.pk).update(last_generated_timestamp=None)
+    audit(AuditEvent.Action.OTP_SEND_FAILED, request=request, share=share)
+    return OtpSendResult(OtpSend.FAILED)
 
 
 def _deliver(share: Share, token: str, request: HttpRequest) -> None:
@@ -371,17 +457,23 @@ class OtpVerifyResult:
 
 
 def otp_verify(*, share: Share, otp: str, request: HttpRequest) -> OtpVerifyResult:
-    """Check a typed one-time code. Five wrong codes lock the share until staff unlock it or the
-    cool-off passes; a right code is cleared so it cannot serve twice; a single-use share is
-    used up here, never before."""
-    if share_refusal(share) is not None:
-        return OtpVerifyResult(OtpVerify.REFUSED)
-    _expire_lock(share)
-    if share_is_locked(share):
-        return OtpVerifyResult(OtpVerify.LOCKED)
+    """Check a typed one-time code. Five wrong codes in a row lock the share for the cool-off;
+    settings.OTP_LIFETIME_MAX_FAILURES over its life lock it until staff unlock it. A right code
+    is cleared so it cannot serve twice; a single-use share is used up here, never before.
+
+    Every decision is taken on the share and device rows held by this request (select for
+    update), so parallel guesses cannot slip past the limits; django-otp's throttle only adds
+    a growing wait between guesses."""
     typed = re.sub(r"\s", "", otp)
+    locked_now = False
     with transaction.atomic():
+        share = _locked_row(share)
+        if share_refusal(share) is not None:
+            return OtpVerifyResult(OtpVerify.REFUSED)
         device = _device(share, for_update=True)
+        _expire_lock(share, device)
+        if share_is_locked(share) or device.throttling_failure_count >= settings.OTP_MAX_FAILURES:
+            return OtpVerifyResult(OtpVerify.LOCKED)
         allowed, data = device.verify_is_allowed()
         if not allowed:
             until = (data or {}).get("locked_until", timezone.now())
@@ -394,18 +486,51 @@ def otp_verify(*, share: Share, otp: str, request: HttpRequest) -> OtpVerifyResu
         failures = device.throttling_failure_count
         if ok and not share_consume(share):
             return OtpVerifyResult(OtpVerify.REFUSED)
-        if not ok and failures >= settings.OTP_MAX_FAILURES:
-            locked_until = timezone.now() + _cool_off()
-            Share.objects.filter(pk=share.pk).update(locked_until=locked_until)
-            share.locked_until = locked_until
+        if not ok:
+            share.otp_failures += 1
+            update: dict[str, Any] = {"otp_failures": F("otp_failures") + 1}
+            if failures >= settings.OTP_MAX_FAILURES or share_lock_is_final(share):
+                share.locked_until = timezone.now() + _cool_off()
+                update["locked_until"] = share.locked_until
+                locked_now = True
+            Share.objects.filter(pk=share.pk).update(**update)
     if ok:
         audit(AuditEvent.Action.OTP_OK, request=request, share=share)
         return OtpVerifyResult(OtpVerify.OK)
     audit(AuditEvent.Action.OTP_FAILED, request=request, share=share, failures=failures)
-    if share_is_locked(share):
-        audit(AuditEvent.Action.LOCKOUT, request=request, share=share, step="otp")
+    if locked_now:
+        final = share_lock_is_final(share)
+        audit(AuditEvent.Action.LOCKOUT, request=request, share=share, step="otp", final=final)
         return OtpVerifyResult(OtpVerify.LOCKED)
-    return OtpVerifyResult(OtpVerify.WRONG, remaining=settings.OTP_MAX_FAILURES - failures)
+    remaining = min(
+        settings.OTP_MAX_FAILURES - failures,
+        settings.OTP_LIFETIME_MAX_FAILURES - share.otp_failures,
+    )
+    return OtpVerifyResult(OtpVerify.WRONG, remaining=remaining)
+
+
+# --- passkeys ---------------------------------------------------------------------------------
+
+
+def passkey_enrolled(*, share: Share, request: HttpRequest) -> None:
+    """Record a new passkey and tell the physician at the address it now opens: should somebody
+    else have enrolled it (with a link and an emailed code they should not have had), the owner
+    of the mailbox learns it at once."""
+    audit(AuditEvent.Action.PASSKEY_ENROLLED, request=request, share=share)
+    context = {
+        "site": settings.BASE_URL,
+        "when": timezone.localtime(),
+        "support_contact": settings.SUPPORT_CONTACT,
+    }
+    try:
+        send_mail(
+            _("A passkey was added for your access to shared images"),
+            render_to_string("accounts/passkey_added_email.txt", context),
+            settings.DEFAULT_FROM_EMAIL,
+            [share.contact],
+        )
+    except (smtplib.SMTPException, OSError) as exc:
+        logger.warning("passkey notice for share %s not sent: %s", share.pk, type(exc).__name__)
 
 
 def share_consume(share: Share) -> bool:

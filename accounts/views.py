@@ -5,6 +5,10 @@ the reason (which only goes to the audit log). Failures go through Django's auth
 that django-axes counts them by address and by share; locked-out attempts get the 429 page.
 """
 
+import statistics
+import threading
+import time
+from collections import deque
 from datetime import timedelta
 from typing import Any
 
@@ -35,18 +39,23 @@ def _notice(request: HttpRequest) -> str | None:
     return notice
 
 
-def _locked_response(request: HttpRequest) -> HttpResponse:
+def _locked_response(request: HttpRequest, share: Share | None = None) -> HttpResponse:
+    """The 429 page. `share`: the share whose one-time codes locked it, when that lock only
+    ends with staff (the page then says to call them rather than to wait)."""
     cool_off = get_cool_off(request) or timedelta(minutes=15)
+    final = share is not None and services.share_lock_is_final(share)
     response = render(
         request,
         "accounts/locked.html",
         {
             "minutes": int(cool_off.total_seconds() // 60),
+            "final": final,
             "support_contact": settings.SUPPORT_CONTACT,
         },
         status=429,
     )
-    response["Retry-After"] = str(int(cool_off.total_seconds()))
+    if not final:
+        response["Retry-After"] = str(int(cool_off.total_seconds()))
     return access.no_store(response)
 
 
@@ -60,9 +69,15 @@ def lockout(
     return _locked_response(request)
 
 
+# Set by the link view before it redirects to the lockout page (no 4xx at /s/, see lockout()).
+_LOCKED_SHARE = "recipient.locked_share"
+
+
 @require_GET
 def locked(request: HttpRequest) -> HttpResponse:
-    return _locked_response(request)
+    share_id = request.session.pop(_LOCKED_SHARE, None)
+    share = Share.objects.filter(pk=share_id).first() if share_id is not None else None
+    return _locked_response(request, share)
 
 
 def _hide_path_from_axes(request: HttpRequest) -> None:
@@ -82,7 +97,7 @@ def _audit_failure(request: HttpRequest, action: str) -> None:
 
 def _opened(request: HttpRequest, share: Share, *, via: str) -> HttpResponse:
     if services.share_is_locked(share):
-        return _locked_response(request)
+        return _locked_response(request, share)
     access.bind(request, share, via=via)
     services.share_attach_study(share)
     action = AuditEvent.Action.LINK_OPENED if via == "link" else AuditEvent.Action.CODE_OK
@@ -90,23 +105,66 @@ def _opened(request: HttpRequest, share: Share, *, via: str) -> HttpResponse:
     return redirect("accounts:verify")
 
 
+def _link_not_valid(request: HttpRequest) -> HttpResponse:
+    request.session[NOTICE] = "invalid"
+    return redirect("accounts:access")
+
+
+class _RefusalPace:
+    """How long refusing a correctly signed link takes in this process (lookup, counting,
+    audit): the median of the last few, so that refusing a forged or stale one, which needs
+    none of that work, takes as long. The answer's timing says nothing of the refusal's kind."""
+
+    def __init__(self) -> None:
+        self._recent: deque[float] = deque(maxlen=15)
+        self._lock = threading.Lock()
+
+    def record(self, started: float) -> None:
+        with self._lock:
+            self._recent.append(time.perf_counter() - started)
+
+    def wait_since(self, started: float) -> None:
+        with self._lock:
+            pace = statistics.median(self._recent) if self._recent else 0.0
+        remaining = min(pace, 1.0) - (time.perf_counter() - started)
+        if remaining > 0:
+            time.sleep(remaining)
+
+
+_refusal_pace = _RefusalPace()
+
+
 @require_GET
 def link(request: HttpRequest, token: str) -> HttpResponse:
-    """/s/<token>: check it, swap it for a session bound to the share, and leave the URL."""
+    """/s/<token>: check it, swap it for a session bound to the share, and leave the URL.
+
+    Only what a stolen signing key could produce is counted by axes: a correctly signed token
+    that opens nothing (unknown, expired, revoked, used up). A request that is not a top-level
+    navigation (an <img>, a script, a fetch: any web page can make its visitors' browsers send
+    them) and a link whose signature is bad or stale (it can never open anything) get the same
+    "not valid" answer uncounted, so no page on the web can lock a hospital's address out."""
+    started = time.perf_counter()
+    mode = request.headers.get("Sec-Fetch-Mode")
+    if mode is not None and mode != "navigate":
+        return redirect("accounts:access")
     _hide_path_from_axes(request)
     raw = credentials.unsign_link_token(token)
+    if raw is None:
+        services.audit(AuditEvent.Action.LINK_FAILED, request=request, reason="bad-signature")
+        _refusal_pace.wait_since(started)
+        return _link_not_valid(request)
     share = authenticate(
-        request,
-        link_token=token,
-        lockout_scope=credentials.lockout_key_for_link(raw, token),
+        request, link_token=token, lockout_scope=credentials.lockout_key_for_link(raw)
     )
     if isinstance(share, Share):
         if services.share_is_locked(share):
+            request.session[_LOCKED_SHARE] = share.pk
             return redirect("accounts:locked")
         return _opened(request, share, via="link")
     _audit_failure(request, AuditEvent.Action.LINK_FAILED)
-    request.session[NOTICE] = "invalid"
-    return redirect("accounts:access")
+    if not getattr(request, "axes_locked_out", False):
+        _refusal_pace.record(started)
+    return _link_not_valid(request)
 
 
 @require_http_methods(["GET", "POST"])
@@ -122,7 +180,7 @@ def access_code(request: HttpRequest) -> HttpResponse:
             typed = form.cleaned_data["code"]
             share = authenticate(
                 request,
-                access_passcode=typed,
+                access_code_secret=typed,
                 lockout_scope=credentials.lockout_key_for_code(
                     credentials.normalize_code(typed), typed
                 ),
@@ -154,8 +212,9 @@ def verify(request: HttpRequest) -> HttpResponse:
     if share is None:
         if access.recipient_share(request) is not None:
             return redirect("dicomweb:viewer")
-        if access.bound_share_is_locked(request):
-            return _locked_response(request)
+        locked = access.bound_locked_share(request)
+        if locked is not None:
+            return _locked_response(request, locked)
         request.session[NOTICE] = _notice(request) or "start"
         return redirect("accounts:access")
     form = OtpForm()
@@ -178,7 +237,9 @@ def verify(request: HttpRequest) -> HttpResponse:
                 % {"n": sent.wait_seconds},
             )
         elif sent.outcome == services.OtpSend.LOCKED:
-            return _locked_response(request)
+            return _locked_response(request, share)
+        elif sent.outcome == services.OtpSend.LIMIT:
+            messages.error(request, _limit_message())
         else:
             messages.error(
                 request, _("We could not send the code just now. Please try again in a minute.")
@@ -189,12 +250,12 @@ def verify(request: HttpRequest) -> HttpResponse:
         if form.is_valid():
             result = services.otp_verify(share=share, otp=form.cleaned_data["otp"], request=request)
             if result.outcome == services.OtpVerify.OK:
-                access.mark_verified(request)
+                access.mark_verified(request, by=access.BY_OTP)
                 if passkeys.should_offer(share):
                     return redirect("accounts:passkey_offer")
                 return redirect("dicomweb:viewer")
             if result.outcome == services.OtpVerify.LOCKED:
-                return _locked_response(request)
+                return _locked_response(request, Share.objects.get(pk=share.pk))
             if result.outcome == services.OtpVerify.REFUSED:
                 access.end(request)
                 request.session[NOTICE] = "invalid"
@@ -230,6 +291,19 @@ def verify(request: HttpRequest) -> HttpResponse:
     return access.no_store(render(request, "accounts/verify.html", context))
 
 
+def _limit_message() -> str:
+    if settings.SUPPORT_CONTACT:
+        return _(
+            "You have asked for many codes today, so for your safety no more can be sent "
+            "before tomorrow. If you need your images sooner, call %(contact)s."
+        ) % {"contact": settings.SUPPORT_CONTACT}
+    return _(
+        "You have asked for many codes today, so for your safety no more can be sent before "
+        "tomorrow. If you need your images sooner, call the department that gave you the link "
+        "or the code."
+    )
+
+
 @require_POST
 def logout(request: HttpRequest) -> HttpResponse:
     share = access.recipient_share(request) or access.pending_share(request)
@@ -259,11 +333,15 @@ def _json(data: dict[str, Any], status: int = 200) -> HttpResponse:
     return access.no_store(JsonResponse(data, status=status))
 
 
+def _may_enrol(request: HttpRequest, share: Share) -> bool:
+    return share.recipient == Share.Recipient.PHYSICIAN and access.may_enrol_passkey(request)
+
+
 @require_GET
 @access.recipient_required
 def passkey_offer(request: HttpRequest) -> HttpResponse:
     share: Share = request.share  # type: ignore[attr-defined]
-    if share.recipient != Share.Recipient.PHYSICIAN:
+    if not _may_enrol(request, share):
         return redirect("dicomweb:viewer")
     return render(request, "accounts/passkey_offer.html", {"share": share})
 
@@ -272,7 +350,7 @@ def passkey_offer(request: HttpRequest) -> HttpResponse:
 @access.recipient_required
 def passkey_register_options(request: HttpRequest) -> HttpResponse:
     share: Share = request.share  # type: ignore[attr-defined]
-    if share.recipient != Share.Recipient.PHYSICIAN:
+    if not _may_enrol(request, share):
         return _json({"error": "not allowed"}, status=404)
     return access.no_store(
         HttpResponse(
@@ -286,14 +364,15 @@ def passkey_register_options(request: HttpRequest) -> HttpResponse:
 @access.recipient_required
 def passkey_register(request: HttpRequest) -> HttpResponse:
     share: Share = request.share  # type: ignore[attr-defined]
-    if share.recipient != Share.Recipient.PHYSICIAN:
+    if not _may_enrol(request, share):
         return _json({"error": "not allowed"}, status=404)
     try:
         passkeys.register(share, request.session, request.body.decode())
     except (passkeys.PasskeyError, UnicodeDecodeError):
         services.audit(AuditEvent.Action.PASSKEY_FAILED, request=request, share=share, step="enrol")
         return _json({"error": _("Your passkey could not be saved.")}, status=400)
-    services.audit(AuditEvent.Action.PASSKEY_ENROLLED, request=request, share=share)
+    access.mark_passkey_added(request)
+    services.passkey_enrolled(share=share, request=request)
     return _json({"ok": True, "next": reverse("dicomweb:viewer")})
 
 
@@ -324,5 +403,5 @@ def passkey_login(request: HttpRequest) -> HttpResponse:
         access.end(request)
         return _json({"error": _("This link is no longer valid.")}, status=400)
     services.audit(AuditEvent.Action.PASSKEY_OK, request=request, share=share)
-    access.mark_verified(request)
+    access.mark_verified(request, by=access.BY_PASSKEY)
     return _json({"ok": True, "next": reverse("dicomweb:viewer")})

@@ -23,6 +23,9 @@ DEBUG = env.bool("PORTAL_DEBUG", default=False)
 ALLOWED_HOSTS = env.list("PORTAL_ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 BASE_URL = env.str("PORTAL_BASE_URL", default="http://127.0.0.1:8000").rstrip("/")
 TRUSTED_PROXIES = env.list("PORTAL_TRUSTED_PROXIES", default=[])
+# Served on a unix socket behind a reverse proxy: a request without a peer address comes from
+# that proxy (accounts.net). Off, such a request is refused where it would count failures.
+TRUSTED_UNIX_SOCKET = env.bool("PORTAL_TRUSTED_UNIX_SOCKET", default=False)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -235,6 +238,10 @@ SHARE_MAX_DAYS = 90
 OTP_VALIDITY = env.int("PORTAL_OTP_VALIDITY", default=300)
 OTP_RESEND_COOLDOWN = env.int("PORTAL_OTP_RESEND_COOLDOWN", default=60)
 OTP_MAX_FAILURES = 5
+# Over a share's whole life (a cool-off does not reset it): then only staff unlock it.
+OTP_LIFETIME_MAX_FAILURES = 10
+# Codes sent per share in any 24 hours.
+OTP_MAX_SENDS_PER_DAY = 10
 OTP_THROTTLE_FACTOR = env.int("PORTAL_OTP_THROTTLE_FACTOR", default=1)
 # Recipient sessions: idle and absolute limits, in seconds.
 RECIPIENT_SESSION_IDLE = 15 * 60
@@ -252,6 +259,9 @@ AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
 AXES_FAILURE_LIMIT = 5
 AXES_COOLOFF_TIME = timedelta(minutes=env.int("PORTAL_LOCKOUT_MINUTES", default=15))
 AXES_LOCKOUT_PARAMETERS = ["ip_address", "username"]
+# Attempts refused during a lockout do not restart the cool-off: otherwise a page that keeps
+# making its visitors' browsers fail would keep their address locked for ever.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
 AXES_USERNAME_CALLABLE = "accounts.backends.axes_username"
 AXES_CLIENT_IP_CALLABLE = "accounts.net.axes_client_ip"
 AXES_LOCKOUT_CALLABLE = "accounts.views.lockout"
@@ -285,6 +295,11 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "server": {
+            "()": "django.utils.log.ServerFormatter",
+            "format": "[{server_time}] {message}",
+            "style": "{",
+        },
     },
     "filters": {
         # Share link tokens never reach a log line (accounts.logging).
@@ -296,13 +311,24 @@ LOGGING = {
             "formatter": "plain",
             "filters": ["redact_links"],
         },
+        # The development server's request lines ("GET /s/… HTTP/1.1" 302).
+        "server": {
+            "class": "logging.StreamHandler",
+            "formatter": "server",
+            "filters": ["redact_links"],
+        },
     },
     "root": {"handlers": ["console"], "level": env.str("PORTAL_LOG_LEVEL", default="INFO")},
     "loggers": {
         # pynetdicom logs every PDU at INFO; only its warnings matter to an operator.
         "pynetdicom": {"level": "WARNING"},
         # The request logger prints paths, and recipient paths may carry a link token.
-        "django.server": {"level": "WARNING", "filters": ["redact_links"]},
+        "django.server": {
+            "handlers": ["server"],
+            "level": "INFO",
+            "filters": ["redact_links"],
+            "propagate": False,
+        },
         "django.request": {"filters": ["redact_links"]},
     },
 }

@@ -1,15 +1,17 @@
 """Brute force on access codes and links: by one address, by many, with forged headers."""
 
 import re
+import time
 from datetime import timedelta
 
 import pytest
 from axes.models import AccessAttempt
 from captcha.models import CaptchaStore
+from django.db.models import F
 from django.test import Client
 from django.utils import timezone
 
-from accounts import credentials, selectors
+from accounts import credentials, net, selectors
 from accounts.models import AuditEvent, Share
 from tests.access_fixtures import *  # noqa: F403
 from tests.access_fixtures import link_path, make_share, share_of
@@ -135,13 +137,30 @@ class TestCodesFromManyAddresses:
         assert share.access_code.replace("-", "")[4:] not in str(event.detail)
 
 
+def signed_unknown_link() -> str:
+    """What an attacker holding the signing key could make: correctly signed, opening nothing."""
+    return "/s/" + credentials.sign_link_token(credentials.new_link_token())
+
+
+def forged_link() -> str:
+    return "/s/" + credentials.new_link_token() + ".1xXGFt.forged"
+
+
+def stale_link(monkeypatch) -> str:  # type: ignore[no-untyped-def]
+    """Correctly signed, but longer ago than any share can live."""
+    with monkeypatch.context() as m:
+        past = time.time() - (credentials.LINK_MAX_AGE_DAYS + 1) * 86400
+        m.setattr("django.core.signing.time.time", lambda: past)
+        return signed_unknown_link()
+
+
 class TestLinks:
-    def test_it_locks_an_address_that_tries_links(self, share):  # type: ignore[no-untyped-def]
+    def test_it_locks_an_address_that_tries_signed_links(self, share):  # type: ignore[no-untyped-def]
         client = Client()
-        for i in range(4):
-            response = client.get(f"/s/forged{i}.abc.def", REMOTE_ADDR=ATTACKER)
+        for _ in range(4):
+            response = client.get(signed_unknown_link(), REMOTE_ADDR=ATTACKER)
             assert response.status_code == 302 and response["Location"] == "/access/"
-        response = client.get("/s/forged5.abc.def", REMOTE_ADDR=ATTACKER)
+        response = client.get(signed_unknown_link(), REMOTE_ADDR=ATTACKER)
         # Never a 4xx at /s/: Django would log the path, and with it the token.
         assert response.status_code == 302 and response["Location"] == "/access/locked"
         response = client.get(link_path(share), REMOTE_ADDR=ATTACKER)
@@ -159,6 +178,101 @@ class TestLinks:
         response = client.get(link_path(share))
         assert response["Location"] == "/access/locked"
         assert "recipient.share" not in client.session
+
+
+class TestCrossSiteLockout:
+    """Any web page can make its visitors' browsers request /s/<anything>: five
+    <img src="https://portal/s/junk"> must not lock out the visitor's address (for a hospital,
+    the address of its whole network)."""
+
+    HOSPITAL = "192.0.2.77"
+    IMAGE = {
+        "Sec-Fetch-Mode": "no-cors",
+        "Sec-Fetch-Dest": "image",
+        "Sec-Fetch-Site": "cross-site",
+    }
+
+    def test_links_with_a_bad_or_stale_signature_are_not_counted(self, share, monkeypatch):  # type: ignore[no-untyped-def]
+        junk = [forged_link() for _ in range(6)] + [stale_link(monkeypatch) for _ in range(6)]
+        junk += ["/s/junk", "/s/" + "A" * 300]
+        for path in junk:
+            response = Client().get(path, REMOTE_ADDR=self.HOSPITAL)
+            # The same answer as any refused link…
+            assert response.status_code == 302 and response["Location"] == "/access/"
+        # …but nothing counted, nobody locked out.
+        assert not AccessAttempt.objects.exists()
+        response = Client().get(link_path(share), REMOTE_ADDR=self.HOSPITAL)
+        assert response["Location"] == "/access/verify"
+
+    def test_a_page_full_of_images_locks_nobody(self, share):  # type: ignore[no-untyped-def]
+        # Even correctly signed links (which would count if navigated to) are not checked when
+        # the browser fetches them as images.
+        for _ in range(8):
+            response = Client().get(
+                signed_unknown_link(), REMOTE_ADDR=self.HOSPITAL, headers=self.IMAGE
+            )
+            assert response.status_code == 302 and response["Location"] == "/access/"
+        assert not AccessAttempt.objects.exists()
+        # Nor does a real link loaded as an image open anything (or replace a session).
+        client = Client()
+        response = client.get(link_path(share), REMOTE_ADDR=self.HOSPITAL, headers=self.IMAGE)
+        assert response["Location"] == "/access/"
+        assert "recipient.share" not in client.session
+        # The patient, clicking the link, gets in.
+        response = client.get(
+            link_path(share), REMOTE_ADDR=self.HOSPITAL, HTTP_SEC_FETCH_MODE="navigate"
+        )
+        assert response["Location"] == "/access/verify"
+
+    def test_failures_during_a_lockout_do_not_prolong_it(self, share):  # type: ignore[no-untyped-def]
+        for _ in range(5):
+            Client().get(signed_unknown_link(), REMOTE_ADDR=ATTACKER)
+        assert Client().get(signed_unknown_link(), REMOTE_ADDR=ATTACKER)["Location"] == (
+            "/access/locked"
+        )
+        AccessAttempt.objects.update(attempt_time=F("attempt_time") - timedelta(minutes=10))
+        # Ten minutes into the cool-off, five more failures are refused…
+        for _ in range(5):
+            response = Client().get(signed_unknown_link(), REMOTE_ADDR=ATTACKER)
+            assert response["Location"] == "/access/locked"
+        # …and the cool-off still ends 15 minutes after the fifth failure, not after the last.
+        AccessAttempt.objects.update(attempt_time=F("attempt_time") - timedelta(minutes=6))
+        response = Client().get(link_path(share), REMOTE_ADDR=ATTACKER)
+        assert response["Location"] == "/access/verify"
+
+
+class TestUnknownClientAddress:
+    """Without a believable client address every such client would share one lockout bucket:
+    one attacker could lock out all of them (or, with the bucket ignored, none)."""
+
+    def test_a_request_without_an_address_is_refused_not_counted(self, share) -> None:  # type: ignore[no-untyped-def]
+        client = Client(raise_request_exception=False)
+        response = client.post("/access/", {"code": random_code()}, REMOTE_ADDR="")
+        assert response.status_code == 500
+        response = client.get(signed_unknown_link(), REMOTE_ADDR="unix:/run/portal.sock")
+        assert response.status_code == 500
+        assert not AccessAttempt.objects.exists()
+        with pytest.raises(net.ClientAddressUnknown, match="PORTAL_TRUSTED_UNIX_SOCKET"):
+            Client().post("/access/", {"code": random_code()}, REMOTE_ADDR="")
+
+    def test_a_trusted_unix_socket_proxy_gives_the_address(self, share, settings) -> None:  # type: ignore[no-untyped-def]
+        settings.TRUSTED_UNIX_SOCKET = True
+        for i in range(5):
+            Client().get(
+                signed_unknown_link(),
+                REMOTE_ADDR="",
+                HTTP_X_FORWARDED_FOR=f"10.0.0.{i}, {ATTACKER}",
+            )
+        assert set(AccessAttempt.objects.values_list("ip_address", flat=True)) == {ATTACKER}
+        response = Client().get(link_path(share), REMOTE_ADDR="", HTTP_X_FORWARDED_FOR=ATTACKER)
+        assert response["Location"] == "/access/locked"
+        response = Client().get(
+            link_path(share), REMOTE_ADDR="", HTTP_X_FORWARDED_FOR="198.51.100.8"
+        )
+        assert response["Location"] == "/access/verify"
+        # Such a proxy must say whom it forwards for.
+        with pytest.raises(net.ClientAddressUnknown):
+            Client().get(signed_unknown_link(), REMOTE_ADDR="")
 
 
 class TestCaptcha:

@@ -1,15 +1,28 @@
 """The one-time code: sent only on request, 6 digits, 5 minutes, 5 wrong tries per share."""
 
+import logging
+import smtplib
+import threading
 from datetime import timedelta
 
 import pytest
 from django.core import mail
+from django.core.mail.backends.base import BaseEmailBackend
+from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
 from accounts.models import AuditEvent, Share, ShareOTPDevice
 from tests.access_fixtures import *  # noqa: F403
-from tests.access_fixtures import last_code, make_share, open_link, share_of, sign_in, sms_messages
+from tests.access_fixtures import (
+    last_code,
+    make_share,
+    make_study,
+    open_link,
+    share_of,
+    sign_in,
+    sms_messages,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -265,3 +278,164 @@ class TestSingleUse:
         open_link(slow, created)
         sign_in(Client(), created, sms_dir)
         assert slow.get("/access/verify")["Location"] == "/access/"
+
+
+class TestOverTheShareLifetime:
+    """A cool-off must not hand out five fresh guesses for ever, nor may codes be sent without
+    end: an attacker holding the link has the whole life of the share to try."""
+
+    def test_after_one_cool_off_five_more_wrong_codes_lock_it_for_staff(  # type: ignore[no-untyped-def]
+        self, share, sms_dir, fast_otp
+    ):
+        from accounts import services
+
+        client = Client()
+        open_link(client, share)
+        send(client)
+        code = last_code(sms_dir)
+        for _ in range(5):
+            type_otp(client, wrong(code))
+        assert services.share_is_locked(share_of(share))
+        # The cool-off passes: five more tries, no more.
+        Share.objects.filter(pk=share.share.pk).update(
+            locked_until=timezone.now() - timedelta(seconds=1)
+        )
+        for remaining in (4, 3, 2, 1):
+            response = type_otp(client, wrong(code))
+            assert f"You have {remaining} more tr".encode() in response.content
+        response = type_otp(client, wrong(code))
+        assert response.status_code == 429
+        assert b"The hospital can open it again for you" in response.content
+        assert "Retry-After" not in response
+        # However long the attacker waits, nothing opens it again, not even the right code.
+        Share.objects.filter(pk=share.share.pk).update(
+            locked_until=timezone.now() - timedelta(days=3)
+        )
+        assert type_otp(client, code).status_code == 429
+        assert client.post("/access/verify", {"action": "send"}).status_code == 429
+        with_link = Client()
+        assert open_link(with_link, share)["Location"] == "/access/locked"
+        page = with_link.get("/access/locked")
+        assert page.status_code == 429 and b"The hospital can open it again" in page.content
+        assert share_of(share).otp_failures == 10
+        lockouts = AuditEvent.objects.filter(share=share.share, action="lockout")
+        assert [e.detail["final"] for e in lockouts.order_by("pk")] == [False, True]
+        # Staff unlock it, and the recipient starts afresh.
+        services.share_unlock(share=share_of(share))
+        fresh = Client()
+        open_link(fresh, share)
+        allow_resend(share)
+        send(fresh)
+        assert type_otp(fresh, last_code(sms_dir))["Location"] == "/viewer/"
+
+    def test_right_codes_do_not_reset_the_lifetime_count(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
+        for _round in range(2):
+            client = Client()
+            open_link(client, share)
+            allow_resend(share)
+            send(client)
+            for _ in range(4):
+                type_otp(client, wrong(last_code(sms_dir)))
+            assert type_otp(client, last_code(sms_dir))["Location"] == "/viewer/"
+        client = Client()
+        open_link(client, share)
+        allow_resend(share)
+        send(client)
+        response = type_otp(client, wrong(last_code(sms_dir)))
+        assert b"You have 1 more try" in response.content
+        response = type_otp(client, wrong(last_code(sms_dir)))
+        assert response.status_code == 429
+        assert b"The hospital can open it again for you" in response.content
+
+    def test_at_most_ten_codes_are_sent_a_day(self, share, sms_dir):  # type: ignore[no-untyped-def]
+        client = Client()
+        open_link(client, share)
+        for _ in range(10):
+            allow_resend(share)
+            send(client)
+        assert len(sms_messages(sms_dir)) == 10
+        allow_resend(share)
+        response = send(client)
+        assert b"You have asked for many codes today" in response.content
+        assert len(sms_messages(sms_dir)) == 10
+        assert AuditEvent.objects.filter(share=share.share, action="otp_send_limit").count() == 1
+        # The code already sent still works…
+        assert share_of(share).otp_device.token == last_code(sms_dir)
+        # …and a day later codes can be sent again.
+        AuditEvent.objects.filter(share=share.share, action="otp_sent").update(
+            at=timezone.now() - timedelta(hours=24, minutes=1)
+        )
+        send(client)
+        assert len(sms_messages(sms_dir)) == 11
+
+    def test_an_smtp_error_does_not_put_the_address_in_the_log(self, study, settings, caplog):  # type: ignore[no-untyped-def]
+        settings.EMAIL_BACKEND = "tests.test_access_otp.RefusingEmailBackend"
+        created = make_share(
+            recipient="physician", channel="email", contact="dr.secret@example.org"
+        )
+        client = Client()
+        open_link(client, created)
+        with caplog.at_level(logging.DEBUG):
+            response = send(client)
+        assert b"could not send the code" in response.content
+        assert "SMTPRecipientsRefused" in caplog.text
+        assert "dr.secret" not in caplog.text
+        assert "dr.secret" not in str(
+            list(AuditEvent.objects.filter(action="otp_send_failed").values())
+        )
+
+
+class RefusingEmailBackend(BaseEmailBackend):
+    """An SMTP server that refuses the recipient, quoting the address as real ones do."""
+
+    def send_messages(self, email_messages):  # type: ignore[no-untyped-def]
+        to = email_messages[0].to[0]
+        raise smtplib.SMTPRecipientsRefused({to: (550, f"5.1.1 <{to}>: unknown user".encode())})
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("throttle_factor", [0, 1])
+def test_parallel_wrong_codes_cannot_pass_the_limit(  # type: ignore[no-untyped-def]
+    sms_dir, settings, throttle_factor
+):
+    """Twelve sessions (from twelve addresses) type wrong codes at the same instant. The rows
+    each request holds decide: five wrong codes are counted, no more, whatever django-otp's
+    throttle (0: none at all) lets through. Run it on PostgreSQL with DATABASE_URL."""
+    settings.OTP_THROTTLE_FACTOR = throttle_factor
+    make_study()
+    created = make_share()
+    first = Client()
+    open_link(first, created)
+    send(first)
+    code = last_code(sms_dir)
+    clients = []
+    for i in range(12):
+        client = Client(REMOTE_ADDR=f"198.51.100.{100 + i}")
+        open_link(client, created)
+        clients.append(client)
+    barrier = threading.Barrier(len(clients))
+    statuses: list[int] = []
+
+    def guess(client: Client) -> None:
+        try:
+            barrier.wait(timeout=30)
+            statuses.append(type_otp(client, wrong(code)).status_code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=guess, args=(c,)) for c in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(statuses) == 12
+    row = share_of(created)
+    device = ShareOTPDevice.objects.get(share=created.share)
+    counted = AuditEvent.objects.filter(share=created.share, action="otp_failed").count()
+    assert row.otp_failures == device.throttling_failure_count == counted
+    assert counted <= 5
+    if throttle_factor == 0:
+        # Nothing but the limit held them back: exactly five counted, the rest refused.
+        assert counted == 5
+        assert sorted(statuses) == [200] * 4 + [429] * 8
+        assert type_otp(first, code).status_code == 429

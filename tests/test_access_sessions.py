@@ -1,11 +1,15 @@
 """Recipient sessions: fixation, binding to one share (IDOR), time limits, logs and headers."""
 
+import http.client
+import json
 import logging
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,8 +17,9 @@ from django.conf import settings as django_settings
 from django.contrib.sessions.backends.db import SessionStore
 from django.http import Http404
 from django.test import Client, RequestFactory
+from django.utils import timezone
 
-from accounts import access
+from accounts import access, credentials
 from accounts.models import AuditEvent
 from tests.access_fixtures import *  # noqa: F403
 from tests.access_fixtures import (
@@ -26,6 +31,7 @@ from tests.access_fixtures import (
     open_link,
     sign_in,
 )
+from tests.support import free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -35,6 +41,17 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 def session_key(client: Client) -> str | None:
     cookie = client.cookies.get(django_settings.SESSION_COOKIE_NAME)
     return cookie.value if cookie else None
+
+
+def _production_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PORTAL_SECRET_KEY": secrets.token_urlsafe(64),
+        "PORTAL_BASE_URL": "https://portal.example.org",
+        "PORTAL_ALLOWED_HOSTS": "portal.example.org",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'deploy.sqlite3'}",
+        "PORTAL_DEBUG": "false",
+    }
 
 
 class TestSessionFixation:
@@ -94,6 +111,25 @@ class TestBoundToOneShare:
         assert "192.0.2.33" in page
         assert "One-time code accepted" in page
         assert "198.51.100.222" not in page
+
+    def test_the_history_does_not_show_where_staff_worked_from(self, share, sms_dir, rf):  # type: ignore[no-untyped-def]
+        from accounts import services
+        from accounts.models import User
+
+        staff = User.objects.create_user("secretary", password="x" * 16)
+        request = rf.post(
+            "/admin/", REMOTE_ADDR="10.20.30.40", HTTP_USER_AGENT="StaffDesktop/7.1 (ward 3)"
+        )
+        request.user = staff
+        services.share_unlock(share=share.share, by=staff, request=request)
+        assert AuditEvent.objects.filter(ip_address="10.20.30.40").exists()
+        client = Client()
+        sign_in(client, share, sms_dir, REMOTE_ADDR="192.0.2.33", HTTP_USER_AGENT="PatientPhone/1")
+        page = client.get("/access/history", REMOTE_ADDR="192.0.2.33").content.decode()
+        assert "Share unlocked" in page and "hospital staff" in page
+        assert "10.20.30.40" not in page and "StaffDesktop" not in page
+        # The recipient's own steps keep their address and browser.
+        assert "192.0.2.33" in page and "PatientPhone/1" in page
 
     def test_a_uid_of_another_share_is_404(self, two_shares, sms_dir):  # type: ignore[no-untyped-def]
         a, b = two_shares
@@ -183,7 +219,7 @@ class TestTimeLimits:
 
 class TestSecretsStayOutOfLogsAndUrls:
     def test_no_token_code_or_otp_in_any_log_line(self, study, sms_dir, caplog):  # type: ignore[no-untyped-def]
-        for name in ("", "django", "django.request", "django.server", "axes", "accounts"):
+        for name in ("", "django", "django.request", "axes", "accounts"):
             logging.getLogger(name).setLevel(logging.DEBUG)
         try:
             caplog.set_level(logging.DEBUG)
@@ -198,24 +234,73 @@ class TestSecretsStayOutOfLogsAndUrls:
             otp = last_code(sms_dir)
             client.post("/access/verify", {"otp": otp})
             client.get("/viewer/")
-            # Failures and a lockout are logged by axes and django.request.
-            for i in range(6):
-                Client().get(link_path(created)[:-3] + f"x{i}y", REMOTE_ADDR="203.0.113.9")
+            # Failures and a lockout are logged by axes (with the path) and django.request.
+            wrong = created.access_code[:-1] + ("0" if created.access_code[-1] != "0" else "1")
+            Client().post("/access/", {"code": wrong}, REMOTE_ADDR="203.0.113.9")
+            for _ in range(5):
+                unknown = "/s/" + credentials.sign_link_token(credentials.new_link_token())
+                Client().get(unknown, REMOTE_ADDR="203.0.113.9")
                 Client().get(link_path(created) + "tamper", REMOTE_ADDR="203.0.113.9")
-            Client().post("/access/", {"code": created.access_code}, REMOTE_ADDR="203.0.113.9")
             Client().get("/s/" + token, REMOTE_ADDR="203.0.113.9")
-            logging.getLogger("django.server").info('"GET /s/%s HTTP/1.1" 302 0', token)
-            logging.getLogger("django.request").warning("Not Found: %s", "/s/" + token)
+            Client().post("/access/", {"code": created.access_code}, REMOTE_ADDR="203.0.113.9")
         finally:
-            for name in ("", "django", "django.request", "django.server", "axes", "accounts"):
+            for name in ("", "django", "django.request", "axes", "accounts"):
                 logging.getLogger(name).setLevel(logging.NOTSET)
         logged = caplog.text + "\n".join(str(r.__dict__) for r in caplog.records)
-        assert "AXES" in logged  # the failures were logged…
+        assert "AXES: Locking out" in logged  # the failures were logged…
         raw = token.split(".", 1)[0]
         assert raw not in logged  # …without the token
         assert created.access_code not in logged
         assert created.access_code.replace("-", "")[4:] not in logged
+        assert wrong.replace("-", "")[4:] not in logged
         assert otp not in logged
+
+    def test_the_development_servers_request_lines_are_redacted(self, tmp_path, settings):  # type: ignore[no-untyped-def]
+        """runserver prints a line per request, path included: run it, open a link, read what
+        it printed."""
+        key = secrets.token_urlsafe(64)
+        settings.SECRET_KEY = key
+        signed = credentials.sign_link_token(credentials.new_link_token())
+        raw = signed.split(".", 1)[0]
+        env = {
+            **os.environ,
+            "PORTAL_SECRET_KEY": key,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'server.sqlite3'}",
+            "PORTAL_BROKER_DIR": str(tmp_path / "broker"),
+            "PORTAL_LOG_LEVEL": "DEBUG",
+        }
+        manage = [sys.executable, "manage.py"]
+        subprocess.run([*manage, "migrate", "-v0"], cwd=BASE_DIR, env=env, check=True, timeout=120)
+        port = free_port()
+        server = subprocess.Popen(
+            [*manage, "runserver", "--noreload", "--skip-checks", f"127.0.0.1:{port}"],
+            cwd=BASE_DIR,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "runserver did not start"
+                    time.sleep(0.1)
+            for path in (f"/s/{signed}", f"/s/{signed}?x=1", "/s/" + raw + "/more"):
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                connection.request("GET", path, headers={"Sec-Fetch-Mode": "navigate"})
+                connection.getresponse().read()
+                connection.close()
+        finally:
+            server.terminate()
+            out, err = server.communicate(timeout=20)
+        printed = out + err
+        assert '"GET /s/[redacted] HTTP/1.1" 302' in printed, printed
+        assert raw not in printed
+        assert "AXES" in printed  # the failure was logged too, without the token
 
 
 class TestHeaders:
@@ -244,21 +329,8 @@ class TestHeaders:
         assert "no-store" in response["Cache-Control"]
         assert "no-store" in Client().get("/access/locked")["Cache-Control"]
 
-    def test_hsts_over_https_in_production(self, share, settings):  # type: ignore[no-untyped-def]
-        settings.SECURE_HSTS_SECONDS = 63072000
-        settings.SECURE_HSTS_INCLUDE_SUBDOMAINS = True
-        response = Client().get("/access/", secure=True)
-        assert response["Strict-Transport-Security"].startswith("max-age=63072000")
-
     def test_check_deploy_passes_with_production_settings(self, tmp_path):  # type: ignore[no-untyped-def]
-        env = {
-            **os.environ,
-            "PORTAL_SECRET_KEY": secrets.token_urlsafe(64),
-            "PORTAL_BASE_URL": "https://portal.example.org",
-            "PORTAL_ALLOWED_HOSTS": "portal.example.org",
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'deploy.sqlite3'}",
-            "PORTAL_DEBUG": "false",
-        }
+        env = _production_env(tmp_path)
         result = subprocess.run(
             [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
             cwd=BASE_DIR,
@@ -268,21 +340,37 @@ class TestHeaders:
             timeout=120,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        # And production cookies are __Host- ones.
-        probe = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import django; django.setup(); from django.conf import settings as s; "
-                "print(s.SESSION_COOKIE_NAME, s.CSRF_COOKIE_NAME, s.SESSION_COOKIE_SECURE)",
-            ],
+
+    def test_production_settings_send_hsts_and_host_cookies(self, tmp_path):  # type: ignore[no-untyped-def]
+        """The production environment, in a process of its own (nothing of the test settings):
+        what does it answer over HTTPS and over plain HTTP?"""
+        probe = (
+            "import json, django\n"
+            "django.setup()\n"
+            "from django.conf import settings as s\n"
+            "from django.test import Client\n"
+            "host = {'HTTP_HOST': 'portal.example.org'}\n"
+            "https = Client().get('/healthz', secure=True, **host)\n"
+            "plain = Client().get('/access/', **host)\n"
+            "print(json.dumps({'cookies': [s.SESSION_COOKIE_NAME, s.CSRF_COOKIE_NAME,"
+            " s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE],"
+            " 'status': https.status_code, 'hsts': https.get('Strict-Transport-Security'),"
+            " 'plain': [plain.status_code, plain.get('Location')]}))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe],
             cwd=BASE_DIR,
-            env={**env, "DJANGO_SETTINGS_MODULE": "portal.settings"},
+            env={**_production_env(tmp_path), "DJANGO_SETTINGS_MODULE": "portal.settings"},
             capture_output=True,
             text=True,
             timeout=120,
         )
-        assert probe.stdout.split() == ["__Host-portal_session", "__Host-portal_csrf", "True"]
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout.strip().splitlines()[-1])
+        assert seen["status"] == 200
+        assert seen["hsts"] == "max-age=63072000; includeSubDomains; preload"
+        assert seen["plain"] == [301, "https://portal.example.org/access/"]
+        assert seen["cookies"] == ["__Host-portal_session", "__Host-portal_csrf", True, True]
 
     def test_check_deploy_refuses_the_demo_key(self, tmp_path):  # type: ignore[no-untyped-def]
         env = {k: v for k, v in os.environ.items() if k != "PORTAL_SECRET_KEY"} | {
@@ -302,14 +390,48 @@ class TestHeaders:
         assert "portal.E001" in result.stderr + result.stdout
 
 
-def test_sessions_are_short_even_when_idle_clock_is_refreshed(share, sms_dir) -> None:  # type: ignore[no-untyped-def]
+def test_refreshing_the_idle_clock_never_outlasts_the_limits(share, sms_dir) -> None:  # type: ignore[no-untyped-def]
+    from django.contrib.sessions.models import Session
+
+    client = Client()
+    sign_in(client, share, sms_dir)
+    # Active for 14 minutes: the idle clock starts again…
+    session = client.session
+    session[access.SEEN] -= 14 * 60
+    session.save()
+    assert client.get("/viewer/").status_code == 200
+    assert int(time.time()) - client.session[access.SEEN] <= 1
+    key = str(session_key(client))
+    expires = Session.objects.get(session_key=key).expire_date
+    assert expires - timezone.now() <= timedelta(minutes=15)
+    # …and 15 idle minutes later the session is over, on the server.
+    session = client.session
+    session[access.SEEN] -= 15 * 60 + 1
+    session.save()
+    assert client.get("/viewer/")["Location"] == "/access/"
+    assert not Session.objects.filter(session_key=key, expire_date__gt=timezone.now()).exists()
+
+
+def test_the_idle_refresh_stops_at_the_absolute_limit(share, sms_dir) -> None:  # type: ignore[no-untyped-def]
+    from django.contrib.sessions.models import Session
+
     client = Client()
     sign_in(client, share, sms_dir)
     session = client.session
-    session[access.SEEN] = int(time.time()) - 31
+    session[access.STARTED] -= 2 * 3600 - 100  # 100 s before the 2-hour end
+    session[access.SEEN] -= 60
     session.save()
-    client.get("/viewer/")
-    assert int(time.time()) - client.session[access.SEEN] <= 1
+    assert client.get("/viewer/").status_code == 200
+    # The refreshed session (cookie and row) lives 100 s more, not another 15 minutes.
+    key = str(session_key(client))
+    assert Session.objects.get(session_key=key).expire_date - timezone.now() <= timedelta(
+        seconds=100
+    )
+    assert client.session.get_expiry_age() <= 100
+    session = client.session
+    session[access.STARTED] -= 101
+    session.save()
+    assert client.get("/viewer/")["Location"] == "/access/"
 
 
 class TestCsrfWithNoReferrer:
@@ -334,6 +456,27 @@ class TestCsrfWithNoReferrer:
         )
         assert response.status_code == 403
 
+    @pytest.mark.parametrize("site", ["cross-site", "same-site"])
+    def test_a_null_origin_from_elsewhere_is_refused(self, share, site) -> None:  # type: ignore[no-untyped-def]
+        # A sandboxed frame or a data: page posts with `Origin: null` too; the browser says
+        # where it really comes from.
+        client = Client(enforce_csrf_checks=True)
+        data = {"code": share.access_code, "csrfmiddlewaretoken": self._token(client)}
+        response = client.post(
+            "/access/", data, HTTP_ORIGIN="null", HTTP_SEC_FETCH_SITE=site, secure=True
+        )
+        assert response.status_code == 403
+        assert "recipient.share" not in client.session
+
+    @pytest.mark.parametrize("site", ["same-origin", "none"])
+    def test_a_null_origin_from_our_own_pages_is_accepted(self, share, site) -> None:  # type: ignore[no-untyped-def]
+        client = Client(enforce_csrf_checks=True)
+        data = {"code": share.access_code, "csrfmiddlewaretoken": self._token(client)}
+        response = client.post(
+            "/access/", data, HTTP_ORIGIN="null", HTTP_SEC_FETCH_SITE=site, secure=True
+        )
+        assert response.status_code == 302
+
     def test_no_token_no_post(self, share) -> None:  # type: ignore[no-untyped-def]
         client = Client(enforce_csrf_checks=True)
         self._token(client)
@@ -344,13 +487,45 @@ class TestCsrfWithNoReferrer:
 def test_axes_records_keep_no_secret(share) -> None:  # type: ignore[no-untyped-def]
     from axes.models import AccessAttempt
 
-    token = link_path(share)[3:]
-    Client().get("/s/" + token[:-2] + "zz", REMOTE_ADDR="203.0.113.5")
-    wrong = share.access_code[:-1] + ("0" if share.access_code[-1] != "0" else "1")
-    Client().post("/access/", {"code": wrong}, REMOTE_ADDR="203.0.113.5")
+    unknown = credentials.sign_link_token(credentials.new_link_token())
+    Client().get("/s/" + unknown, REMOTE_ADDR="203.0.113.5")
+    right = share.access_code
+    wrong = right[:-1] + ("0" if right[-1] != "0" else "1")
+    typed = wrong.replace("-", " ").lower()  # as a patient might type it
+    Client().post("/access/", {"code": typed}, REMOTE_ADDR="203.0.113.5")
     rows = list(AccessAttempt.objects.values())
     assert len(rows) == 2
     blob = repr(rows)
-    assert token.split(".")[0] not in blob
-    assert wrong not in blob and wrong.replace("-", "")[4:] not in blob
+    assert unknown.split(".")[0] not in blob
+    for secret in (wrong, typed, wrong.replace("-", ""), wrong.replace("-", "")[4:]):
+        assert secret not in blob and secret.lower() not in blob
+    assert right.replace("-", "")[4:] not in blob
     assert "/s/[redacted]" in blob
+
+
+def test_the_secrets_are_masked_before_the_failure_signal(share) -> None:  # type: ignore[no-untyped-def]
+    """Django hands the credentials of a failed authentication to every receiver of
+    user_login_failed (axes, and whatever else a site plugs in), masking only names that look
+    secret: the typed code and the link token must be among them."""
+    from django.contrib.auth.signals import user_login_failed
+
+    heard: list[dict[str, str]] = []
+
+    def receiver(sender, credentials, request=None, **kwargs):  # type: ignore[no-untyped-def]
+        heard.append(dict(credentials))
+
+    user_login_failed.connect(receiver)
+    try:
+        wrong = share.access_code[:-1] + ("0" if share.access_code[-1] != "0" else "1")
+        Client().post("/access/", {"code": wrong}, REMOTE_ADDR="203.0.113.6")
+        unknown = credentials.sign_link_token(credentials.new_link_token())
+        Client().get("/s/" + unknown, REMOTE_ADDR="203.0.113.6")
+    finally:
+        user_login_failed.disconnect(receiver)
+    masked = "*" * 20
+    prefix = share.access_code[:4]
+    assert heard[0] == {"access_code_secret": masked, "lockout_scope": "code:" + prefix}
+    assert heard[1]["link_token"] == masked
+    assert set(heard[1]) == {"link_token", "lockout_scope"}
+    assert heard[1]["lockout_scope"].startswith("link:")
+    assert unknown.split(".")[0] not in repr(heard)

@@ -213,6 +213,9 @@ def test_physician_enrols_a_passkey_then_signs_in_with_it(
     expect(page).to_have_url(live_server.url + "/viewer/")
     authenticators = cdp.send("WebAuthn.getCredentials", {"authenticatorId": authenticator})
     assert len(authenticators["credentials"]) == 1
+    # The physician is told, at the address the passkey now opens.
+    notice = mail.outbox[-1]
+    assert notice.to == ["dr.martin@example.org"] and "passkey" in notice.subject.lower()
     page.get_by_role("button", name="Sign out").click()
 
     # A later share to the same address: the passkey replaces the emailed code.
@@ -229,3 +232,28 @@ def test_physician_enrols_a_passkey_then_signs_in_with_it(
     assert PhysicianPasskey.objects.filter(email="dr.martin@example.org").count() == 1
     assert AuditEvent.objects.filter(share=second.share, action="passkey_ok").exists()
     assert csp_violations == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_page_full_of_portal_images_does_not_lock_its_visitor_out(
+    page: Page, live_server: Any
+) -> None:
+    """Another site embeds <img src="https://portal/s/…"> to lock its visitors' (a whole
+    hospital's) address out: the browser marks those requests as images, the portal ignores
+    them, and the visitor's own link still opens."""
+    from axes.models import AccessAttempt
+
+    from accounts import credentials
+
+    make_study()
+    created = make_share()
+    junk = [credentials.sign_link_token(credentials.new_link_token()) for _ in range(6)]
+    junk += ["junk", "forged.abc.def"]
+    sent: list[str] = []
+    page.on("request", lambda request: sent.append(request.url) if "/s/" in request.url else None)
+    page.set_content("".join(f'<img src="{live_server.url}/s/{t}" alt="">' for t in junk))
+    page.wait_for_load_state("load")
+    assert len(sent) == len(junk)  # the browser did ask for every one
+    assert not AccessAttempt.objects.exists()
+    page.goto(live_server.url + link_path(created))
+    expect(page).to_have_url(live_server.url + "/access/verify")
