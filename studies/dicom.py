@@ -21,6 +21,7 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 # A UUID-derived UID (PS3.5 B.2): unique without registering an organisation root.
 IMPLEMENTATION_CLASS_UID = "2.25.204586120159834600976043815149901655366"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 IMPLEMENTATION_VERSION_NAME = "IMAGE_PORTAL_01"
 
 
@@ -168,17 +169,21 @@ def text(ds: Dataset, keyword: str, max_length: int = 255) -> str:
         result = "\\".join(str(v) for v in value)
     else:
         result = str(value)
-    return result.strip()[:max_length]
+    # Control characters (NUL above all, which PostgreSQL refuses) have no place in a name
+    # or a description; a hostile data set must not make its index row fail.
+    return _CONTROL.sub("", result).strip()[:max_length]
 
 
-def integer(ds: Dataset, keyword: str) -> int | None:
+def integer(ds: Dataset, keyword: str, minimum: int = -(2**31)) -> int | None:
+    """A dataset element as an integer that fits the index's columns, else None."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
         return None
+    return number if minimum <= number < 2**31 else None
 
 
 # --- Completeness -------------------------------------------------------------------------
@@ -276,18 +281,14 @@ class _ElementWalker:
 
 # Tag, VR, two reserved bytes and a 32-bit length: the longest element header.
 LONGEST_ELEMENT_HEADER = 12
-_SEQUENCE_DELIMITATION_ITEM = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
-def pixel_data_ends_data_set(
-    element: bytes, *, transfer_syntax_uid: str, remaining: int, tail: bytes
-) -> bool:
-    """Whether a little endian pixel data element, whose first bytes are `element`, spans
-    exactly the `remaining` bytes of its data set, `tail` being the data set's last bytes.
+def pixel_data_ends_data_set(element: bytes, *, transfer_syntax_uid: str, remaining: int) -> bool:
+    """Whether a little endian pixel data element of defined length, whose first bytes are
+    `element`, spans exactly the `remaining` bytes of its data set.
 
-    The quick form of `check_complete` for the usual layout, pixel data last: a defined
-    length must reach the end exactly, and encapsulated pixel data must end with its
-    sequence delimiter. False means "not shown": the caller runs the full check.
+    The quick form of `check_complete` for the usual layout of uncompressed images, pixel
+    data last. False means "not shown": the caller runs the full check.
     """
     if transfer_syntax_uid in {_EXPLICIT_VR_BIG_ENDIAN, _DEFLATED}:
         return False
@@ -300,7 +301,7 @@ def pixel_data_ends_data_set(
             return False
         header, length = 12, struct.unpack_from("<I", element, 8)[0]
     if length == _UNDEFINED_LENGTH:
-        return remaining >= header + 8 and tail.endswith(_SEQUENCE_DELIMITATION_ITEM)
+        return False  # encapsulated: its fragments are few, the full walk is cheap
     return header + length == remaining
 
 

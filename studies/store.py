@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,8 +28,7 @@ from studies.models import Instance, PacsNode, Series, Study
 logger = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
-# How many of the last bytes received are kept (a sequence delimitation item is 8).
-_TAIL = 8
+_PROBE_STEP = 16 * 1024
 # How many data set bytes are kept to find the header in; real headers are a few kilobytes.
 _PROBE_LIMIT = 256 * 1024
 _INSTANCE_FIELDS = [
@@ -66,10 +66,28 @@ def _os_error(exc: OSError) -> StoreError:
     return StoreError(f"cannot write to the store: {exc.strerror}")
 
 
+def _refuse_move_to_another_study(header: Dataset) -> None:
+    """An instance UID names one instance for ever: a sender (mistaken or hostile) must not
+    slip an instance of one study into another, nor take it from a study already shared."""
+    owner = (
+        Instance.objects.filter(sop_instance_uid=str(header.SOPInstanceUID))
+        .values_list("series__study__study_instance_uid", flat=True)
+        .first()
+    )
+    if owner is not None and owner != str(header.StudyInstanceUID):
+        raise dicom.InvalidDicom(
+            "the SOP Instance UID already belongs to another study in the store"
+        )
+
+
 def _create_temporary() -> tuple[int, Path]:
     try:
         incoming = store_dir() / INCOMING
         incoming.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(incoming).free < settings.STORE_MIN_FREE_BYTES:
+            # Keep room for the database and the logs: a full disk stops more than the store.
+            floor = settings.STORE_MIN_FREE_BYTES >> 20
+            raise StoreError(f"the store's disk is full (less than {floor} MB free)")
         fd, name = tempfile.mkstemp(dir=incoming, suffix=".part")
     except OSError as exc:
         raise _os_error(exc) from exc
@@ -89,20 +107,22 @@ class IncomingInstance:
         *,
         expected_sop_uid: str | None,
         meta: bytes,
+        expected_sop_class_uid: str | None = None,
         transfer_syntax_uid: str = "",
     ) -> None:
         self.indexer = indexer
         self._transfer_syntax = transfer_syntax_uid
         self.expected_sop_uid = expected_sop_uid
+        self.expected_sop_class_uid = expected_sop_class_uid
         self._meta = meta
         # The first bytes of the data set, kept to parse the header while the rest arrives.
         self._probe: bytearray | None = bytearray() if meta else None
+        self._probe_next = 0
         self._header: Dataset | None = None
-        # Where the pixel data element starts in the data set, and its header: with the last
-        # bytes received, they tell a whole data set without reading the file again.
+        # Where the pixel data element starts in the data set, and its header: with the size
+        # received, they tell a whole data set without reading the file again.
         self._pixel_offset: int | None = None
         self._pixel_element = b""
-        self._tail = b""
         self._digest = hashlib.sha256()
         self._size = 0
         self._closed = False
@@ -128,7 +148,6 @@ class IncomingInstance:
         """Append data set bytes (after the file meta header); they count in the SHA-256."""
         self._digest.update(data)
         self._raw_write(data)
-        self._tail = (self._tail + bytes(data[-_TAIL:]))[-_TAIL:]
         if self._probe is not None:
             self._probe += data
             self._parse_probe()
@@ -140,6 +159,11 @@ class IncomingInstance:
         instead of delaying the answer to the sender.
         """
         assert self._probe is not None
+        # A sender cutting the header into tiny fragments must not make us parse it over and
+        # over: try again only once a good deal more has arrived.
+        if len(self._probe) < self._probe_next:
+            return
+        self._probe_next = len(self._probe) + _PROBE_STEP
         header = dicom.read_leading_header(bytes(self._probe), self._transfer_syntax)
         if header is not None:
             position = header.pixel_data_offset
@@ -163,7 +187,6 @@ class IncomingInstance:
             self._pixel_element,
             transfer_syntax_uid=str(self._header.file_meta.TransferSyntaxUID),
             remaining=dataset_size - self._pixel_offset,
-            tail=self._tail,
         )
 
     def write_file(self, data: bytes) -> None:
@@ -208,6 +231,12 @@ class IncomingInstance:
                 raise dicom.InvalidDicom(
                     "the data set's SOP Instance UID differs from the request's"
                 )
+            if (
+                self.expected_sop_class_uid
+                and str(header.SOPClassUID) != self.expected_sop_class_uid
+            ):
+                raise dicom.InvalidDicom("the data set's SOP Class UID differs from the request's")
+            _refuse_move_to_another_study(header)
             relative = instance_path(
                 str(header.StudyInstanceUID),
                 str(header.SeriesInstanceUID),
@@ -299,6 +328,7 @@ class Indexer:
         return IncomingInstance(
             self,
             expected_sop_uid=sop_instance_uid,
+            expected_sop_class_uid=sop_class_uid,
             meta=meta,
             transfer_syntax_uid=transfer_syntax_uid,
         )
@@ -352,9 +382,9 @@ class Indexer:
             sop_class_uid=str(header.SOPClassUID),
             instance_number=dicom.integer(header, "InstanceNumber"),
             transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
-            rows=dicom.integer(header, "Rows"),
-            columns=dicom.integer(header, "Columns"),
-            number_of_frames=dicom.integer(header, "NumberOfFrames") or 1,
+            rows=dicom.integer(header, "Rows", minimum=0),
+            columns=dicom.integer(header, "Columns", minimum=0),
+            number_of_frames=dicom.integer(header, "NumberOfFrames", minimum=1) or 1,
             file_path=relative,
             size=size,
             sha256=sha256,
@@ -463,3 +493,24 @@ def study_delete(study: Study) -> None:
 
 def instance_file(instance: Instance) -> Path:
     return store_dir() / instance.file_path
+
+
+def sweep_incoming(*, older_than: float) -> int:
+    """Remove temporary files that an interrupted transfer left behind; returns how many.
+
+    Only old ones: other processes (a worker's C-GET, an import) write there too."""
+    folder = store_dir() / INCOMING
+    limit = time.time() - older_than
+    removed = 0
+    try:
+        candidates = list(folder.glob("*.part"))
+    except OSError:
+        return 0
+    for path in candidates:
+        try:
+            if path.stat().st_mtime < limit:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed

@@ -1,15 +1,22 @@
 """The storage SCP: where a PACS (C-MOVE) or a modality (push) delivers instances.
 
 It accepts associations only from configured PACS nodes (AE title and address), writes each
-instance byte for byte into the store as its fragments arrive, indexes it, and answers a
-failure status for anything it cannot store. One bad sender never stops it: each association
-runs in its own thread and every error ends at most that association.
+instance byte for byte into the store as its fragments arrive, and answers a failure status for
+anything it cannot store. One bad sender never stops it: each association runs in its own thread
+and every error ends at most that association; a peer that is no configured node is dropped
+before it holds any resource.
 
 Why not pynetdicom's server: its reactor polls queues with sleeps and copies every fragment
 several times, which made receiving a 300-slice CT four times slower than dcmtk. The receive
 path here is a plain blocking loop over the upper-layer PDUs (PS3.8 section 9) that writes
-fragments straight to disk; pynetdicom still decodes the association request, negotiates the
-presentation contexts and encodes the answer, and pydicom decodes the command sets.
+fragments straight to disk; pynetdicom still decodes the association request and encodes the
+answer, and pydicom decodes the command sets.
+
+What a success status means: the instance is complete, checked and in its place in the store.
+Its index row is written a moment later, in batches, and always before the association is
+released: a C-MOVE is complete only after that release. Files are not fsynced (neither dcmtk
+nor Orthanc do): after a power cut the PACS still holds the original, and a retrieval job checks
+that the index holds everything the PACS reported sent.
 """
 
 import logging
@@ -32,7 +39,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
 )
-from pynetdicom.presentation import build_context, negotiate_as_acceptor
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from studies import dicom
@@ -48,6 +55,7 @@ from studies.store import (
     Indexer,
     PlacedInstance,
     StoreError,
+    sweep_incoming,
     upsert_instances,
 )
 
@@ -56,18 +64,31 @@ logger = logging.getLogger(__name__)
 # PDU types (PS3.8 9.3.1).
 _ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ = 0x01, 0x02, 0x03
 _P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x04, 0x05, 0x06, 0x07
-# A-ASSOCIATE-RJ: rejected-permanent, by the service user; reasons.
-_REJECT_PERMANENT, _SOURCE_SERVICE_USER = 0x01, 0x01
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
+_REJECT_PERMANENT, _REJECT_TRANSIENT = 0x01, 0x02
+_SOURCE_SERVICE_USER, _SOURCE_PROVIDER_PRESENTATION = 0x01, 0x03
 _CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
+_LOCAL_LIMIT_EXCEEDED = 0x02
+# Presentation context results (PS3.8 9.3.3.2).
+_ACCEPTED, _ABSTRACT_SYNTAX_NOT_SUPPORTED, _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0, 3, 4
 # The largest PDU we accept (and announce): big PDUs mean fewer loop turns per slice.
 MAX_PDU = 4 * 1024 * 1024
+# An association request is a few kilobytes even with a hundred presentation contexts.
+_MAX_ASSOCIATE_RQ = 64 * 1024
 # A command set is a few hundred bytes; anything larger is an attack or a bug.
 _MAX_COMMAND = 64 * 1024
 _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 _NO_DATASET = 0x0101
-# Instances are indexed by batches of this many, or after this many seconds.
+# Instances are indexed by batches of this many, or when the sender pauses this long.
 _INDEX_BATCH = 1000
 _INDEX_DELAY = 0.1
+# Temporary files older than this in the store's incoming folder were left by a crash.
+_STALE_INCOMING = 3600.0
+
+_SUPPORTED_SYNTAXES = frozenset(str(uid) for uid in ALL_TRANSFER_SYNTAXES)
+_SUPPORTED_CLASSES = frozenset(
+    str(c.abstract_syntax) for c in AllStoragePresentationContexts if c.abstract_syntax
+) | {str(Verification)}
 
 
 class ProtocolError(Exception):
@@ -88,58 +109,93 @@ class NodeDirectory:
 
     refresh_seconds: float = 10.0
     _allowed: dict[str, tuple[int, set[str]]] = field(default_factory=dict)
+    _known_addresses: frozenset[str] = frozenset()
     _loaded_at: float = float("-inf")
+    _reloading: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def node_for(self, ae_title: str, address: str) -> int | None:
         """The PacsNode id for a calling AE at an address, or None if it is not configured."""
-        with self._lock:
-            if time.monotonic() - self._loaded_at > self.refresh_seconds:
-                self._reload()
-            entry = self._allowed.get(ae_title.strip())
+        entry = self._current()[0].get(ae_title.strip())
         if entry is None:
             return None
         node_id, addresses = entry
         return node_id if address in addresses else None
 
+    def knows_address(self, address: str) -> bool:
+        return address in self._current()[1]
+
     def invalidate(self) -> None:
         with self._lock:
             self._loaded_at = float("-inf")
 
-    def _reload(self) -> None:
+    def load(self) -> None:
+        allowed, known = self._read()
+        with self._lock:
+            self._allowed, self._known_addresses = allowed, known
+            self._loaded_at = time.monotonic()
+
+    def _current(self) -> tuple[dict[str, tuple[int, set[str]]], frozenset[str]]:
+        with self._lock:
+            stale = time.monotonic() - self._loaded_at > self.refresh_seconds
+            # Until a first load, everyone waits for one rather than see an empty directory.
+            never_loaded = self._loaded_at == float("-inf")
+            reload = stale and (never_loaded or not self._reloading)
+            if reload:
+                self._reloading = True
+        if reload:
+            # Outside the lock: a slow name server must not hold up every new association.
+            try:
+                self.load()
+            finally:
+                with self._lock:
+                    self._reloading = False
+        with self._lock:
+            return self._allowed, self._known_addresses
+
+    @staticmethod
+    def _read() -> tuple[dict[str, tuple[int, set[str]]], frozenset[str]]:
         allowed: dict[str, tuple[int, set[str]]] = {}
-        for node in PacsNode.objects.all():
-            key = node.ae_title.strip()
-            node_id, addresses = allowed.get(key, (node.pk, set()))
-            allowed[key] = (node_id, addresses | _addresses(node.host))
-        self._allowed = allowed
-        self._loaded_at = time.monotonic()
-
-
-def _supported_contexts() -> list:
-    contexts = [
-        build_context(c.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        for c in AllStoragePresentationContexts
-        if c.abstract_syntax
-    ]
-    contexts.append(build_context(Verification))
-    return contexts
+        try:
+            for node in PacsNode.objects.all():
+                key = node.ae_title.strip()
+                node_id, addresses = allowed.get(key, (node.pk, set()))
+                allowed[key] = (node_id, addresses | _addresses(node.host))
+        finally:
+            connection.close()
+        known = frozenset(a for _, addresses in allowed.values() for a in addresses)
+        return allowed, known
 
 
 class StorageServer:
-    """Listens for associations; one thread per association, at most `max_associations`."""
+    """Listens for associations; one thread per association, at most `max_associations`, and
+    at most `max_per_address` from one address."""
 
-    def __init__(self, *, ae_title: str, host: str, port: int, max_associations: int = 32) -> None:
+    def __init__(
+        self,
+        *,
+        ae_title: str,
+        host: str,
+        port: int,
+        max_associations: int = 32,
+        max_per_address: int = 8,
+    ) -> None:
         self.ae_title = ae_title
         self.address = (host, port)
         self.nodes = NodeDirectory()
-        self._contexts = _supported_contexts()
-        self._slots = threading.BoundedSemaphore(max_associations)
+        self.max_associations = max_associations
+        self.max_per_address = max_per_address
+        self._per_address: dict[str, int] = {}
+        self._associations: set[threading.Thread] = set()
+        self._lock = threading.Lock()
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
     def start(self, block: bool = False) -> None:
+        swept = sweep_incoming(older_than=_STALE_INCOMING)
+        if swept:
+            logger.warning("removed %d temporary files left by an interrupted transfer", swept)
         listener = socket.create_server(self.address, reuse_port=False, backlog=64)
         self._socket = listener
         self.address = listener.getsockname()[:2]
@@ -150,7 +206,9 @@ class StorageServer:
             self._thread = threading.Thread(target=self._accept_loop, name="storescp", daemon=True)
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop listening, let running associations end (then abort those that do not), so
+        that everything already acknowledged is indexed."""
         self._stopping.set()
         if self._socket is not None:
             try:
@@ -161,6 +219,18 @@ class StorageServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        deadline = time.monotonic() + grace
+        for thread in self._running():
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for thread in self._running():
+            association: Association | None = getattr(thread, "association", None)
+            if association is not None:
+                association.shut_down()
+            thread.join(timeout=10)
+
+    def _running(self) -> list[threading.Thread]:
+        with self._lock:
+            return [t for t in self._associations if t.is_alive()]
 
     def _accept_loop(self) -> None:
         assert self._socket is not None
@@ -177,27 +247,74 @@ class StorageServer:
                 logger.exception("storage SCP accept failed")
                 time.sleep(0.1)
                 continue
-            if not self._slots.acquire(blocking=False):
-                logger.warning("refused a connection from %s: too many associations", peer[0])
-                conn.close()
-                continue
-            threading.Thread(
-                target=self._serve, args=(conn, peer[0]), name=f"storescp-{peer[0]}", daemon=True
-            ).start()
+            self._admit(conn, str(peer[0]))
+
+    def _admit(self, conn: socket.socket, address: str) -> None:
+        if not self.nodes.knows_address(address):
+            # No configured node lives there: not worth a thread, a slot or a log line each.
+            logger.debug("dropped a connection from %s: no configured node there", address)
+            conn.close()
+            return
+        with self._lock:
+            busy = len(self._associations) >= self.max_associations
+            crowded = self._per_address.get(address, 0) >= self.max_per_address
+            if not busy and not crowded:
+                self._per_address[address] = self._per_address.get(address, 0) + 1
+                thread = threading.Thread(
+                    target=self._serve, args=(conn, address), name=f"storescp-{address}"
+                )
+                self._associations.add(thread)
+        if busy or crowded:
+            logger.warning("refused a connection from %s: too many associations", address)
+            _send_quietly(
+                conn,
+                _reject_pdu(
+                    _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED
+                ),
+            )
+            conn.close()
+            return
+        thread.start()
 
     def _serve(self, conn: socket.socket, address: str) -> None:
+        association = Association(self, conn, address)
+        threading.current_thread().association = association  # type: ignore[attr-defined]
         try:
-            Association(self, conn, address).run()
+            association.run()
         except Exception:
             logger.exception("association from %s ended with an error", address)
         finally:
-            self._slots.release()
             try:
                 conn.close()
             except OSError:
                 pass
             # Each association thread had its own database connection.
             connection.close()
+            with self._lock:
+                self._associations.discard(threading.current_thread())
+                self._per_address[address] -= 1
+                if not self._per_address[address]:
+                    del self._per_address[address]
+
+
+def _negotiate(requested: list[PresentationContext]) -> list[PresentationContext]:
+    """Accept each storage (or verification) context in the first transfer syntax the
+    requester listed that we support: its order says how it holds the instances, and any other
+    choice would make it transcode them."""
+    results = []
+    for context in requested:
+        result = PresentationContext()
+        result.context_id = context.context_id
+        result.abstract_syntax = context.abstract_syntax
+        if str(context.abstract_syntax) not in _SUPPORTED_CLASSES:
+            result.result = _ABSTRACT_SYNTAX_NOT_SUPPORTED
+            result.transfer_syntax = [context.transfer_syntax[0]]
+        else:
+            chosen = [ts for ts in context.transfer_syntax if str(ts) in _SUPPORTED_SYNTAXES]
+            result.result = _ACCEPTED if chosen else _TRANSFER_SYNTAXES_NOT_SUPPORTED
+            result.transfer_syntax = [chosen[0] if chosen else context.transfer_syntax[0]]
+        results.append(result)
+    return results
 
 
 class Association:
@@ -209,14 +326,20 @@ class Association:
         self.address = address
         self.calling_ae = ""
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, syntax)
-        self.peer_max_pdu = 16384
         self.indexer: Indexer | None = None
+        self.index_worker = IndexWorker("")
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Room for a whole slice in the socket: the sender can finish sending it while we
         # hash and write the first fragments.
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        conn.settimeout(settings.DICOM_NETWORK_TIMEOUT)
         self._reader = conn.makefile("rb", buffering=1 << 20)
+
+    def shut_down(self) -> None:
+        """From another thread: end this association now (the server is stopping)."""
+        try:
+            self.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     # -- reading -----------------------------------------------------------------------------
     def _read_exact(self, size: int) -> bytes:
@@ -225,23 +348,32 @@ class Association:
             raise ConnectionError("the peer closed the connection")
         return data
 
-    def _read_pdu(self) -> tuple[int, bytes]:
+    def _read_pdu(self, limit: int = MAX_PDU + 6) -> tuple[int, bytes]:
         header = self._read_exact(6)
         pdu_type, length = header[0], struct.unpack(">I", header[2:6])[0]
-        if length > MAX_PDU + 6:
+        if length > limit:
             raise ProtocolError(f"PDU of {length} bytes exceeds the announced maximum")
         return pdu_type, self._read_exact(length)
 
     # -- the state machine, flattened ----------------------------------------------------------
     def run(self) -> None:
-        self.conn.settimeout(settings.DICOM_CONNECT_TIMEOUT)  # ARTIM: the request must come soon
+        # ARTIM (PS3.8 9.1.5): the whole request must arrive in time, not merely each byte
+        # of it: a peer trickling a byte at a time would otherwise hold its slot for ever.
+        self.conn.settimeout(settings.DICOM_CONNECT_TIMEOUT)
+        artim = threading.Timer(settings.DICOM_CONNECT_TIMEOUT, self.shut_down)
+        artim.start()
         try:
-            pdu_type, body = self._read_pdu()
-        except (ConnectionError, TimeoutError, ProtocolError, OSError):
-            return
-        if pdu_type != _ASSOCIATE_RQ:
+            pdu_type, body = self._read_pdu(limit=_MAX_ASSOCIATE_RQ)
+            if pdu_type != _ASSOCIATE_RQ:
+                raise ProtocolError(f"expected an association request, got PDU 0x{pdu_type:02X}")
+        except ProtocolError as exc:
+            logger.warning("aborting a connection from %s: %s", self.address, exc)
             self._abort()
             return
+        except (ConnectionError, TimeoutError, OSError):
+            return
+        finally:
+            artim.cancel()
         if not self._accept(body):
             return
         self.conn.settimeout(settings.DICOM_NETWORK_TIMEOUT)
@@ -252,6 +384,9 @@ class Association:
             self._abort()
         except (ConnectionError, TimeoutError, OSError) as exc:
             logger.warning("association from %r broke off: %s", self.calling_ae, exc)
+        except Exception:
+            logger.exception("aborting the association from %r", self.calling_ae)
+            self._abort()
 
     def _accept(self, body: bytes) -> bool:
         request = A_ASSOCIATE_RQ()
@@ -271,7 +406,10 @@ class Association:
                 self.address,
                 called,
             )
-            self._send_reject(_CALLED_AE_NOT_RECOGNISED)
+            _send_quietly(
+                self.conn,
+                _reject_pdu(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLED_AE_NOT_RECOGNISED),
+            )
             return False
         node_id = self.server.nodes.node_for(self.calling_ae, self.address)
         if node_id is None:
@@ -280,21 +418,20 @@ class Association:
                 self.calling_ae,
                 self.address,
             )
-            self._send_reject(_CALLING_AE_NOT_RECOGNISED)
+            _send_quietly(
+                self.conn,
+                _reject_pdu(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED),
+            )
             return False
-        for item in primitive.user_information:
-            if isinstance(item, MaximumLengthNotification) and item.maximum_length_received:
-                self.peer_max_pdu = item.maximum_length_received
-        accepted, _roles = negotiate_as_acceptor(
-            primitive.presentation_context_definition_list, self.server._contexts
-        )
+        accepted = _negotiate(primitive.presentation_context_definition_list)
         for context in accepted:
-            if context.result == 0x00 and context.transfer_syntax and context.context_id:
+            if context.result == _ACCEPTED and context.context_id is not None:
                 self.contexts[context.context_id] = (
                     str(context.abstract_syntax),
                     str(context.transfer_syntax[0]),
                 )
         self.indexer = Indexer(source=PacsNode.objects.filter(pk=node_id).first())
+        self.index_worker = IndexWorker(self.calling_ae)
 
         answer = A_ASSOCIATE()
         answer.application_context_name = primitive.application_context_name
@@ -315,7 +452,6 @@ class Association:
         return True
 
     def _data_phase(self) -> None:
-        self.index_worker = IndexWorker(self.calling_ae)
         try:
             self._exchange()
         finally:
@@ -326,7 +462,7 @@ class Association:
         command = bytearray()
         pending: Dataset | None = None  # the command whose data set is arriving
         incoming: IncomingInstance | None = None
-        failed_status: int | None = None
+        failure: tuple[int, str] | None = None
         try:
             while True:
                 pdu_type, body = self._read_pdu()
@@ -367,40 +503,49 @@ class Association:
                         command.clear()
                         pending.context_id = context_id  # type: ignore[attr-defined]
                         if pending.get("CommandDataSetType", _NO_DATASET) == _NO_DATASET:
-                            self._answer(pending, None)
-                            pending = None
+                            if pending.get("CommandField") == _C_STORE_RQ:
+                                failure = (STATUS_CANNOT_UNDERSTAND, "C-STORE without a data set")
+                            self._answer(pending, failure)
+                            pending, failure = None, None
                             continue
-                        incoming, failed_status = self._begin(pending, context_id)
+                        incoming, failure = self._begin(pending, context_id)
                     else:
                         if pending is None:
                             raise ProtocolError("a data set arrived without a command")
+                        if context_id != pending.context_id:  # type: ignore[attr-defined]
+                            raise ProtocolError("a data set arrived on another context")
                         if incoming is not None:
                             try:
                                 incoming.write(fragment)
                             except StoreError as exc:
                                 logger.error("cannot store from %r: %s", self.calling_ae, exc)
-                                incoming, failed_status = None, STATUS_OUT_OF_RESOURCES
+                                incoming, failure = None, (STATUS_OUT_OF_RESOURCES, str(exc))
                         if is_last:
-                            status = failed_status
                             if incoming is not None:
-                                status = self._commit(incoming, pending)
-                            self._answer(pending, status)
-                            pending, incoming, failed_status = None, None, None
+                                failure = self._commit(incoming, pending)
+                            self._answer(pending, failure)
+                            pending, incoming, failure = None, None, None
         finally:
             if incoming is not None:
                 incoming.abort()  # never leave half an instance behind
 
     def _begin(
         self, command: Dataset, context_id: int
-    ) -> tuple[IncomingInstance | None, int | None]:
+    ) -> tuple[IncomingInstance | None, tuple[int, str] | None]:
         if command.get("CommandField") != _C_STORE_RQ:
-            return None, STATUS_CANNOT_UNDERSTAND
+            raise ProtocolError(f"unsupported DIMSE command 0x{command.get('CommandField', 0):04X}")
         assert self.indexer is not None
         abstract_syntax, transfer_syntax = self.contexts[context_id]
+        sop_class = str(command.get("AffectedSOPClassUID", ""))
+        if sop_class != abstract_syntax:
+            return None, (STATUS_DATASET_MISMATCH, "SOP class differs from the context's")
+        if self.index_worker.failed:
+            # The index stopped working: say so to the sender rather than take more.
+            return None, (STATUS_OUT_OF_RESOURCES, "the index cannot take more instances")
         try:
             return (
                 self.indexer.begin(
-                    sop_class_uid=str(command.get("AffectedSOPClassUID", abstract_syntax)),
+                    sop_class_uid=sop_class,
                     sop_instance_uid=str(command.get("AffectedSOPInstanceUID", "")),
                     transfer_syntax_uid=transfer_syntax,
                     source_ae=self.calling_ae,
@@ -409,16 +554,12 @@ class Association:
             )
         except dicom.InvalidDicom as exc:
             logger.warning("refused an instance from %r: %s", self.calling_ae, exc)
-            return None, STATUS_CANNOT_UNDERSTAND
+            return None, (STATUS_CANNOT_UNDERSTAND, str(exc))
         except StoreError as exc:
             logger.error("cannot store from %r: %s", self.calling_ae, exc)
-            return None, STATUS_OUT_OF_RESOURCES
+            return None, (STATUS_OUT_OF_RESOURCES, str(exc))
 
-    def _commit(self, incoming: IncomingInstance, command: Dataset) -> int:
-        if self.index_worker.failed:
-            # The index stopped working: say so to the sender rather than take more.
-            incoming.abort()
-            return STATUS_OUT_OF_RESOURCES
+    def _commit(self, incoming: IncomingInstance, command: Dataset) -> tuple[int, str] | None:
         try:
             self.index_worker.submit(incoming.place())
         except dicom.InvalidDicom as exc:
@@ -428,47 +569,44 @@ class Association:
                 self.calling_ae,
                 exc,
             )
-            if "SOP Instance UID" in str(exc):
-                return STATUS_DATASET_MISMATCH
-            return STATUS_CANNOT_UNDERSTAND
+            if "differs" in str(exc) or "another study" in str(exc):
+                return STATUS_DATASET_MISMATCH, str(exc)
+            return STATUS_CANNOT_UNDERSTAND, str(exc)
         except StoreError as exc:
             logger.error("cannot store from %r: %s", self.calling_ae, exc)
-            return STATUS_OUT_OF_RESOURCES
+            return STATUS_OUT_OF_RESOURCES, str(exc)
         except Exception:
-            logger.exception("unexpected error indexing an instance from %r", self.calling_ae)
-            return STATUS_OUT_OF_RESOURCES
-        return STATUS_SUCCESS
+            logger.exception("unexpected error storing an instance from %r", self.calling_ae)
+            return STATUS_OUT_OF_RESOURCES, "internal error"
+        return None
 
-    def _answer(self, command: Dataset, status: int | None) -> None:
+    def _answer(self, command: Dataset, failure: tuple[int, str] | None) -> None:
         field_ = command.get("CommandField")
+        status, comment = failure or (STATUS_SUCCESS, "")
         if field_ == _C_ECHO_RQ:
-            response = _encode_response(
-                _C_ECHO_RSP, command, STATUS_SUCCESS, include_instance=False
-            )
+            response = _encode_response(_C_ECHO_RSP, command, STATUS_SUCCESS, "", False)
         elif field_ == _C_STORE_RQ:
-            response = _encode_response(
-                _C_STORE_RSP, command, STATUS_SUCCESS if status is None else status
-            )
+            response = _encode_response(_C_STORE_RSP, command, status, comment, True)
         else:
             raise ProtocolError(f"unsupported DIMSE command 0x{field_ or 0:04X}")
         context_id = command.context_id  # type: ignore[attr-defined]
         item = struct.pack(">IBB", len(response) + 2, context_id, 0x03) + response
         self.conn.sendall(struct.pack(">BBI", _P_DATA, 0, len(item)) + item)
 
-    def _send_reject(self, reason: int) -> None:
-        pdu = bytes(
-            [_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, _REJECT_PERMANENT, _SOURCE_SERVICE_USER, reason]
-        )
-        try:
-            self.conn.sendall(pdu)
-        except OSError:
-            pass
-
     def _abort(self) -> None:
-        try:
-            self.conn.sendall(bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
-        except OSError:
-            pass
+        # Source 2: aborted by the service provider (us), reason not specified.
+        _send_quietly(self.conn, bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 0]))
+
+
+def _reject_pdu(result: int, source: int, reason: int) -> bytes:
+    return bytes([_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, result, source, reason])
+
+
+def _send_quietly(conn: socket.socket, data: bytes) -> None:
+    try:
+        conn.sendall(data)
+    except OSError:
+        pass
 
 
 class IndexWorker:
@@ -479,6 +617,10 @@ class IndexWorker:
     `finish()` holds the release until every row is written. So rows are written when the
     sender pauses, when many are waiting, or at the release, not while slices stream in:
     indexing meanwhile would compete with the receiving thread for the interpreter.
+
+    The sender was told these instances are stored: a row that cannot be written leaves its
+    file in place and is logged (`import_dicom` on the store folder indexes such files), and
+    the association refuses further instances.
     """
 
     def __init__(self, calling_ae: str) -> None:
@@ -511,25 +653,29 @@ class IndexWorker:
             self._thread.join()
             self._thread = None
 
+    def _take(self) -> list[PlacedInstance]:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        return batch
+
     def _run(self) -> None:
         try:
             _relax_commit_durability()
             while True:
                 woken = self._wake.wait(timeout=_INDEX_DELAY)
                 self._wake.clear()
-                with self._lock:
-                    # A sender that pauses (a modality pushing now and then) still sees its
-                    # instances indexed within a fraction of a second.
-                    paused = time.monotonic() - self._last_submit >= _INDEX_DELAY
-                    batch = []
-                    if woken or paused:
-                        batch, self._pending = self._pending, []
-                self._index(batch)
+                # A sender that pauses (a modality pushing now and then) still sees its
+                # instances indexed within a fraction of a second.
+                paused = time.monotonic() - self._last_submit >= _INDEX_DELAY
+                if woken or paused:
+                    self._index(self._take())
                 if self._finishing:
-                    with self._lock:
-                        batch, self._pending = self._pending, []
-                    self._index(batch)
+                    self._index(self._take())
                     return
+        except Exception:
+            self.failed = True
+            logger.exception("the indexing thread of %r stopped", self.calling_ae)
+            self._orphan(self._take())
         finally:
             connection.close()
 
@@ -538,20 +684,33 @@ class IndexWorker:
             return
         try:
             upsert_instances([p.build() for p in batch])
+            return
         except Exception:
-            self.failed = True
             logger.exception("could not index %d instances from %r", len(batch), self.calling_ae)
-            for placed in batch:
-                placed.discard()
+        # One bad row (or a database hiccup) must not cost the others their place.
+        for placed in batch:
+            try:
+                upsert_instances([placed.build()])
+            except Exception:
+                self._orphan([placed])
+
+    def _orphan(self, placed: list[PlacedInstance]) -> None:
+        for instance in placed:
+            self.failed = True
+            logger.error(
+                "instance %s from %r is stored at %s but not indexed",
+                instance.header.SOPInstanceUID,
+                self.calling_ae,
+                instance.relative,
+            )
 
 
 def _relax_commit_durability() -> None:
     """Let PostgreSQL acknowledge this connection's index rows before they reach its WAL disk.
 
-    An index row is written per slice; waiting for a WAL flush each time would double the time
-    a CT takes to arrive. The trade is safe here: the PACS keeps the original, a crash can lose
-    only the last fraction of a second of rows, and a retrieval job checks that the index holds
-    every instance the PACS reported sent.
+    Waiting for a WAL flush for every batch would slow the sender's release. The trade is safe
+    here: the PACS keeps the original, a crash can lose only the last fraction of a second of
+    rows, and a retrieval job checks that the index holds every instance the PACS reported sent.
     """
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
@@ -563,34 +722,40 @@ def _decode_command(data: bytes) -> Dataset:
     try:
         command = read_dataset(BytesIO(data), is_implicit_VR=True, is_little_endian=True)
         command.get("CommandField")  # force the parse of the elements we rely on
+        for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
+            value = str(command.get(keyword, ""))
+            if value and not dicom.is_valid_uid(value):
+                raise ValueError(f"{keyword} is not a UID")
     except Exception as exc:
         raise ProtocolError(f"undecodable command set: {exc}") from exc
     return command
 
 
-def _uid_element(element: int, value: str) -> bytes:
+def _element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
     raw = value.encode("ascii")
-    if len(raw) % 2:
-        raw += b"\x00"
-    return struct.pack("<HHI", 0x0000, element, len(raw)) + raw
-
-
-def _us_element(element: int, value: int) -> bytes:
-    return struct.pack("<HHIH", 0x0000, element, 2, value)
+    return raw + b"\x00" if len(raw) % 2 else raw
 
 
 def _encode_response(
-    command_field: int, request: Dataset, status: int, include_instance: bool = True
+    command_field: int, request: Dataset, status: int, comment: str, include_instance: bool
 ) -> bytes:
-    """A C-STORE-RSP or C-ECHO-RSP command set, implicit VR little endian."""
+    """A C-STORE-RSP or C-ECHO-RSP command set, implicit VR little endian (PS3.7 9.3.1.2)."""
     elements = [
-        _uid_element(0x0002, str(request.get("AffectedSOPClassUID", ""))),
-        _us_element(0x0100, command_field),
-        _us_element(0x0120, int(request.get("MessageID", 0))),
-        _us_element(0x0800, _NO_DATASET),
-        _us_element(0x0900, status),
+        _element(0x0002, _uid(str(request.get("AffectedSOPClassUID", "")))),
+        _element(0x0100, struct.pack("<H", command_field)),
+        _element(0x0120, struct.pack("<H", int(request.get("MessageID", 0)))),
+        _element(0x0800, struct.pack("<H", _NO_DATASET)),
+        _element(0x0900, struct.pack("<H", status)),
     ]
+    if comment and status != STATUS_SUCCESS:
+        # Error Comment (LO, at most 64 characters): what a PACS administrator reads.
+        text = comment.encode("ascii", "replace")[:64]
+        elements.append(_element(0x0902, text + b" " if len(text) % 2 else text))
     if include_instance and request.get("AffectedSOPInstanceUID"):
-        elements.append(_uid_element(0x1000, str(request.AffectedSOPInstanceUID)))
+        elements.append(_element(0x1000, _uid(str(request.AffectedSOPInstanceUID))))
     body = b"".join(elements)
     return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body

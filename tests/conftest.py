@@ -49,6 +49,9 @@ def django_db_modify_db_settings(
 def portal_settings(settings, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Every test gets its own store, no retry delays and short network waits."""
     settings.STORE_DIR = tmp_path / "store"
+    # The floor of free space is tested on its own; elsewhere a nearly full build disk must
+    # not make every store fail.
+    settings.STORE_MIN_FREE_BYTES = 0
     settings.RETRIEVAL_MAX_RETRIES = 0
     settings.RETRIEVAL_RETRY_BACKOFF = 0
     settings.DICOM_CONNECT_TIMEOUT = 5.0

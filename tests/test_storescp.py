@@ -7,7 +7,9 @@ mid-instance by hand-made PDUs.
 """
 
 import hashlib
+import socket
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
@@ -184,7 +186,8 @@ def test_it_rejects_a_known_ae_title_from_another_address(
     # The whole of 127.0.0.0/8 is loopback: 127.0.0.2 is "another machine" that knows the
     # modality's AE title.
     with association(storage_scp, bind="127.0.0.2") as impostor:
-        assert impostor.is_rejected
+        # No node lives at that address: the connection is dropped before any negotiation.
+        assert not impostor.is_established
     assert_nothing_stored()
     with association(storage_scp, bind="127.0.0.1") as genuine:
         assert genuine.is_established
@@ -362,3 +365,160 @@ def test_it_keeps_nothing_of_an_instance_cut_short(
     assert_nothing_stored()
     push_valid_study(storage_scp, tmp_path / "push")
     assert_store_consistent()
+
+
+# --- Negotiation, limits and protocol abuse ---------------------------------------------------
+
+
+def test_it_accepts_the_transfer_syntax_the_sender_prefers(
+    storage_scp: StorageServer, modality_node: PacsNode, tmp_path: Path
+) -> None:
+    """The sender lists the syntax it holds an image in first: choosing another would make it
+    transcode (decompress) what it sends, and the copy would no longer be the original."""
+    ae = AE(ae_title=MODALITY_AE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(
+        CTImageStorage, [JPEGLSLossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    )
+    assoc = ae.associate("127.0.0.1", scp_port(storage_scp), ae_title=storage_scp.ae_title)
+    try:
+        assert assoc.is_established
+        assert [str(c.transfer_syntax[0]) for c in assoc.accepted_contexts] == [JPEGLSLossless]
+    finally:
+        assoc.release()
+
+
+def _raw_connection(server: StorageServer, bind: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection(
+        ("127.0.0.1", scp_port(server)), timeout=10, source_address=(bind, 0)
+    )
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        while data := sock.recv(4096):
+            if data[:1] in (b"\x03", b"\x07"):  # a rejection or an abort, then the close
+                continue
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@pytest.fixture
+def small_scp() -> Iterator[StorageServer]:
+    """A storage SCP of its own, with room for two associations, one per address."""
+    server = StorageServer(
+        ae_title="SMALLSCP", host="127.0.0.1", port=0, max_associations=2, max_per_address=1
+    )
+    server.start()
+    yield server
+    server.stop(grace=2)
+
+
+def test_strangers_hold_no_slot(small_scp: StorageServer, modality_node: PacsNode) -> None:
+    """Connections from addresses where no node lives are closed at once, before they take
+    one of the few association slots: filling them would stop every PACS transfer."""
+    strangers = [_raw_connection(small_scp, bind="127.0.0.2") for _ in range(6)]
+    try:
+        assert all(_closed_by_peer(s, within=5) for s in strangers)
+        with association(small_scp) as genuine:
+            assert genuine.is_established
+    finally:
+        for sock in strangers:
+            sock.close()
+
+
+def test_a_peer_trickling_its_request_is_cut_off(
+    small_scp: StorageServer,
+    modality_node: PacsNode,
+    settings,  # type: ignore[no-untyped-def]
+) -> None:
+    """A byte now and then keeps every single read alive; the whole request has a deadline."""
+    settings.DICOM_CONNECT_TIMEOUT = 1.0
+    sock = _raw_connection(small_scp)
+    try:
+        started = time.monotonic()
+        cut = False
+        for byte in b"\x01\x00\x00\x00\x00\xff" + b"\x00" * 20:
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                cut = True
+                break
+            if _closed_by_peer(sock, within=0.3):
+                cut = True
+                break
+        assert cut
+        assert time.monotonic() - started < 5
+    finally:
+        sock.close()
+
+
+def test_it_turns_away_an_address_over_its_limit(
+    small_scp: StorageServer, modality_node: PacsNode
+) -> None:
+    """One address may not take every slot; the one turned away is told to come back later
+    (a transient rejection), not that it is unknown."""
+    with association(small_scp) as first:
+        assert first.is_established
+        with association(small_scp) as second:
+            assert second.is_rejected
+            answer = second.acceptor.primitive
+            assert answer is not None
+            assert answer.result == 0x02  # rejected-transient
+    with association(small_scp) as later:
+        assert later.is_established
+
+
+def _store_response_status(assoc: Association) -> int:
+    """The status of the next response, read before pynetdicom's reactor (paused by the
+    caller) can take it for itself."""
+    _context_id, message = assoc.dimse.get_msg(block=True)
+    assert message is not None, "the SCP did not answer"
+    return int(message.Status or 0)
+
+
+def test_a_c_store_without_a_data_set_fails(
+    storage_scp: StorageServer, modality_node: PacsNode
+) -> None:
+    command = _command_set("1.2.826.0.1.3680043.8.498.77")
+    # CommandDataSetType 0x0101: "no data set follows".
+    command = command.replace(struct.pack("<HHIH", 0, 0x0800, 2, 0x0000),
+                              struct.pack("<HHIH", 0, 0x0800, 2, 0x0101))  # fmt: skip
+    with association(storage_scp) as assoc:
+        context = assoc.accepted_contexts[0]
+        assert context.context_id is not None
+        # pynetdicom's reactor would take the answer off the queue; hold it meanwhile.
+        assoc._reactor_checkpoint.clear()
+        wait_until(lambda: assoc._is_paused)
+        try:
+            assoc.dul.socket.send(_p_data(context.context_id, 0x03, command))  # type: ignore[union-attr]
+            assert _store_response_status(assoc) == 0xC000
+        finally:
+            assoc._reactor_checkpoint.set()
+    assert_nothing_stored()
+
+
+def test_a_data_set_on_another_context_aborts_the_association(
+    storage_scp: StorageServer, modality_node: PacsNode
+) -> None:
+    ds = synthetic.make_study(
+        patient_name="Wrong^Context", patient_id="W", modalities=(("CT", 1),)
+    )[0]
+    part10 = synthetic.to_bytes(ds)
+    with association(storage_scp) as assoc:
+        ct, verification = (
+            next(c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage),
+            next(c for c in assoc.accepted_contexts if c.abstract_syntax == Verification),
+        )
+        assert ct.context_id is not None and verification.context_id is not None
+        sock = assoc.dul.socket
+        assert sock is not None
+        sock.send(_p_data(ct.context_id, 0x03, _command_set(str(ds.SOPInstanceUID))))
+        sock.send(_p_data(verification.context_id, 0x02, part10[dicom.dataset_offset(part10) :]))
+        wait_until(lambda: assoc.is_aborted)
+    assert_nothing_stored()
