@@ -198,6 +198,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 # --- DICOM -------------------------------------------------------------------------------
 STORE_DIR = Path(env.str("PORTAL_STORE_DIR", default=str(VAR_DIR / "store")))
+# Below this much free space the store takes no more instances (a failure status to senders).
+STORE_MIN_FREE_BYTES = env.int("PORTAL_STORE_MIN_FREE_MB", default=512) * 1024 * 1024
 DICOM_AE_TITLE = env.str("PORTAL_AE_TITLE", default="PORTAL")
 DICOM_PORT = env.int("PORTAL_DICOM_PORT", default=11112)
 DICOM_BIND_ADDRESS = env.str("PORTAL_DICOM_BIND", default="0.0.0.0")  # noqa: S104
