@@ -522,3 +522,22 @@ def test_a_data_set_on_another_context_aborts_the_association(
         sock.send(_p_data(verification.context_id, 0x02, part10[dicom.dataset_offset(part10) :]))
         wait_until(lambda: assoc.is_aborted)
     assert_nothing_stored()
+
+
+def test_it_refuses_instances_below_the_free_space_floor(
+    storage_scp: StorageServer,
+    modality_node: PacsNode,
+    tmp_path: Path,
+    settings,  # type: ignore[no-untyped-def]
+) -> None:
+    """A full disk stops the database and the logs too: the store keeps a margin, and a
+    sender learns at once that it should try later."""
+    path = next(iter(make_files(tmp_path / "push").values()))
+    settings.STORE_MIN_FREE_BYTES = 10**18  # more than any disk has free
+    with association(storage_scp) as assoc:
+        assert send_file_as_is(assoc, path) == 0xA700
+    assert_nothing_stored()
+    settings.STORE_MIN_FREE_BYTES = 0
+    with association(storage_scp) as assoc:
+        assert send_file_as_is(assoc, path) == 0x0000
+    assert Instance.objects.count() == 1
