@@ -68,13 +68,21 @@ def _os_error(exc: OSError) -> StoreError:
 
 def _refuse_move_to_another_study(header: Dataset) -> None:
     """An instance UID names one instance for ever: a sender (mistaken or hostile) must not
-    slip an instance of one study into another, nor take it from a study already shared."""
-    owner = (
-        Instance.objects.filter(sop_instance_uid=str(header.SOPInstanceUID))
-        .values_list("series__study__study_instance_uid", flat=True)
-        .first()
+    slip an instance of one study into another, nor take it from a study already shared.
+
+    Runs for every received slice, so it is one plain indexed lookup rather than an ORM query.
+    """
+    qn = connection.ops.quote_name
+    sql = (
+        f"SELECT st.{qn('study_instance_uid')} FROM {qn(Instance._meta.db_table)} i "  # noqa: S608
+        f"JOIN {qn(Series._meta.db_table)} se ON se.{qn('id')} = i.{qn('series_id')} "
+        f"JOIN {qn(Study._meta.db_table)} st ON st.{qn('id')} = se.{qn('study_id')} "
+        f"WHERE i.{qn('sop_instance_uid')} = %s"
     )
-    if owner is not None and owner != str(header.StudyInstanceUID):
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [str(header.SOPInstanceUID)])
+        row = cursor.fetchone()
+    if row is not None and row[0] != str(header.StudyInstanceUID):
         raise dicom.InvalidDicom(
             "the SOP Instance UID already belongs to another study in the store"
         )

@@ -541,3 +541,27 @@ def test_it_refuses_instances_below_the_free_space_floor(
     with association(storage_scp) as assoc:
         assert send_file_as_is(assoc, path) == 0x0000
     assert Instance.objects.count() == 1
+
+
+def test_an_instance_cannot_be_moved_into_another_study(
+    storage_scp: StorageServer, modality_node: PacsNode, tmp_path: Path
+) -> None:
+    """A sender that reuses a stored instance's UID in another study (by mistake or to slip
+    an image into a study already shared) is refused, and the stored one stays as it was."""
+    ds = synthetic.make_study(patient_name="First^Owner", patient_id="F", modalities=(("CT", 1),))[
+        0
+    ]
+    original = tmp_path / "original.dcm"
+    original.write_bytes(synthetic.to_bytes(ds))
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.123456789"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.123456790"
+    ds.PatientName = "Someone^Else"
+    impostor = tmp_path / "impostor.dcm"
+    impostor.write_bytes(synthetic.to_bytes(ds))
+    with association(storage_scp) as assoc:
+        assert send_file_as_is(assoc, original) == 0x0000
+        assert send_file_as_is(assoc, impostor) == 0xA900
+    instance = Instance.objects.select_related("series__study").get()
+    assert instance.series.study.patient_name == "First^Owner"
+    assert Study.objects.count() == 1
+    assert_store_consistent()
