@@ -66,12 +66,25 @@ def _os_error(exc: OSError) -> StoreError:
     return StoreError(f"cannot write to the store: {exc.strerror}")
 
 
-def _refuse_move_to_another_study(header: Dataset) -> None:
+def _refuse_move_to_another_study(header: Dataset, indexer: "Indexer") -> None:
     """An instance UID names one instance for ever: a sender (mistaken or hostile) must not
     slip an instance of one study into another, nor take it from a study already shared.
 
-    Runs for every received slice, so it is one plain indexed lookup rather than an ORM query.
+    Runs for every received slice, so it is one plain indexed lookup rather than an ORM query;
+    instances this indexer placed but has not indexed yet count too.
     """
+    sop_uid, study_uid = str(header.SOPInstanceUID), str(header.StudyInstanceUID)
+    owner = indexer.placed.get(sop_uid)
+    if owner is None:
+        owner = _indexed_study_of(sop_uid)
+    if owner is not None and owner != study_uid:
+        raise dicom.InvalidDicom(
+            "the SOP Instance UID already belongs to another study in the store"
+        )
+    indexer.placed[sop_uid] = study_uid
+
+
+def _indexed_study_of(sop_uid: str) -> str | None:
     qn = connection.ops.quote_name
     sql = (
         f"SELECT st.{qn('study_instance_uid')} FROM {qn(Instance._meta.db_table)} i "  # noqa: S608
@@ -80,12 +93,9 @@ def _refuse_move_to_another_study(header: Dataset) -> None:
         f"WHERE i.{qn('sop_instance_uid')} = %s"
     )
     with connection.cursor() as cursor:
-        cursor.execute(sql, [str(header.SOPInstanceUID)])
+        cursor.execute(sql, [sop_uid])
         row = cursor.fetchone()
-    if row is not None and row[0] != str(header.StudyInstanceUID):
-        raise dicom.InvalidDicom(
-            "the SOP Instance UID already belongs to another study in the store"
-        )
+    return None if row is None else str(row[0])
 
 
 def _create_temporary() -> tuple[int, Path]:
@@ -244,7 +254,7 @@ class IncomingInstance:
                 and str(header.SOPClassUID) != self.expected_sop_class_uid
             ):
                 raise dicom.InvalidDicom("the data set's SOP Class UID differs from the request's")
-            _refuse_move_to_another_study(header)
+            _refuse_move_to_another_study(header, self.indexer)
             relative = instance_path(
                 str(header.StudyInstanceUID),
                 str(header.SeriesInstanceUID),
@@ -312,6 +322,8 @@ class Indexer:
     _studies: dict[str, int] = field(default_factory=dict)
     _series: dict[str, int] = field(default_factory=dict)
     _folders: set[Path] = field(default_factory=set)
+    # SOP Instance UID -> Study Instance UID of what this indexer has placed in the store.
+    placed: dict[str, str] = field(default_factory=dict)
 
     def make_folder(self, folder: Path) -> None:
         if folder not in self._folders:
