@@ -1,9 +1,11 @@
 """Configuration errors fail at start-up, not at the first patient's visit."""
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import Error, Tags, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from studies.dicom import is_valid_ae_title
 
@@ -21,6 +23,20 @@ def check_secret_key(app_configs: Any, **kwargs: Any) -> list[Error]:
     return []
 
 
+def _broker_scheme() -> str:
+    return str(settings.CELERY_BROKER_URL).split(":", 1)[0]
+
+
+# The settings holding seconds to wait for a peer, by the variable that sets them.
+_TIMEOUTS = {
+    "PORTAL_DICOM_CONNECT_TIMEOUT": "DICOM_CONNECT_TIMEOUT",
+    "PORTAL_DICOM_DIMSE_TIMEOUT": "DICOM_DIMSE_TIMEOUT",
+    "PORTAL_DICOM_NETWORK_TIMEOUT": "DICOM_NETWORK_TIMEOUT",
+    "PORTAL_DICOM_RETRIEVE_TIMEOUT": "DICOM_RETRIEVE_TIMEOUT",
+    "PORTAL_DICOMWEB_TIMEOUT": "DICOMWEB_TIMEOUT",
+}
+
+
 @register()
 def check_dicom_settings(app_configs: Any, **kwargs: Any) -> list[Error]:
     errors = []
@@ -28,18 +44,13 @@ def check_dicom_settings(app_configs: Any, **kwargs: Any) -> list[Error]:
         errors.append(
             Error(
                 f"PORTAL_AE_TITLE {settings.DICOM_AE_TITLE!r} is not a valid AE title.",
-                hint="1 to 16 characters, no backslash or control characters.",
+                hint="1 to 16 printable ASCII characters, no backslash.",
                 id="portal.E002",
             )
         )
     if not 1 <= settings.DICOM_PORT <= 65535:
         errors.append(Error("PORTAL_DICOM_PORT must be 1-65535.", id="portal.E003"))
-    if settings.CELERY_BROKER_URL.split(":", 1)[0] not in {
-        "filesystem",
-        "redis",
-        "rediss",
-        "memory",
-    }:
+    if _broker_scheme() not in {"filesystem", "redis", "rediss", "memory"}:
         errors.append(
             Error(
                 f"CELERY_BROKER_URL scheme is not supported: {settings.CELERY_BROKER_URL!r}.",
@@ -47,4 +58,59 @@ def check_dicom_settings(app_configs: Any, **kwargs: Any) -> list[Error]:
                 id="portal.E004",
             )
         )
+    for variable, name in _TIMEOUTS.items():
+        value = getattr(settings, name)
+        # 0 or less would make pynetdicom and requests wait for ever, or fail at once.
+        if not value > 0:
+            errors.append(
+                Error(
+                    f"{variable} is {value:g}: a timeout must be more than 0 seconds.",
+                    id="portal.E005",
+                )
+            )
+    if _broker_scheme() == "memory" and not settings.CELERY_TASK_ALWAYS_EAGER:
+        errors.append(
+            Error(
+                "CELERY_BROKER_URL is memory://: a worker, another process, never gets the "
+                "jobs queued here, so no study would ever be retrieved.",
+                hint="Use redis://host:port/db, or leave CELERY_BROKER_URL unset for the demo.",
+                id="portal.E006",
+            )
+        )
+    errors += _check_store()
     return errors
+
+
+def _check_store() -> list[Error]:
+    """The store must take files: otherwise each retrieval and each received instance fails,
+    one after the other, long after start-up."""
+    store = Path(settings.STORE_DIR)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=store):
+            pass
+    except OSError as exc:
+        return [
+            Error(
+                f"PORTAL_STORE_DIR {str(store)!r} is not a folder the portal can write to "
+                f"({exc.strerror or exc}).",
+                hint="Create it, owned by the user the portal runs as.",
+                id="portal.E007",
+            )
+        ]
+    return []
+
+
+@register(Tags.security, deploy=True)
+def check_broker_for_deployment(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
+    if _broker_scheme() == "filesystem":
+        return [
+            Warning(
+                "CELERY_BROKER_URL is not set: jobs go through a folder on this machine, the "
+                "demo's broker, which serves one machine only and loses the message of a job "
+                "whose worker is killed.",
+                hint="Set CELERY_BROKER_URL=redis://host:port/db.",
+                id="portal.W001",
+            )
+        ]
+    return []

@@ -208,10 +208,24 @@ DICOM_BIND_ADDRESS = env.str("PORTAL_DICOM_BIND", default="0.0.0.0")  # noqa: S1
 DICOM_CONNECT_TIMEOUT = env.float("PORTAL_DICOM_CONNECT_TIMEOUT", default=10.0)
 DICOM_DIMSE_TIMEOUT = env.float("PORTAL_DICOM_DIMSE_TIMEOUT", default=120.0)
 DICOM_NETWORK_TIMEOUT = env.float("PORTAL_DICOM_NETWORK_TIMEOUT", default=120.0)
+# A C-MOVE or C-GET may stay silent for as long as its sub-operations take (pending responses
+# are optional): this longer wait bounds that exchange instead of the two above.
+DICOM_RETRIEVE_TIMEOUT = env.float("PORTAL_DICOM_RETRIEVE_TIMEOUT", default=3600.0)
 DICOMWEB_TIMEOUT = env.float("PORTAL_DICOMWEB_TIMEOUT", default=60.0)
 # How often a failed retrieval is tried again by the worker (with exponential backoff).
 RETRIEVAL_MAX_RETRIES = env.int("PORTAL_RETRIEVAL_MAX_RETRIES", default=3)
 RETRIEVAL_RETRY_BACKOFF = env.int("PORTAL_RETRIEVAL_RETRY_BACKOFF", default=30)
+# Seconds a worker holds a running job: past that, its worker is presumed dead and another
+# may take the job over.
+RETRIEVAL_LEASE = env.int("PORTAL_RETRIEVAL_LEASE", default=3600)
+# Seconds a C-MOVE job waits, after the PACS's final answer, for the storage SCP to index what
+# it received (the PACS may report before the SCP has written its last index rows).
+RETRIEVAL_INDEX_WAIT = env.float("PORTAL_RETRIEVAL_INDEX_WAIT", default=30.0)
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # Redis gives a message nobody acknowledged to another worker after this many seconds (a
+    # worker killed mid-job never acknowledges): later than the lease, so that by then the job
+    # can be taken over, and not while a job within its lease may still be running.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": RETRIEVAL_LEASE * 5 // 4 + 1}
 
 # --- Messages ----------------------------------------------------------------------------
 EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")

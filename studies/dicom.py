@@ -30,14 +30,17 @@ class InvalidDicom(ValueError):
 
 
 def is_valid_uid(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+    # fullmatch: with match, `$` would also accept a trailing newline.
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.fullmatch(value))
 
 
 def is_valid_ae_title(value: object) -> bool:
+    """1 to 16 characters of the AE VR's repertoire (PS3.5 6.2): printable ASCII, no
+    backslash; leading and trailing spaces are padding."""
     if not isinstance(value, str):
         return False
     stripped = value.strip()
-    return 0 < len(stripped) <= 16 and "\\" not in value and value.isprintable()
+    return 0 < len(stripped) <= 16 and "\\" not in value and value.isascii() and value.isprintable()
 
 
 def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:

@@ -1,7 +1,9 @@
 """DIMSE client for a PACS: C-ECHO, C-FIND, C-MOVE and C-GET with pynetdicom.
 
 Every call opens its own association and closes it; every wait is bounded by the timeouts in
-settings. Failures surface as PacsError with a message a radiology secretary can act on.
+settings (DICOM_DIMSE_TIMEOUT for an answer, DICOM_RETRIEVE_TIMEOUT for the answers of a C-MOVE or
+C-GET, which may take as long as the study does to travel). Failures surface as PacsError with a
+message a radiology secretary can act on.
 """
 
 import logging
@@ -51,6 +53,10 @@ _PENDING = {0xFF00, 0xFF01}
 
 class PacsError(Exception):
     """The PACS could not be reached or refused or failed a request."""
+
+
+class _RequestFailed(PacsError):
+    """The PACS answered a retrieval with a failure status, which seldom says why."""
 
 
 @dataclass(frozen=True)
@@ -141,11 +147,14 @@ def _check_alive(assoc: Association, peer: Peer, what: str) -> None:
         raise PacsError(f"{peer} dropped the association during the {what}")
 
 
-def _no_answer(peer: Peer, what: str, since: float, answered: bool) -> PacsError:
+def _no_answer(
+    peer: Peer, what: str, since: float, answered: bool, timeout: float | None = None
+) -> PacsError:
     """pynetdicom gives an empty status both when the DIMSE timeout expires and when the peer
     aborts or closes the association (which is how Orthanc, for one, refuses a request from an
     AE title it does not know): the time waited tells them apart."""
-    timeout = settings.DICOM_DIMSE_TIMEOUT
+    if timeout is None:
+        timeout = settings.DICOM_DIMSE_TIMEOUT
     if time.monotonic() - since >= timeout * 0.95:
         return PacsError(f"{peer} sent no answer to the {what} within {timeout:g} s")
     if answered:
@@ -193,26 +202,29 @@ SERIES_RETURN_KEYS = (
 def _find(peer: Peer, identifier: Dataset, limit: int) -> list[Dataset]:
     ae = _application_entity()
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    results: list[Dataset] = []
     with _association(peer, ae) as assoc:
-        since, answered = time.monotonic(), False
-        for status, match in assoc.send_c_find(
-            identifier, StudyRootQueryRetrieveInformationModelFind
-        ):
-            if status is None or "Status" not in status:
-                raise _no_answer(peer, "C-FIND", since, answered)
-            since, answered = time.monotonic(), True
-            code = status.Status
-            if code in _PENDING and match is not None:
-                results.append(match)
-                if len(results) >= limit:
-                    # Ask the PACS to stop rather than draining thousands of matches.
-                    assoc.send_c_cancel(1, None, StudyRootQueryRetrieveInformationModelFind)
-                    break
-            elif code != STATUS_SUCCESS and code not in _PENDING:
-                if code == 0xFE00:  # cancelled, as we asked
-                    break
-                raise PacsError(f"{peer} refused the C-FIND (status 0x{code:04X})")
+        return _find_on(assoc, peer, identifier, limit)
+
+
+def _find_on(assoc: Association, peer: Peer, identifier: Dataset, limit: int) -> list[Dataset]:
+    """One C-FIND over an open association."""
+    results: list[Dataset] = []
+    since, answered = time.monotonic(), False
+    for status, match in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+        if status is None or "Status" not in status:
+            raise _no_answer(peer, "C-FIND", since, answered)
+        since, answered = time.monotonic(), True
+        code = status.Status
+        if code in _PENDING and match is not None:
+            results.append(match)
+            if len(results) >= limit:
+                # Ask the PACS to stop rather than draining thousands of matches.
+                assoc.send_c_cancel(1, None, StudyRootQueryRetrieveInformationModelFind)
+                break
+        elif code != STATUS_SUCCESS and code not in _PENDING:
+            if code == 0xFE00:  # cancelled, as we asked
+                break
+            raise PacsError(f"{peer} refused the C-FIND (status 0x{code:04X})")
     return results
 
 
@@ -238,14 +250,41 @@ def find_series(peer: Peer, study_uid: str) -> list[Dataset]:
     return _find(peer, identifier, limit=10000)
 
 
-def _sop_classes_in_study(peer: Peer, study_uid: str) -> set[str]:
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "IMAGE"
-    identifier.StudyInstanceUID = study_uid
-    identifier.SeriesInstanceUID = ""
-    identifier.SOPInstanceUID = ""
-    identifier.SOPClassUID = ""
-    return {str(m.SOPClassUID) for m in _find(peer, identifier, 100000) if m.get("SOPClassUID")}
+# More matches than any study holds: a bound on what a misbehaving PACS can make us collect.
+_MAX_MATCHES = 100000
+
+
+def instances_in_study(peer: Peer, study_uid: str) -> dict[str, str]:
+    """SOP Instance UID → SOP Class UID of every instance of a study on the PACS.
+
+    Asks level by level, the series of the study, then the instances of each series, on one
+    association: a single IMAGE-level query with a universal Series Instance UID is a relational
+    query, which PACSs that support only the hierarchical model (all PS3.4 requires) refuse.
+    """
+    ae = _application_entity()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    instances: dict[str, str] = {}
+    with _association(peer, ae) as assoc:
+        series = Dataset()
+        series.QueryRetrieveLevel = "SERIES"
+        series.StudyInstanceUID = study_uid
+        series.SeriesInstanceUID = ""
+        series_uids = {
+            str(m.SeriesInstanceUID)
+            for m in _find_on(assoc, peer, series, _MAX_MATCHES)
+            if m.get("SeriesInstanceUID")
+        }
+        for series_uid in sorted(series_uids):
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "IMAGE"
+            identifier.StudyInstanceUID = study_uid
+            identifier.SeriesInstanceUID = series_uid
+            identifier.SOPInstanceUID = ""
+            identifier.SOPClassUID = ""
+            for match in _find_on(assoc, peer, identifier, _MAX_MATCHES):
+                if match.get("SOPInstanceUID"):
+                    instances[str(match.SOPInstanceUID)] = str(match.get("SOPClassUID", ""))
+    return instances
 
 
 # An association holds at most 128 presentation contexts.
@@ -292,6 +331,14 @@ def _retrieve_identifier(study_uid: str) -> Dataset:
     return identifier
 
 
+def _allow_long_silences(assoc: Association) -> None:
+    """A PACS answers a C-MOVE or C-GET when its sub-operations are done, and need not say
+    anything before (pending responses are optional): the wait for each answer, and the
+    network silence tolerated meanwhile, are the retrieve timeout rather than the DIMSE one."""
+    assoc.dimse_timeout = settings.DICOM_RETRIEVE_TIMEOUT
+    assoc.network_timeout = max(settings.DICOM_RETRIEVE_TIMEOUT, settings.DICOM_NETWORK_TIMEOUT)
+
+
 def _follow(
     responses: Iterator[tuple[Dataset, Dataset | None]],
     assoc: Association,
@@ -304,7 +351,7 @@ def _follow(
     since, answered = time.monotonic(), False
     for status, _identifier in responses:
         if status is None or "Status" not in status:
-            raise _no_answer(peer, what, since, answered)
+            raise _no_answer(peer, what, since, answered, settings.DICOM_RETRIEVE_TIMEOUT)
         since, answered = time.monotonic(), True
         counts.completed = int(status.get("NumberOfCompletedSuboperations", counts.completed))
         counts.failed = int(status.get("NumberOfFailedSuboperations", counts.failed))
@@ -331,10 +378,18 @@ def _follow(
     if final_status in {0xA701, 0xA702}:
         raise PacsError(f"{peer} is out of resources (status 0x{final_status:04X})")
     if final_status == 0xC000 or (final_status & 0xF000) == 0xC000:
-        raise PacsError(f"{peer} could not process the {what} (status 0x{final_status:04X})")
+        raise _RequestFailed(f"{peer} could not process the {what} (status 0x{final_status:04X})")
     if final_status not in {STATUS_SUCCESS, 0xB000, 0xFE00}:
-        raise PacsError(f"{peer} failed the {what} (status 0x{final_status:04X})")
+        raise _RequestFailed(f"{peer} failed the {what} (status 0x{final_status:04X})")
     return counts
+
+
+def _lacks_study(peer: Peer, study_uid: str) -> bool:
+    """Whether the PACS says it has no such study (False when it cannot say)."""
+    try:
+        return not _find(peer, _retrieve_identifier(study_uid), limit=1)
+    except PacsError:
+        return False
 
 
 def move_study(
@@ -343,24 +398,35 @@ def move_study(
     """Ask the PACS to send a study to `destination` (normally the portal's own storage SCP).
 
     When this returns, the PACS has finished its C-STORE sub-operations, each of which the
-    storage SCP acknowledged only after the instance was written and indexed.
+    storage SCP acknowledged once the instance was written to the store; its index rows may
+    still be on their way (the caller waits for them).
     """
     ae = _application_entity()
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    with _association(peer, ae) as assoc:
-        responses = assoc.send_c_move(
-            _retrieve_identifier(study_uid), destination, StudyRootQueryRetrieveInformationModelMove
-        )
-        return _follow(responses, assoc, peer, "C-MOVE", progress)
+    try:
+        with _association(peer, ae) as assoc:
+            _allow_long_silences(assoc)
+            responses = assoc.send_c_move(
+                _retrieve_identifier(study_uid),
+                destination,
+                StudyRootQueryRetrieveInformationModelMove,
+            )
+            return _follow(responses, assoc, peer, "C-MOVE", progress)
+    except _RequestFailed as exc:
+        # Many PACSs (Orthanc, for one) answer "unable to process" for a study they do not
+        # have: say which it is.
+        if _lacks_study(peer, study_uid):
+            raise PacsError(f"{peer} does not have study {study_uid}") from exc
+        raise
 
 
 def get_study(
     peer: Peer, study_uid: str, on_store: StoreCallback, progress: ProgressCallback | None = None
 ) -> SubOperations:
     """Retrieve a study over the same association (C-GET); each instance goes to on_store."""
-    sop_classes = _sop_classes_in_study(peer, study_uid)
+    sop_classes = set(instances_in_study(peer, study_uid).values()) - {""}
     if not sop_classes:
-        raise PacsError(f"{peer} has no instances for study {study_uid}")
+        raise PacsError(f"{peer} does not have study {study_uid}")
     if len(sop_classes) > _MAX_CONTEXTS - 1:
         raise PacsError(f"study {study_uid} has too many SOP classes for one C-GET association")
     ae = _application_entity()
@@ -383,6 +449,7 @@ def get_study(
     with _association(
         peer, ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, handle_store)]
     ) as assoc:
+        _allow_long_silences(assoc)
         responses = assoc.send_c_get(
             _retrieve_identifier(study_uid), StudyRootQueryRetrieveInformationModelGet
         )

@@ -3,8 +3,9 @@
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 _PROGRESS_INTERVAL = 0.5
 # The SOP class of a DICOMDIR, which describes a CD rather than being an image.
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+# How often a C-MOVE job looks at the index while the storage SCP finishes indexing.
+_INDEX_POLL_INTERVAL = 0.1
 
 
 def pacs_node_create(
@@ -45,7 +48,10 @@ def pacs_node_create(
     )
     errors: dict[str, list[str]] = {}
     if not dicom.is_valid_ae_title(ae_title):
-        errors["ae_title"] = ["An AE title has 1 to 16 printable characters, no backslash."]
+        errors["ae_title"] = [
+            "An AE title has 1 to 16 printable characters (ASCII letters, digits, punctuation), "
+            "no backslash."
+        ]
     if not 1 <= port <= 65535:
         errors["port"] = ["A port is a number from 1 to 65535."]
     if retrieve_method == PacsNode.Retrieve.WADO and not dicomweb_url:
@@ -68,7 +74,11 @@ def peer_for(node: PacsNode) -> pacs.Peer:
 def retrieval_job_create(
     *, node: PacsNode, study_uid: str, requested_by: object | None = None
 ) -> RetrievalJob:
-    """A job to bring a study into the store; an unfinished job for the same study is reused."""
+    """A job to bring a study into the store; an unfinished job for the same study is reused.
+
+    A job still marked running past its lease lost its worker (killed, machine restarted): it is
+    queued again rather than handed back as if someone were working on it.
+    """
     if not dicom.is_valid_uid(study_uid):
         raise ValidationError({"study_uid": ["This is not a valid Study Instance UID."]})
     # An anonymous user (or none) is recorded as nobody.
@@ -83,14 +93,21 @@ def retrieval_job_create(
             )
             .first()
         )
-        if existing:
-            return existing
-        return RetrievalJob.objects.create(
-            pacs=node,
-            study_instance_uid=study_uid,
-            method=node.retrieve_method,
-            requested_by=user,
-        )
+        if existing is None:
+            return RetrievalJob.objects.create(
+                pacs=node,
+                study_instance_uid=study_uid,
+                method=node.retrieve_method,
+                requested_by=user,
+            )
+        if existing.status == RetrievalJob.Status.RUNNING and _lease_expired(
+            existing, timezone.now()
+        ):
+            logger.warning("retrieval job %s lost its worker: queued again", existing.pk)
+            existing.status = RetrievalJob.Status.QUEUED
+            existing.error = "The worker retrieving this study stopped; it is queued again."
+            existing.save(update_fields=["status", "error"])
+        return existing
 
 
 def retrieval_job_enqueue(job: RetrievalJob) -> None:
@@ -99,11 +116,80 @@ def retrieval_job_enqueue(job: RetrievalJob) -> None:
     transaction.on_commit(lambda: retrieve_study.delay(job.pk))
 
 
+def retrieval_job_lease_left(job: RetrievalJob) -> float:
+    """Seconds until a running job's lease runs out and another worker may take it over."""
+    if job.started_at is None:
+        return 0.0
+    lease_end = job.started_at + timedelta(seconds=settings.RETRIEVAL_LEASE)
+    return max(0.0, (lease_end - timezone.now()).total_seconds())
+
+
+def retrieval_job_may_retry(job: RetrievalJob) -> bool:
+    return job.attempts < _max_attempts()
+
+
+def _max_attempts() -> int:
+    return settings.RETRIEVAL_MAX_RETRIES + 1
+
+
+def _lease_expired(job: RetrievalJob, now: datetime) -> bool:
+    return (
+        job.started_at is None
+        or job.started_at + timedelta(seconds=settings.RETRIEVAL_LEASE) <= now
+    )
+
+
+def _claim(job_id: int) -> tuple[RetrievalJob, bool]:
+    """Take a job to run it: returns the job and whether this caller is to run it.
+
+    The UPDATE is a compare-and-set on what was read (status, attempts, start): of two workers
+    that read the same job, only one UPDATE matches, so a job never runs twice at once. A
+    running job is taken over only once its lease is over: its worker is presumed dead.
+    """
+    job = RetrievalJob.objects.select_related("pacs").get(pk=job_id)
+    now = timezone.now()
+    Status = RetrievalJob.Status
+    if not (
+        job.status == Status.QUEUED or (job.status == Status.RUNNING and _lease_expired(job, now))
+    ):
+        return job, False
+    unchanged = RetrievalJob.objects.filter(
+        pk=job.pk, status=job.status, attempts=job.attempts, started_at=job.started_at
+    )
+    if job.attempts >= _max_attempts():
+        # Counted before a run rather than after: an attempt that kills its worker (out of
+        # memory, a crash in a C library) never reaches its end, and with acks_late and
+        # reject_on_worker_lost its message would come back for ever.
+        unchanged.update(
+            status=Status.FAILED,
+            error=(
+                f"Gave up after {job.attempts} attempts: the last one did not finish "
+                "(the worker running it stopped)."
+            ),
+            finished_at=now,
+        )
+        return RetrievalJob.objects.select_related("pacs").get(pk=job.pk), False
+    claimed = unchanged.update(
+        status=Status.RUNNING,
+        started_at=now,
+        attempts=job.attempts + 1,
+        error="",
+        finished_at=None,
+    )
+    if not claimed:
+        return RetrievalJob.objects.select_related("pacs").get(pk=job.pk), False
+    job.status, job.started_at, job.attempts = Status.RUNNING, now, job.attempts + 1
+    job.error, job.finished_at = "", None
+    return job, True
+
+
 @dataclass
 class _Progress:
     job_id: int
+    # The start of the attempt reporting: a job taken over by another worker (this one's
+    # lease ran out) is not written to by both.
+    started_at: datetime | None
     last_write: float = 0.0
-    counts: dict[str, int | None] = field(default_factory=dict)
 
     def report(
         self, *, received: int, failed: int, expected: int | None, force: bool = False
@@ -114,59 +200,124 @@ class _Progress:
         values: dict[str, int | None] = {"received": received, "failed": failed}
         if expected is not None:
             values["expected"] = expected
-        RetrievalJob.objects.filter(pk=self.job_id).update(**values)
+        RetrievalJob.objects.filter(
+            pk=self.job_id, status=RetrievalJob.Status.RUNNING, started_at=self.started_at
+        ).update(**values)
         self.last_write = now
 
 
 def retrieval_job_run(job_id: int) -> RetrievalJob:
-    """Run one attempt of a job and record its outcome. Safe to call again for the same job:
-    instances already in the store are not fetched twice into the index, and a finished
-    job is left as it is."""
-    job = RetrievalJob.objects.select_related("pacs").get(pk=job_id)
-    if job.status == RetrievalJob.Status.DONE:
+    """Run one attempt of a job and record its outcome, whatever goes wrong.
+
+    Safe to call again, and from several workers at once: a job that is finished, or that
+    another worker is running (within its lease), is returned as it is; instances already in
+    the store are not indexed twice.
+    """
+    job, ours = _claim(job_id)
+    if not ours:
         return job
-    node = job.pacs
-    RetrievalJob.objects.filter(pk=job.pk).update(
-        status=RetrievalJob.Status.RUNNING,
-        started_at=timezone.now(),
-        attempts=job.attempts + 1,
-        error="",
-        finished_at=None,
-    )
-    progress = _Progress(job.pk)
+    progress = _Progress(job.pk, job.started_at)
     try:
-        if node is None:
-            raise pacs.PacsError("the PACS node of this job has been removed")
-        if job.method == PacsNode.Retrieve.WADO:
-            received, failed = _retrieve_wado(node, job.study_instance_uid, progress)
-        else:
-            received, failed = _retrieve_dimse(node, job, progress)
+        status, error = _attempt(job, progress)
     except (pacs.PacsError, wado.DicomwebError, StoreError) as exc:
         logger.warning("retrieval job %s failed: %s", job.pk, exc)
-        _finish(job.pk, RetrievalJob.Status.FAILED, str(exc))
-        return RetrievalJob.objects.get(pk=job.pk)
-    stored = Instance.objects.filter(
-        series__study__study_instance_uid=job.study_instance_uid
-    ).count()
-    if failed:
-        error = f"{failed} of {received + failed} instances could not be retrieved."
-        _finish(job.pk, RetrievalJob.Status.FAILED, error)
-    elif received == 0 and not stored:
-        _finish(job.pk, RetrievalJob.Status.FAILED, "The PACS sent no instance for this study.")
-    elif stored < received:
-        # The storage SCP answers a C-STORE before the index row is written (it writes rows
-        # in batches); should that write fail, this is where it shows.
-        error = f"The PACS sent {received} instances but only {stored} are in the index."
-        _finish(job.pk, RetrievalJob.Status.FAILED, error)
+        status, error = RetrievalJob.Status.FAILED, str(exc)
+    except Exception as exc:
+        # A bug, the database going away, a library choking on a data set: the job must still
+        # end (and be retried), not stay "running" for ever.
+        logger.exception("retrieval job %s stopped on an unexpected error", job.pk)
+        status = RetrievalJob.Status.FAILED
+        error = (
+            f"The retrieval stopped on an unexpected error ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); the worker's log has the details."
+        )
+    _finish(job, status, error)
+    return RetrievalJob.objects.select_related("pacs").get(pk=job.pk)
+
+
+def _attempt(job: RetrievalJob, progress: _Progress) -> tuple[str, str]:
+    """Retrieve the study once; returns the job's outcome (status, error)."""
+    node = job.pacs
+    if node is None:
+        raise pacs.PacsError("the PACS node of this job has been removed")
+    study_uid = job.study_instance_uid
+    since = timezone.now()
+    if job.method == PacsNode.Retrieve.WADO:
+        received, failed = _retrieve_wado(node, study_uid, progress)
     else:
-        _finish(job.pk, RetrievalJob.Status.DONE, "")
-    return RetrievalJob.objects.get(pk=job.pk)
+        received, failed = _retrieve_dimse(node, job, progress)
+    if failed:
+        return RetrievalJob.Status.FAILED, (
+            f"{failed} of {received + failed} instances could not be retrieved."
+        )
+    in_study = Instance.objects.filter(series__study__study_instance_uid=study_uid)
+    if received == 0:
+        if in_study.exists():
+            return RetrievalJob.Status.DONE, ""
+        return RetrievalJob.Status.FAILED, "The PACS sent no instance for this study."
+    if job.method == PacsNode.Retrieve.MOVE:
+        # The storage SCP, not this process, indexed what the PACS sent.
+        missing = _await_indexing(node, study_uid, since=since, received=received)
+        where = " (the storage SCP's log says why)"
+    else:
+        missing, where = max(0, received - in_study.count()), ""
+    if missing:
+        return RetrievalJob.Status.FAILED, (
+            f"The PACS sent {received} instances but only {received - missing} are in the "
+            f"index{where}."
+        )
+    return RetrievalJob.Status.DONE, ""
 
 
-def _finish(job_id: int, status: str, error: str) -> None:
-    RetrievalJob.objects.filter(pk=job_id).update(
-        status=status, error=error, finished_at=timezone.now()
-    )
+def _await_indexing(node: PacsNode, study_uid: str, *, since: datetime, received: int) -> int:
+    """How many of the instances a C-MOVE sent are missing from the index, once the storage
+    SCP has indexed them all or RETRIEVAL_INDEX_WAIT seconds have passed.
+
+    The PACS's final answer may come before the storage SCP has written its last index rows:
+    the SCP answers each C-STORE once the file is in place and writes rows in batches, and
+    PS3.4 lets the PACS answer before it releases the association that carried them.
+    """
+    in_study = Instance.objects.filter(series__study__study_instance_uid=study_uid)
+    expected: set[str] | None = None
+    asked = False
+    deadline = time.monotonic() + settings.RETRIEVAL_INDEX_WAIT
+    while True:
+        # The usual case, one cheap count: a row for every instance sent since the move began.
+        if in_study.filter(created_at__gte=since).count() >= received:
+            return 0
+        if not asked:
+            # Instances the store already held get no new row when they come again: only
+            # their UIDs tell whether they are all there.
+            asked, expected = True, _instances_on_pacs(node, study_uid)
+        indexed = set(in_study.values_list("sop_instance_uid", flat=True))
+        if expected:
+            missing = min(received, len(expected - indexed))
+        else:
+            missing = max(0, received - len(indexed))
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(_INDEX_POLL_INTERVAL)
+
+
+def _instances_on_pacs(node: PacsNode, study_uid: str) -> set[str] | None:
+    """The SOP Instance UIDs of a study on the PACS, or None if it cannot say."""
+    try:
+        return set(pacs.instances_in_study(peer_for(node), study_uid))
+    except pacs.PacsError as exc:
+        logger.warning("cannot list the instances of %s on %s: %s", study_uid, node.name, exc)
+        return None
+
+
+def _finish(job: RetrievalJob, status: str, error: str) -> None:
+    finished = RetrievalJob.objects.filter(
+        pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
+    ).update(status=status, error=error, finished_at=timezone.now())
+    if not finished:
+        logger.warning(
+            "retrieval job %s was taken over by another worker; this attempt ended %s",
+            job.pk,
+            status,
+        )
 
 
 def _retrieve_dimse(node: PacsNode, job: RetrievalJob, progress: _Progress) -> tuple[int, int]:
@@ -251,28 +402,40 @@ class ImportReport:
     already_present: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     studies: set[str] = field(default_factory=set)
+    # Why the import stopped before the end (the store cannot take more files), or "".
+    error: str = ""
 
 
 def dicom_import(paths: Iterable[Path]) -> ImportReport:
-    """Import files and folders (a CD with its DICOMDIR, too) into the local archive.
+    """Import files and folders (a CD, or its DICOMDIR) into the local archive.
 
     Every file is tried; what cannot be imported is listed with its reason and nothing else
-    is affected.
+    is affected. Only a store that cannot take more files (a full disk…) stops the import,
+    with `error` set: every further file would fail the same way.
     """
     report = ImportReport()
     indexer = Indexer(source=None)
     for path in _walk(paths, report):
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            report.skipped.append((str(path), f"cannot read: {exc.strerror}"))
-            continue
-        try:
+            data = _read_part10(path)
             if _is_dicomdir(data):
                 continue
             instance, changed = indexer.add_file_bytes(data)
+        except OSError as exc:
+            report.skipped.append((str(path), f"cannot read: {exc.strerror or exc}"))
+            continue
         except dicom.InvalidDicom as exc:
             report.skipped.append((str(path), str(exc)))
+            continue
+        except StoreError as exc:
+            report.error = str(exc)
+            break
+        except Exception as exc:
+            # The database refusing a row, say: this file is not imported, the others may be.
+            logger.exception("could not import %s", path)
+            report.skipped.append(
+                (str(path), f"could not be imported: {type(exc).__name__}: {str(exc)[:300]}")
+            )
             continue
         if changed:
             report.imported += 1
@@ -282,19 +445,48 @@ def dicom_import(paths: Iterable[Path]) -> ImportReport:
     return report
 
 
-def _walk(paths: Iterable[Path], report: ImportReport) -> Iterable[Path]:
+def _read_part10(path: Path) -> bytes:
+    """A file's bytes, if it starts as a DICOM Part 10 file does: CDs carry viewers and
+    installers of hundreds of megabytes, which are refused from their first 132 bytes."""
+    with path.open("rb") as handle:
+        head = handle.read(132)
+        if len(head) < 132 or head[128:132] != b"DICM":
+            raise dicom.InvalidDicom(
+                "not a readable DICOM file: no DICOM File Meta Information ('DICM' at byte 128)"
+            )
+        return head + handle.read()
+
+
+def _walk(paths: Iterable[Path], report: ImportReport) -> Iterator[Path]:
+    def unreadable(exc: OSError) -> None:
+        report.skipped.append((str(exc.filename), f"cannot read: {exc.strerror or exc}"))
+
     for path in paths:
         if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    yield Path(root) / name
+            folder = path
+        elif path.is_file() and _is_dicomdir_file(path):
+            # A CD given by its DICOMDIR: what it describes is the folder it sits in.
+            folder = path.parent
         elif path.is_file():
             yield path
+            continue
         else:
             report.skipped.append((str(path), "no such file or folder"))
+            continue
+        for root, dirs, files in os.walk(folder, onerror=unreadable):
+            dirs.sort()
+            for name in sorted(files):
+                yield Path(root) / name
 
 
 def _is_dicomdir(data: bytes) -> bool:
     # Cheap test before a parse: the SOP class UID appears in the file meta of a DICOMDIR.
     return _MEDIA_STORAGE_DIRECTORY.encode() in data[:512] and (data[128:132] == b"DICM")
+
+
+def _is_dicomdir_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return _is_dicomdir(handle.read(512))
+    except OSError:
+        return False

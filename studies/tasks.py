@@ -1,12 +1,15 @@
 """Celery tasks. Each is idempotent: a redelivered message (acks_late) repeats no harm."""
 
 import logging
+from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_ready
 from django.conf import settings
 
 from studies import services
 from studies.models import RetrievalJob
+from studies.store import sweep_incoming
 
 logger = logging.getLogger(__name__)
 
@@ -14,11 +17,39 @@ logger = logging.getLogger(__name__)
 @shared_task(bind=True, acks_late=True, max_retries=None)
 def retrieve_study(self, job_id: int) -> str:  # type: ignore[no-untyped-def]
     job = services.retrieval_job_run(job_id)
-    if job.status == RetrievalJob.Status.FAILED and job.attempts <= settings.RETRIEVAL_MAX_RETRIES:
+    if job.status == RetrievalJob.Status.RUNNING and not self.request.is_eager:
+        # Another worker has it. Should that worker die, this message may be all that brings
+        # the job back (the file system broker forgets a message once a worker took it):
+        # look again when its lease is over. (Run eagerly, in the caller's process, a retry
+        # would come at once and again and again: the caller just gets the job as it is.)
+        raise self.retry(countdown=int(services.retrieval_job_lease_left(job)) + 1)
+    if job.status == RetrievalJob.Status.FAILED and services.retrieval_job_may_retry(job):
         delay = settings.RETRIEVAL_RETRY_BACKOFF * 2 ** (job.attempts - 1)
-        RetrievalJob.objects.filter(pk=job.pk).update(
+        queued = RetrievalJob.objects.filter(
+            pk=job.pk, status=RetrievalJob.Status.FAILED, attempts=job.attempts
+        ).update(
             status=RetrievalJob.Status.QUEUED,
             error=f"{job.error} (attempt {job.attempts}; trying again in {delay} s)",
         )
-        raise self.retry(countdown=delay)
+        if queued:
+            raise self.retry(countdown=delay)
     return job.status
+
+
+@worker_ready.connect
+def resume_unfinished_jobs(sender: Any, **kwargs: Any) -> None:
+    """A worker killed in the middle of a job leaves it running, and with the file system
+    broker, without a message: each worker that starts sends one for every unfinished job,
+    on the queue it consumes. Duplicates are harmless: a job runs once at a time, and one
+    that another worker holds is looked at again when its lease is over."""
+    # A killed worker also leaves the temporary file of the instance it was writing.
+    swept = sweep_incoming(older_than=3600)
+    if swept:
+        logger.warning("removed %d temporary files left by an interrupted transfer", swept)
+    queues = list(sender.app.amqp.queues.consume_from) or [None]
+    unfinished = RetrievalJob.objects.filter(
+        status__in=[RetrievalJob.Status.QUEUED, RetrievalJob.Status.RUNNING]
+    ).values_list("pk", flat=True)
+    for job_id in unfinished:
+        logger.info("resuming retrieval job %s", job_id)
+        retrieve_study.apply_async((job_id,), queue=queues[0])

@@ -16,6 +16,9 @@ from django.conf import settings
 
 logger = logging.getLogger(__name__)
 
+# The boundary parameter of a Content-Type (RFC 2045 5.1): the name is case-insensitive, the
+# value a token or a quoted string, which may hold spaces (RFC 2046 5.1.1).
+_BOUNDARY = re.compile(r';\s*boundary\s*=\s*(?:"([^"]*)"|([^\s;"]+))', re.IGNORECASE)
 # Ask for every instance in the transfer syntax the PACS stores it in (no transcoding).
 _ACCEPT_ANY_SYNTAX = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _CHUNK = 1 << 20
@@ -121,12 +124,13 @@ def _consume(response: requests.Response, on_instance: Callable[[bytes], None]) 
 
 
 def multipart_boundary(content_type: str) -> bytes:
-    if not content_type.lower().startswith("multipart/related"):
+    if not content_type.strip().lower().startswith("multipart/related"):
         raise DicomwebError(f"expected a multipart/related answer, got {content_type[:80]!r}")
-    match = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not match:
-        raise DicomwebError("the multipart answer has no boundary")
-    return match.group(1).encode("ascii")
+    match = _BOUNDARY.search(content_type)
+    boundary = (match.group(1) if match.group(1) is not None else match.group(2)) if match else ""
+    if not boundary or not boundary.isascii():
+        raise DicomwebError(f"the multipart answer has no usable boundary: {content_type[:120]!r}")
+    return boundary.encode("ascii")
 
 
 def iter_multipart(chunks: Iterator[bytes], boundary: bytes) -> Iterator[bytes]:

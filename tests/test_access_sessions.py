@@ -51,6 +51,8 @@ def _production_env(tmp_path: Path) -> dict[str, str]:
         "PORTAL_ALLOWED_HOSTS": "portal.example.org",
         "DATABASE_URL": f"sqlite:///{tmp_path / 'deploy.sqlite3'}",
         "PORTAL_DEBUG": "false",
+        # Production uses Redis; the file system broker is a warning under --deploy.
+        "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0",
     }
 
 

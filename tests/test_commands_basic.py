@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from io import StringIO
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import requests
 from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.utils import timezone
 from django_otp.plugins.otp_totp.models import TOTPDevice
 from pytest_django.fixtures import Settings
 
@@ -43,6 +45,11 @@ def run(*args: str) -> str:
         (
             ["--aet", "BACK\\SLASH", "--host", "pacs.example.org", "--port", "104"],
             "ae_title: An AE title has 1 to 16 printable characters",
+        ),
+        (
+            # Not in the AE repertoire (PS3.5 6.2): a PACS would refuse it, or garble it.
+            ["--aet", "PÄCS", "--host", "pacs.example.org", "--port", "104"],
+            "ae_title: An AE title has 1 to 16 printable characters (ASCII",
         ),
         (
             ["--aet", "PACS", "--host", "pacs.example.org", "--port", "0"],
@@ -278,3 +285,34 @@ def test_serve_demo_runs_web_worker_and_storage_scp_and_ctrl_c_stops_them_all(
     assert not _port_open(dicom_port)
     for pid in children:
         assert not Path(f"/proc/{pid}").exists(), children[pid]
+
+
+def test_share_unlock_and_revoke_print_the_share_as_json() -> None:
+    """`--json` on every share action: one object, the shape `share list --json` lists."""
+    created = json.loads(
+        run("share", "create", "1.2.826.0.1.3680043.8.498.77", "--patient-phone", "+33612345678",
+            "--json")
+    )  # fmt: skip
+    share_id = created["id"]
+    Share.objects.filter(pk=share_id).update(
+        locked_until=timezone.now() + timedelta(minutes=15), otp_failures=5
+    )
+    assert json.loads(run("share", "list", "--json"))[0]["locked"] is True
+
+    unlocked = json.loads(run("share", "unlock", str(share_id), "--json"))
+
+    assert unlocked["id"] == share_id
+    assert unlocked["locked"] is False
+    assert unlocked == json.loads(run("share", "list", "--json"))[0]
+
+    revoked = json.loads(run("share", "revoke", str(share_id), "--json"))
+
+    assert revoked["id"] == share_id
+    assert revoked["status"] == "revoked"
+    assert revoked == json.loads(run("share", "list", "--json"))[0]
+    assert Share.objects.get(pk=share_id).revoked_at is not None
+
+
+def test_share_revoke_of_an_unknown_share_says_so() -> None:
+    with pytest.raises(CommandError, match=r"^No share 4242\.$"):
+        run("share", "revoke", "4242", "--json")

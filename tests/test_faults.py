@@ -5,15 +5,17 @@ error a person can act on, and leaves the store and its index in agreement."""
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from django.db import DatabaseError, connection
 
-from studies import services, synthetic
+from studies import pacs, services, synthetic
 from studies.models import Instance, PacsNode, RetrievalJob, Study
 from studies.storescp import StorageServer
-from tests.conftest import PacsStudies, assert_store_consistent, scp_port
+from tests.conftest import PacsStudies, assert_store_consistent, scp_port, store_problems
 from tests.support import free_port
 from tests.support.orthanc import OrthancServer
 from tests.support.proxy import Meter, TcpRelay
@@ -95,8 +97,12 @@ def test_it_fails_clearly_for_a_study_the_pacs_does_not_have(
 ) -> None:
     job = retrieve(orthanc_node, method, "1.2.826.0.1.3680043.8.498.1")
 
+    # Which PACS, which study: enough to check the UID or ask the PACS's administrator.
+    where = (
+        "orthanc" if method == PacsNode.Retrieve.WADO else f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+    )
+    assert job.error == f"{where} does not have study 1.2.826.0.1.3680043.8.498.1"
     assert_failed(job)
-    assert job.error
     assert Study.objects.count() == 0
     assert_store_consistent()
 
@@ -232,6 +238,7 @@ def test_it_fails_without_damage_when_the_disk_is_full(
 
 
 def test_it_fails_the_job_when_the_index_loses_what_the_scp_accepted(
+    settings,  # type: ignore[no-untyped-def]
     orthanc: OrthancServer,
     orthanc_node: PacsNode,
     pacs_studies: PacsStudies,
@@ -239,17 +246,99 @@ def test_it_fails_the_job_when_the_index_loses_what_the_scp_accepted(
 ) -> None:
     """The storage SCP answers a C-STORE once the file is in place and writes index rows in
     batches; a database that refuses those rows must not end in a job reported done."""
-    from django.db import DatabaseError
-
     import studies.storescp
 
     def refuse(instances: list[Instance]) -> None:
         raise DatabaseError("the database is read-only")
 
     monkeypatch.setattr(studies.storescp, "upsert_instances", refuse)
+    settings.RETRIEVAL_INDEX_WAIT = 1.0
+    study = pacs_studies.utf8
 
-    job = retrieve(orthanc_node, PacsNode.Retrieve.MOVE, pacs_studies.utf8.uid)
+    job = retrieve(orthanc_node, PacsNode.Retrieve.MOVE, study.uid)
 
-    assert_failed(job, "only 0 are in the index")
+    assert_failed(
+        job, f"The PACS sent {study.instance_count} instances but only 0 are in the index"
+    )
+    # The job waited for the index before it gave up.
+    assert job.started_at and job.finished_at
+    assert (job.finished_at - job.started_at).total_seconds() >= 1.0
     assert Instance.objects.count() == 0
+    # The files the SCP confirmed to the PACS stay (the SCP never deletes what it confirmed);
+    # nothing else is in the store, nothing half-written.
+    problems = store_problems()
+    assert len(problems) == study.instance_count
+    assert all(p.startswith(f"not indexed: {study.uid}/") for p in problems), problems
+
+
+def test_it_waits_for_index_rows_that_come_after_the_pacs_final_answer(
+    orthanc: OrthancServer,
+    orthanc_node: PacsNode,
+    pacs_studies: PacsStudies,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PS3.4 lets a PACS send its final C-MOVE answer before the storage SCP has written its
+    last index rows: the job waits for them rather than fail a complete retrieval."""
+    import studies.storescp
+
+    real_upsert = studies.storescp.upsert_instances
+    writers: list[threading.Thread] = []
+
+    def late(instances: list[Instance]) -> None:
+        def write() -> None:
+            time.sleep(1.5)
+            try:
+                real_upsert(instances)
+            finally:
+                connection.close()
+
+        writers.append(threading.Thread(target=write))
+        writers[-1].start()
+
+    monkeypatch.setattr(studies.storescp, "upsert_instances", late)
+    study = pacs_studies.latin1
+    try:
+        job = retrieve(orthanc_node, PacsNode.Retrieve.MOVE, study.uid)
+    finally:
+        for writer in writers:
+            writer.join()
+
+    assert writers, "the storage SCP wrote no index rows"
+    assert job.status == RetrievalJob.Status.DONE, job.error
+    assert job.received == study.instance_count
+    assert Instance.objects.filter(series__study__study_instance_uid=study.uid).count() == (
+        study.instance_count
+    )
     assert_store_consistent()
+
+
+# --- Errors nobody planned for --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [PacsNode.Retrieve.MOVE, PacsNode.Retrieve.GET])
+def test_an_unexpected_error_fails_the_job_instead_of_leaving_it_running(
+    method: str,
+    pacs_studies: PacsStudies,
+    orthanc_node: PacsNode,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise DatabaseError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(
+        pacs, "move_study" if method == PacsNode.Retrieve.MOVE else "get_study", broken
+    )
+
+    job = retrieve(orthanc_node, method, pacs_studies.latin1.uid)
+
+    assert_failed(
+        job,
+        "unexpected error",
+        "DatabaseError: server closed the connection unexpectedly",
+        "the worker's log has the details",
+    )
+    assert job.attempts == 1
+    # The log has the traceback, for whoever fixes it.
+    logged = [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
+    assert logged and f"retrieval job {job.pk}" in logged[0].getMessage()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import DatabaseError
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
@@ -250,3 +251,133 @@ def test_it_fails_when_nothing_could_be_imported(tmp_path: Path, settings: Setti
 
     assert not Instance.objects.exists()
     assert store_files(settings) == {}
+
+
+def write_cd(datasets: list[Dataset], cd: Path) -> dict[str, bytes]:
+    """A CD as a burner writes it: a DICOMDIR and the files it references."""
+    fileset = FileSet()
+    for ds in datasets:
+        fileset.add(ds)
+    fileset.write(cd)
+    return {
+        read_sop_uid(path): path.read_bytes()
+        for path in cd.rglob("*")
+        if path.is_file() and path.name != "DICOMDIR"
+    }
+
+
+def test_it_imports_a_cd_given_by_its_dicomdir(tmp_path: Path, settings: Settings) -> None:
+    """What an operator types after mounting a CD: the DICOMDIR stands for the CD."""
+    datasets = make_study()
+    on_cd = write_cd(datasets, tmp_path / "cdrom")
+
+    report, errors = run_import(tmp_path / "cdrom" / "DICOMDIR")
+
+    assert report == {
+        "imported": 5,
+        "already_present": 0,
+        "studies": [str(datasets[0].StudyInstanceUID)],
+        "skipped": [],
+    }
+    assert errors == ""
+    assert_archived_byte_for_byte(on_cd, settings)
+
+
+def _bytes_read_by_this_process() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_it_refuses_a_large_file_that_is_not_dicom_without_reading_it(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """CDs carry viewers and their installers: each is refused from its first bytes."""
+    cd = tmp_path / "cdrom"
+    on_cd = write_cd(make_study(modalities=(("CT", 2),)), cd)
+    installer = cd / "VIEWER" / "SETUP.EXE"
+    installer.parent.mkdir()
+    with installer.open("wb") as handle:
+        handle.write(b"MZ" + os.urandom(1022))
+        handle.truncate(256 * 1024 * 1024)  # sparse: 256 MB that take no room
+
+    before = _bytes_read_by_this_process()
+    report, _ = run_import(cd)
+    read = _bytes_read_by_this_process() - before
+
+    assert report["imported"] == 2
+    assert report["skipped"] == [
+        {
+            "path": str(installer),
+            "reason": "not a readable DICOM file: no DICOM File Meta Information "
+            "('DICM' at byte 128)",
+        }
+    ]
+    assert read < 16 * 1024 * 1024, f"{read} bytes read for a 256 MB file"
+    assert_archived_byte_for_byte(on_cd, settings)
+
+
+def test_a_file_the_database_refuses_is_reported_and_the_others_are_imported(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import studies.store
+
+    datasets = make_study(modalities=(("CT", 3),))
+    paths = synthetic.write_study(datasets, tmp_path / "in")
+    refused_uid = str(datasets[1].SOPInstanceUID)
+    real_upsert = studies.store.upsert_instances
+
+    def upsert(instances: list[Instance]) -> None:
+        if any(i.sop_instance_uid == refused_uid for i in instances):
+            raise DatabaseError("value too long for type character varying(64)")
+        real_upsert(instances)
+
+    monkeypatch.setattr(studies.store, "upsert_instances", upsert)
+
+    report, _ = run_import(tmp_path / "in")
+
+    assert report["imported"] == 2
+    assert report["skipped"] == [
+        {
+            "path": str(paths[1]),
+            "reason": "could not be imported: DatabaseError: "
+            "value too long for type character varying(64)",
+        }
+    ]
+    assert "error" not in report
+    assert set(Instance.objects.values_list("sop_instance_uid", flat=True)) == {
+        str(datasets[0].SOPInstanceUID),
+        str(datasets[2].SOPInstanceUID),
+    }
+    # The refused instance's file did not stay in the store.
+    assert len(store_files(settings)) == 2
+
+
+@pytest.mark.parametrize("json_output", [True, False])
+def test_a_store_that_cannot_take_files_stops_the_import_with_a_clear_error(
+    json_output: bool, tmp_path: Path, settings: Settings
+) -> None:
+    paths = synthetic.write_study(make_study(modalities=(("CT", 2),)), tmp_path / "in")
+    # The store's place is taken by a file: nothing can be written there.
+    (tmp_path / "taken").write_text("not a folder")
+    settings.STORE_DIR = tmp_path / "taken" / "store"
+
+    out, err = StringIO(), StringIO()
+    with pytest.raises(CommandError) as raised:
+        call_command(
+            "import_dicom",
+            *map(str, paths),
+            *(["--json"] if json_output else []),
+            stdout=out,
+            stderr=err,
+        )
+
+    message = "The import stopped: the store cannot take more files (cannot write to the store:"
+    assert str(raised.value).startswith(message)
+    if json_output:
+        # Exactly one JSON object, however the import ended.
+        result = json.loads(out.getvalue())
+        assert result["error"] == str(raised.value)
+        assert (result["imported"], result["skipped"]) == (0, [])
+    assert not Instance.objects.exists()

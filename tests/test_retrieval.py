@@ -3,16 +3,24 @@
 import hashlib
 import io
 import json
+import threading
+import time
+from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
+from pydicom.dataset import Dataset
+from pynetdicom.association import Association
 
-from studies import dicom, pacs, services
+from studies import dicom, pacs, services, synthetic
 from studies.models import Instance, PacsNode, RetrievalJob, Series, Study
 from studies.store import store_dir
-from tests.conftest import PacsStudies, SyntheticStudy
+from studies.storescp import StorageServer
+from tests.conftest import PacsStudies, SyntheticStudy, scp_port
 from tests.support import free_port
 from tests.support.orthanc import OrthancServer
+from tests.support.proxy import TcpRelay
 
 pytestmark = [pytest.mark.dicom, pytest.mark.django_db(transaction=True)]
 
@@ -151,7 +159,10 @@ def test_retrieve_command_fails_clearly_for_a_study_the_pacs_lacks(orthanc_node:
         call_command("retrieve", "orthanc", "1.2.3.4.5.6.7.8.9", "--wait", "--json", stdout=out)
     result = json.loads(out.getvalue())
     assert result["status"] == "failed"
-    assert result["error"]
+    # Not a bare DICOM status: which PACS lacks which study.
+    assert result["error"] == (
+        f"ORTHANC@127.0.0.1:{orthanc_node.port} does not have study 1.2.3.4.5.6.7.8.9"
+    )
     assert Study.objects.count() == 0
 
 
@@ -242,3 +253,127 @@ def test_find_series_lists_each_series(orthanc: OrthancServer, pacs_studies: Pac
         for m in matches
     }
     assert found == {uid: (modality, count) for uid, (modality, count, _) in study.series.items()}
+
+
+# --- One job, two runs at once --------------------------------------------------------------
+
+
+def test_two_runs_of_one_job_at_once_ask_the_pacs_once(
+    pacs_studies: PacsStudies, orthanc_node: PacsNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers given the same job (a redelivered message, a job queued twice) at the same
+    moment: one retrieves the study, the other gets the job as it is."""
+    study = pacs_studies.latin1
+    job = services.retrieval_job_create(node=orthanc_node, study_uid=study.uid)
+    real_move = pacs.move_study
+    moves: list[str] = []
+    start = threading.Barrier(2)
+    one_returned = threading.Event()
+
+    def counting_move(*args: Any, **kwargs: Any) -> pacs.SubOperations:
+        moves.append(threading.current_thread().name)
+        # Hold the move until the other run has come and gone: both runs then overlap.
+        one_returned.wait(timeout=5)
+        return real_move(*args, **kwargs)
+
+    monkeypatch.setattr(pacs, "move_study", counting_move)
+    outcomes: dict[str, RetrievalJob] = {}
+
+    def run(name: str) -> None:
+        start.wait()
+        try:
+            outcomes[name] = services.retrieval_job_run(job.pk)
+        finally:
+            one_returned.set()
+            connection.close()
+
+    runs = [threading.Thread(target=run, args=(name,), name=name) for name in ("a", "b")]
+    for thread in runs:
+        thread.start()
+    for thread in runs:
+        thread.join(timeout=60)
+
+    assert len(moves) == 1, moves
+    assert sorted(o.status for o in outcomes.values()) == ["done", "running"]
+    job.refresh_from_db()
+    assert (job.status, job.attempts, job.received) == ("done", 1, study.instance_count)
+    assert Instance.objects.count() == study.instance_count
+
+
+# --- Slow and hierarchical PACSs ------------------------------------------------------------
+
+
+def test_a_c_get_asks_level_by_level_as_a_hierarchical_only_pacs_requires(
+    pacs_studies: PacsStudies, orthanc_node: PacsNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PACS need only support hierarchical queries (PS3.4 C.4.1.3.1): an IMAGE-level query
+    names its series, never a universal Series Instance UID."""
+    study = pacs_studies.latin1
+    queries: list[tuple[str, str | None]] = []
+    real_find = Association.send_c_find
+
+    def recording_find(self: Association, dataset: Dataset, *args: Any, **kwargs: Any) -> Any:
+        queries.append((str(dataset.QueryRetrieveLevel), dataset.get("SeriesInstanceUID")))
+        return real_find(self, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(Association, "send_c_find", recording_find)
+
+    job = retrieve(orthanc_node, PacsNode.Retrieve.GET, study.uid)
+
+    assert job.status == RetrievalJob.Status.DONE, job.error
+    image_level = [str(series) for level, series in queries if level == "IMAGE"]
+    assert sorted(image_level) == sorted(study.series)  # one query per series, by its UID
+    assert ("SERIES", "") in queries
+
+
+def test_instances_in_study_lists_every_instance_with_its_class(
+    orthanc: OrthancServer, pacs_studies: PacsStudies
+) -> None:
+    study = pacs_studies.utf8
+    found = pacs.instances_in_study(peer(orthanc), study.uid)
+    assert set(found) == set(study.files)
+    assert set(found.values()) == {
+        str(dicom.read_header(data).SOPClassUID) for data in study.files.values()
+    }
+    assert pacs.instances_in_study(peer(orthanc), "1.2.826.0.1.3680043.8.498.7") == {}
+
+
+def test_a_c_move_slower_than_the_dimse_timeout_between_answers_completes(
+    settings,  # type: ignore[no-untyped-def]
+    storage_scp: StorageServer,
+    portal_ae_title: str,
+) -> None:
+    """Each C-STORE of this move takes about a second over a slow link to the storage SCP, and
+    the PACS says nothing meanwhile: the DIMSE timeout (for a quick answer) must not cut the
+    move short; the retrieve timeout bounds it."""
+    settings.DICOM_DIMSE_TIMEOUT = 0.5
+    settings.DICOM_RETRIEVE_TIMEOUT = 60.0
+    files = [
+        synthetic.to_bytes(ds)
+        for ds in synthetic.iter_study(
+            patient_name="Slow^Link",
+            patient_id="SLOW",
+            modalities=(("CT", 3),),
+            rows=256,
+            columns=256,
+        )
+    ]
+    with (
+        TcpRelay("127.0.0.1", scp_port(storage_scp), rate=128 * 1024) as slow_link,
+        OrthancServer(
+            aet="SLOWPACS", modalities={"portal": (portal_ae_title, "127.0.0.1", slow_link.port)}
+        ) as slow,
+    ):
+        slow.upload_many(files)
+        study_uid = str(dicom.read_header(files[0]).StudyInstanceUID)
+        node = services.pacs_node_create(
+            name="slow", ae_title=slow.aet, host="127.0.0.1", port=slow.dicom_port
+        )
+        started = time.monotonic()
+        job = retrieve(node, PacsNode.Retrieve.MOVE, study_uid)
+        elapsed = time.monotonic() - started
+
+    assert job.status == RetrievalJob.Status.DONE, job.error
+    assert job.received == 3
+    assert elapsed > 3 * settings.DICOM_DIMSE_TIMEOUT  # the link really was that slow
+    assert Instance.objects.filter(series__study__study_instance_uid=study_uid).count() == 3

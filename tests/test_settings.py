@@ -2,6 +2,7 @@
 start-up, and the health check answers."""
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from django.test import Client
 from pytest_django.fixtures import Settings
 
 from portal import checks
+from studies import dicom
 from tests.support import free_port
 
 BASE_DIR = Path(django_settings.BASE_DIR)
@@ -45,7 +47,7 @@ def test_check_passes_with_the_defaults() -> None:
     assert "System check identified no issues" in result.stdout
 
 
-@pytest.mark.parametrize("ae_title", ["A_VERY_LONG_AE_TITLE", "BAD\\TITLE", "   "])
+@pytest.mark.parametrize("ae_title", ["A_VERY_LONG_AE_TITLE", "BAD\\TITLE", "   ", "PORTÄL"])
 def test_an_invalid_ae_title_fails_the_checks_with_e002(ae_title: str) -> None:
     result = manage("check", env={"PORTAL_AE_TITLE": ae_title})
 
@@ -112,3 +114,154 @@ def test_healthz_answers_200_json_and_is_never_cached(client: Client) -> None:
 @pytest.mark.django_db
 def test_healthz_only_answers_get(client: Client) -> None:
     assert client.post("/healthz").status_code == 405
+
+
+def test_the_storage_scp_refuses_an_invalid_ae_title_given_as_an_option() -> None:
+    port = free_port()
+
+    result = manage("run_storescp", "--bind", "127.0.0.1", "--port", str(port), "--aet", "BAD\\AE")
+
+    assert result.returncode == 1
+    assert "--aet 'BAD\\\\AE' is not a valid AE title" in result.stderr
+    assert "listening" not in result.stdout
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "DICOM_CONNECT_TIMEOUT",
+        "DICOM_DIMSE_TIMEOUT",
+        "DICOM_NETWORK_TIMEOUT",
+        "DICOM_RETRIEVE_TIMEOUT",
+        "DICOMWEB_TIMEOUT",
+    ],
+)
+@pytest.mark.parametrize("value", [0.0, -5.0])
+def test_a_timeout_of_zero_or_less_is_an_error(settings: Settings, name: str, value: float) -> None:
+    setattr(settings, name, value)
+
+    found = {error.id: error.msg for error in checks.check_dicom_settings(None)}
+
+    assert set(found) == {"portal.E005"}
+    assert found["portal.E005"] == (
+        f"PORTAL_{name} is {value:g}: a timeout must be more than 0 seconds."
+    )
+
+
+def test_an_in_memory_broker_is_an_error_unless_tasks_run_in_the_caller(
+    settings: Settings,
+) -> None:
+    settings.CELERY_BROKER_URL = "memory://"
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    assert [e.id for e in checks.check_dicom_settings(None)] == ["portal.E006"]
+
+    settings.CELERY_TASK_ALWAYS_EAGER = True
+    assert checks.check_dicom_settings(None) == []
+
+
+def test_the_file_system_broker_is_a_warning_for_a_deployment(settings: Settings) -> None:
+    settings.CELERY_BROKER_URL = "filesystem://localhost/"
+    warnings = checks.check_broker_for_deployment(None)
+    assert [w.id for w in warnings] == ["portal.W001"]
+    assert "redis://" in (warnings[0].hint or "")
+
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/0"
+    assert checks.check_broker_for_deployment(None) == []
+
+
+def test_the_file_system_broker_fails_check_deploy_at_the_warning_level(tmp_path: Path) -> None:
+    """A production configuration that forgot CELERY_BROKER_URL: that is its only issue."""
+    production = {
+        "PORTAL_SECRET_KEY": secrets.token_urlsafe(64),
+        "PORTAL_BASE_URL": "https://portal.example.org",
+        "PORTAL_ALLOWED_HOSTS": "portal.example.org",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'deploy.sqlite3'}",
+        "PORTAL_BROKER_DIR": str(tmp_path / "broker"),
+        "PORTAL_STORE_DIR": str(tmp_path / "store"),
+    }
+
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=production)
+
+    assert result.returncode == 1
+    assert "portal.W001" in result.stderr
+    assert "System check identified 1 issue" in result.stderr
+
+    with_redis = manage(
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        env={**production, "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"},
+    )
+    assert with_redis.returncode == 0, with_redis.stderr
+
+
+def test_a_store_the_portal_cannot_write_to_is_an_error(settings: Settings, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    settings.STORE_DIR = tmp_path / "a-file" / "store"
+
+    found = {error.id: error.msg for error in checks.check_dicom_settings(None)}
+
+    assert set(found) == {"portal.E007"}
+    assert found["portal.E007"] == (
+        f"PORTAL_STORE_DIR {str(settings.STORE_DIR)!r} is not a folder the portal can write to "
+        "(Not a directory)."
+    )
+
+
+def test_the_store_check_creates_the_store_and_leaves_nothing_in_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    settings.STORE_DIR = tmp_path / "new" / "store"
+
+    assert checks.check_dicom_settings(None) == []
+    assert list((tmp_path / "new" / "store").iterdir()) == []
+
+
+def test_redis_hands_a_message_to_another_worker_only_after_the_lease() -> None:
+    result = manage(
+        "shell",
+        "-c",
+        "from django.conf import settings as s; "
+        "print(s.RETRIEVAL_LEASE, s.CELERY_BROKER_TRANSPORT_OPTIONS['visibility_timeout'])",
+        env={"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "PORTAL_RETRIEVAL_LEASE": "600"},
+    )
+
+    assert result.returncode == 0, result.stderr
+    lease, visibility = map(int, result.stdout.splitlines()[-1].split())
+    assert lease == 600
+    assert visibility > lease
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("1.2.840.10008.1.2", True),
+        ("1.2.840.10008.1.2\n", False),
+        ("1.2.840.10008.1.2\r", False),
+        ("1.2.3/../4", False),
+        ("", False),
+        ("1." + "2" * 63, False),
+    ],
+)
+def test_a_uid_is_digits_and_dots_and_nothing_after(value: str, valid: bool) -> None:
+    assert dicom.is_valid_uid(value) is valid
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("PORTAL", True),
+        ("  PACS_01 ", True),
+        ("ÉCHO", False),
+        ("PAC\u00a0S", False),
+        ("A\\B", False),
+        ("TAB\tAE", False),
+        ("", False),
+        ("SEVENTEEN_CHARS_X", False),
+    ],
+)
+def test_an_ae_title_is_printable_ascii_without_backslash(value: str, valid: bool) -> None:
+    assert dicom.is_valid_ae_title(value) is valid

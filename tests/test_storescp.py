@@ -23,7 +23,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from studies import dicom, synthetic
+from studies import dicom, services, synthetic
 from studies.models import Instance, PacsNode, Study
 from studies.store import store_dir
 from studies.storescp import StorageServer
@@ -202,10 +202,17 @@ def test_it_stops_accepting_a_node_once_it_is_removed(
     assert (
         dcmtk.echoscu("127.0.0.1", port, aet=MODALITY_AE, aec=storage_scp.ae_title).returncode == 0
     )
+    # Another node still lives at this address: the SCP reads the request, then refuses it
+    # (a connection from an address without any node is dropped unread).
+    services.pacs_node_create(name="neighbour", ae_title="NEIGHBOUR", host="127.0.0.1", port=104)
     modality_node.delete()
     storage_scp.nodes.invalidate()
     result = dcmtk.echoscu("127.0.0.1", port, aet=MODALITY_AE, aec=storage_scp.ae_title)
     assert result.returncode != 0
+    # Refused at association time, and told why: not a connection that merely broke.
+    output = result.stdout + result.stderr
+    assert "Association Rejected" in output, output
+    assert "Calling AE Title Not Recognized" in output, output
 
 
 def _edit(ds: Dataset, what: str) -> None:

@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from django.db.models import QuerySet
 from pytest_django.fixtures import Settings
 
-from studies import services
-from studies.models import Instance, PacsNode, RetrievalJob
+from studies import dicom, services, synthetic
+from studies.models import Instance, PacsNode, RetrievalJob, Series, Study
 from studies.tasks import retrieve_study
+from tests.conftest import store_problems
 from tests.support import free_port
 from tests.support.orthanc import OrthancServer
+from tests.support.proxy import Meter, TcpRelay
 from tests.support.worker import CeleryWorker
 
 if TYPE_CHECKING:
@@ -157,6 +160,45 @@ def test_it_retrieves_a_study_by_c_get_in_the_worker_and_a_second_run_changes_no
     wait_for_runs(worker, "done", done_runs + 1)
     assert _snapshot(job, worker.store_dir) == before
 
+    # A first attempt that failed after part of the study had arrived, queued again by the
+    # task: the second attempt brings the rest, and what the first brought stays as it was.
+    def rows() -> QuerySet[Instance]:
+        return Instance.objects.filter(series__study__study_instance_uid=study.uid)
+
+    lost = sorted(rows().values_list("sop_instance_uid", flat=True))[:3]
+    for instance in rows().filter(sop_instance_uid__in=lost):
+        (Path(worker.store_dir) / instance.file_path).unlink()
+    rows().filter(sop_instance_uid__in=lost).delete()
+    kept = {i.sop_instance_uid: _row(i) for i in rows()}
+    kept_bytes = {
+        uid: (Path(worker.store_dir) / str(row[2])).read_bytes() for uid, row in kept.items()
+    }
+    RetrievalJob.objects.filter(pk=job.pk).update(
+        status=RetrievalJob.Status.QUEUED,
+        error="the PACS dropped the association (attempt 1; trying again in 1 s)",
+    )
+    with worker.producer_app():
+        retrieve_study.delay(job.pk)
+    job = wait_for_job(job, lambda j: j.is_finished, worker)
+
+    assert job.status == RetrievalJob.Status.DONE, job.error
+    assert job.attempts == 2
+    assert rows().count() == len(pacs_copies)
+    assert Series.objects.count() == len(study.series)
+    assert Study.objects.count() == 1
+    for uid, row in kept.items():
+        assert _row(rows().get(sop_instance_uid=uid)) == row
+        assert (Path(worker.store_dir) / str(row[2])).read_bytes() == kept_bytes[uid]
+    assert set(rows().values_list("sop_instance_uid", flat=True)) == set(pacs_copies)
+    for instance in rows():
+        stored = (Path(worker.store_dir) / instance.file_path).read_bytes()
+        pacs_sha256 = dataset_sha256(pacs_copies[instance.sop_instance_uid])
+        assert dataset_sha256(stored) == instance.sha256 == pacs_sha256
+
+
+def _row(instance: Instance) -> tuple[object, ...]:
+    return (instance.pk, instance.sha256, instance.file_path, instance.size, instance.created_at)
+
 
 def _snapshot(job: RetrievalJob, store: Path) -> tuple[object, ...]:
     job.refresh_from_db()
@@ -180,3 +222,90 @@ def _snapshot(job: RetrievalJob, store: Path) -> tuple[object, ...]:
         rows,
         files,
     )
+
+
+# --- A worker killed in the middle of a retrieval -------------------------------------------
+
+LEASE_SECONDS = 3
+KILL_STUDY_SLICES = 24
+# The pace of the link between the worker and the PACS: the study takes about 3 s to cross
+# it, and the worker dies about 2 MB in.
+KILL_RELAY_RATE = 4 * 1024 * 1024
+KILL_AFTER_BYTES = 2 * 1024 * 1024
+
+
+@pytest.mark.dicom
+@pytest.mark.django_db(transaction=True)
+def test_a_job_whose_worker_is_killed_mid_retrieval_is_taken_over_and_finished(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """SIGKILL: no clean-up, no acknowledgement, the job left "running". Once its lease is over
+    the next worker takes it over and finishes it, the first attempt's instances not indexed
+    twice. (Redis hands the message out again after its visibility timeout; the file system
+    broker lost it, but a worker sends one for each unfinished job as it starts.)"""
+    files = [
+        synthetic.to_bytes(ds)
+        for ds in synthetic.iter_study(
+            patient_name="Killed^Worker",
+            patient_id="KILLED",
+            modalities=(("CT", KILL_STUDY_SLICES),),
+            rows=512,
+            columns=512,
+        )
+    ]
+    study_uid = str(dicom.read_header(files[0]).StudyInstanceUID)
+    environment = {
+        "PORTAL_RETRIEVAL_MAX_RETRIES": "1",
+        "PORTAL_RETRIEVAL_RETRY_BACKOFF": "1",
+        "PORTAL_RETRIEVAL_LEASE": str(LEASE_SECONDS),
+        "PORTAL_DICOM_CONNECT_TIMEOUT": "5",
+        "PORTAL_DICOM_DIMSE_TIMEOUT": "30",
+        "PORTAL_DICOM_NETWORK_TIMEOUT": "30",
+    }
+    meter = Meter()
+    portal = (str(settings.DICOM_AE_TITLE), "127.0.0.1", free_port())
+    with OrthancServer(aet="KILLPACS", modalities={"portal": portal}) as orthanc:
+        orthanc.upload_many(files)
+        pacs_copies = orthanc.study_files(study_uid)
+        with TcpRelay("127.0.0.1", orthanc.dicom_port, rate=KILL_RELAY_RATE, meter=meter) as link:
+            node = services.pacs_node_create(
+                name="killpacs",
+                ae_title=orthanc.aet,
+                host="127.0.0.1",
+                port=link.port,
+                retrieve_method=PacsNode.Retrieve.GET,
+            )
+            job = services.retrieval_job_create(node=node, study_uid=study_uid)
+            first = CeleryWorker(workdir=tmp_path / "worker", env=environment).start()
+            settings.STORE_DIR = first.store_dir
+            try:
+                with first.producer_app():
+                    services.retrieval_job_enqueue(job)
+                assert meter.wait_for(KILL_AFTER_BYTES, timeout=60), first.log_tail()
+                assert first.process is not None
+                first.process.kill()
+                first.process.wait()
+            finally:
+                first.stop()
+            job.refresh_from_db()
+            assert job.status == RetrievalJob.Status.RUNNING
+            assert job.attempts == 1
+            arrived_before = Instance.objects.count()
+            assert arrived_before < KILL_STUDY_SLICES
+
+            second = CeleryWorker(workdir=tmp_path / "worker", env=environment)
+            second.queue = first.queue
+            with second:
+                job = wait_for_job(job, lambda j: j.is_finished, second)
+
+    assert job.status == RetrievalJob.Status.DONE, job.error
+    assert job.attempts == 2
+    assert job.received == job.expected == KILL_STUDY_SLICES
+    rows = Instance.objects.filter(series__study__study_instance_uid=study_uid)
+    assert sorted(rows.values_list("sop_instance_uid", flat=True)) == sorted(pacs_copies)
+    for instance in rows:
+        stored = (Path(first.store_dir) / instance.file_path).read_bytes()
+        pacs_sha256 = dataset_sha256(pacs_copies[instance.sop_instance_uid])
+        assert dataset_sha256(stored) == instance.sha256 == pacs_sha256
+    # What the killed worker was writing never reached a real name in the store.
+    assert [p for p in store_problems() if not p.startswith("left over: .incoming/")] == []

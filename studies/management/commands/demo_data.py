@@ -100,6 +100,8 @@ class Command(BaseCommand):
         with tempfile.TemporaryDirectory(prefix="portal-demo-") as folder:
             synthetic.write_study(datasets, Path(folder))
             report = services.dicom_import([Path(folder)])
+        if report.error:
+            raise CommandError(f"The demo study could not be imported: {report.error}")
         if report.skipped:
             reasons = "; ".join(f"{path}: {reason}" for path, reason in report.skipped)
             raise CommandError(f"The demo study could not be imported: {reasons}")

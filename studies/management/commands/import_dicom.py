@@ -5,32 +5,34 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from studies import services
-from studies.store import StoreError
 
 
 class Command(BaseCommand):
-    help = "Import DICOM files, folders or a CD (with its DICOMDIR) into the local archive."
+    help = (
+        "Import DICOM files, folders or a CD (its folder or its DICOMDIR) into the local archive."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
         parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        try:
-            report = services.dicom_import(options["paths"])
-        except StoreError as exc:
-            raise CommandError(f"The store cannot take more files: {exc}") from exc
+        report = services.dicom_import(options["paths"])
+        error = ""
+        if report.error:
+            error = f"The import stopped: the store cannot take more files ({report.error})."
+        elif report.skipped and not report.imported and not report.already_present:
+            error = "Nothing could be imported."
         if options["json"]:
-            self.stdout.write(
-                json.dumps(
-                    {
-                        "imported": report.imported,
-                        "already_present": report.already_present,
-                        "studies": sorted(report.studies),
-                        "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
-                    }
-                )
-            )
+            result: dict[str, Any] = {
+                "imported": report.imported,
+                "already_present": report.already_present,
+                "studies": sorted(report.studies),
+                "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
+            }
+            if error:
+                result["error"] = error
+            self.stdout.write(json.dumps(result))
         else:
             self.stdout.write(
                 f"Imported {report.imported} instances ({report.already_present} already present) "
@@ -38,5 +40,5 @@ class Command(BaseCommand):
             )
             for path, reason in report.skipped:
                 self.stderr.write(f"skipped {path}: {reason}")
-        if report.skipped and not report.imported and not report.already_present:
-            raise CommandError("Nothing could be imported.")
+        if error:
+            raise CommandError(error)

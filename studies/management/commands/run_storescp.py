@@ -4,8 +4,9 @@ import threading
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from studies.dicom import is_valid_ae_title
 from studies.storescp import StorageServer
 
 
@@ -21,6 +22,15 @@ class Command(BaseCommand):
         parser.add_argument("--aet", default=settings.DICOM_AE_TITLE)
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # PORTAL_AE_TITLE and PORTAL_DICOM_PORT are checked at start-up (portal.checks); the
+        # options that override them are checked here.
+        if not is_valid_ae_title(options["aet"]):
+            raise CommandError(
+                f"--aet {options['aet']!r} is not a valid AE title: 1 to 16 printable ASCII "
+                "characters, no backslash."
+            )
+        if not 1 <= options["port"] <= 65535:
+            raise CommandError(f"--port {options['port']} is not a port number (1-65535).")
         # Each association hands its slices to an indexing thread: a short GIL switch interval
         # keeps that hand-over from delaying the answer to the sender (Python's default, 5 ms,
         # is longer than it takes to receive a CT slice).

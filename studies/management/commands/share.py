@@ -60,9 +60,11 @@ class Command(BaseCommand):
 
         revoke = sub.add_parser("revoke", help="End a share now.")
         revoke.add_argument("id", type=int)
+        revoke.add_argument("--json", action="store_true", help="Print the share as JSON.")
 
         unlock = sub.add_parser("unlock", help="Lift a lockout after too many wrong codes.")
         unlock.add_argument("id", type=int)
+        unlock.add_argument("--json", action="store_true", help="Print the share as JSON.")
 
         listing = sub.add_parser("list", help="List shares, newest first.")
         listing.add_argument("--live", action="store_true", help="Only unexpired, unrevoked.")
@@ -75,13 +77,20 @@ class Command(BaseCommand):
         elif action == "revoke":
             share = self._get(options["id"])
             account_services.share_revoke(share=share)
-            self.stdout.write(f"Share {share.pk} revoked.")
+            self._done(share, "revoked", options)
         elif action == "unlock":
             share = self._get(options["id"])
             account_services.share_unlock(share=share)
-            self.stdout.write(f"Share {share.pk} unlocked.")
+            self._done(share, "unlocked", options)
         else:
             self._list(options)
+
+    def _done(self, share: Share, what: str, options: dict[str, Any]) -> None:
+        if options["json"]:
+            share.refresh_from_db()
+            self.stdout.write(json.dumps(share_as_dict(share)))
+        else:
+            self.stdout.write(f"Share {share.pk} {what}.")
 
     def _get(self, share_id: int) -> Share:
         try:
