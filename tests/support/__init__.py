@@ -6,6 +6,8 @@ Nothing here depends on pytest: `python -m tests.bench` uses the same Orthanc an
 import signal
 import socket
 import subprocess
+from types import TracebackType
+from typing import Self
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -29,3 +31,24 @@ def terminate(
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+class Service:
+    """A test server started and stopped around a `with` block."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

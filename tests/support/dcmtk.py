@@ -9,9 +9,8 @@ import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from types import TracebackType
 
-from tests.support import free_port, terminate
+from tests.support import Service, free_port, terminate
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -127,7 +126,7 @@ def getscu(
     return run("getscu", *extra, *args, *_peer(host, port, aet, aec), timeout=timeout)
 
 
-class StoreSCP:
+class StoreSCP(Service):
     """dcmtk's storescp, writing what it receives under `output_dir`, as a context manager.
 
     By default it accepts every AE title and every transfer syntax and writes files as
@@ -181,14 +180,3 @@ class StoreSCP:
     def stop(self) -> None:
         terminate(self.process)
         self.process = None
-
-    def __enter__(self) -> "StoreSCP":
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -20,7 +20,7 @@ from typing import Any
 
 import requests
 
-from tests.support import free_port, terminate
+from tests.support import Service, free_port, terminate
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -30,7 +30,7 @@ class OrthancError(RuntimeError):
     """Orthanc did not start, or refused a request the tests rely on."""
 
 
-class OrthancServer:
+class OrthancServer(Service):
     """Orthanc on 127.0.0.1, as a context manager.
 
     `modalities` maps a name to (AE title, host, port): the peers Orthanc may send to (C-MOVE
@@ -180,16 +180,13 @@ class OrthancServer:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "OrthancServer":
-        return self.start()
-
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        super().__exit__(exc_type, exc, tb)
         self.cleanup()
 
     @property

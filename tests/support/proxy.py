@@ -4,9 +4,8 @@ between two test peers, and a way to act (kill a server, say) once some data has
 import socket
 import threading
 import time
-from types import TracebackType
 
-from tests.support import free_port
+from tests.support import Service, free_port
 
 _CHUNK = 64 * 1024
 
@@ -28,7 +27,7 @@ class Meter:
             return self._changed.wait_for(lambda: self.total >= count, timeout)
 
 
-class TcpRelay:
+class TcpRelay(Service):
     """Listens on 127.0.0.1:`port` and relays each connection to (target_host, target_port).
 
     `rate` (bytes per second, per direction and connection) bounds the throughput.
@@ -73,17 +72,6 @@ class TcpRelay:
             self._listener.close()
         for thread in list(self._threads):
             thread.join(timeout=5)
-
-    def __enter__(self) -> "TcpRelay":
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _spawn(self, target, *args) -> None:  # type: ignore[no-untyped-def]
         thread = threading.Thread(target=target, args=args, daemon=True)

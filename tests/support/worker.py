@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
@@ -24,7 +23,7 @@ from django.conf import settings
 from django.db import connection
 
 import portal.celery
-from tests.support import terminate
+from tests.support import Service, terminate
 
 
 class WorkerError(RuntimeError):
@@ -49,7 +48,7 @@ def database_url() -> str:
     raise WorkerError(f"no database URL for engine {db['ENGINE']}")
 
 
-class CeleryWorker:
+class CeleryWorker(Service):
     """`celery -A portal worker --pool=solo` with its own queue, as a context manager."""
 
     def __init__(self, *, workdir: Path, env: dict[str, str] | None = None) -> None:
@@ -162,14 +161,3 @@ class CeleryWorker:
         finally:
             portal.celery.app.set_current()
             app.close()
-
-    def __enter__(self) -> "CeleryWorker":
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
