@@ -110,6 +110,15 @@ def retrieval_job_create(
         return existing
 
 
+def retrieval_jobs_unfinished() -> list[int]:
+    """The ids of jobs queued or running: what a worker that starts sends itself again."""
+    return list(
+        RetrievalJob.objects.filter(
+            status__in=[RetrievalJob.Status.QUEUED, RetrievalJob.Status.RUNNING]
+        ).values_list("pk", flat=True)
+    )
+
+
 def retrieval_job_enqueue(job: RetrievalJob) -> None:
     from studies.tasks import retrieve_study
 

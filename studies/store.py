@@ -515,6 +515,10 @@ def instance_file(instance: Instance) -> Path:
     return store_dir() / instance.file_path
 
 
+# Temporary files older than this in the store's incoming folder were left by a crash.
+STALE_INCOMING_SECONDS = 3600.0
+
+
 def sweep_incoming(*, older_than: float) -> int:
     """Remove temporary files that an interrupted transfer left behind; returns how many.
 
@@ -533,4 +537,6 @@ def sweep_incoming(*, older_than: float) -> int:
                 removed += 1
         except OSError:
             continue
+    if removed:
+        logger.warning("removed %d temporary files left by an interrupted transfer", removed)
     return removed

@@ -51,6 +51,7 @@ from studies.pacs import (
     STATUS_SUCCESS,
 )
 from studies.store import (
+    STALE_INCOMING_SECONDS,
     IncomingInstance,
     Indexer,
     PlacedInstance,
@@ -82,8 +83,6 @@ _NO_DATASET = 0x0101
 # Instances are indexed by batches of this many, or when the sender pauses this long.
 _INDEX_BATCH = 1000
 _INDEX_DELAY = 0.1
-# Temporary files older than this in the store's incoming folder were left by a crash.
-_STALE_INCOMING = 3600.0
 
 _SUPPORTED_SYNTAXES = frozenset(str(uid) for uid in ALL_TRANSFER_SYNTAXES)
 _SUPPORTED_CLASSES = frozenset(
@@ -193,9 +192,7 @@ class StorageServer:
         self._stopping = threading.Event()
 
     def start(self, block: bool = False) -> None:
-        swept = sweep_incoming(older_than=_STALE_INCOMING)
-        if swept:
-            logger.warning("removed %d temporary files left by an interrupted transfer", swept)
+        sweep_incoming(older_than=STALE_INCOMING_SECONDS)
         listener = socket.create_server(self.address, reuse_port=False, backlog=64)
         self._socket = listener
         self.address = listener.getsockname()[:2]

@@ -78,7 +78,7 @@ def can_compress(transfer_syntax: str = JPEGLSLossless) -> bool:
 
     try:
         return bool(get_encoder(transfer_syntax).is_available)
-    except (NotImplementedError, ValueError):
+    except (NotImplementedError, ValueError):  # pydicom's answers for "no such encoder"
         return False
 
 

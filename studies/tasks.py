@@ -9,7 +9,7 @@ from django.conf import settings
 
 from studies import services
 from studies.models import RetrievalJob
-from studies.store import sweep_incoming
+from studies.store import STALE_INCOMING_SECONDS, sweep_incoming
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,8 @@ def resume_unfinished_jobs(sender: Any, **kwargs: Any) -> None:
     on the queue it consumes. Duplicates are harmless: a job runs once at a time, and one
     that another worker holds is looked at again when its lease is over."""
     # A killed worker also leaves the temporary file of the instance it was writing.
-    swept = sweep_incoming(older_than=3600)
-    if swept:
-        logger.warning("removed %d temporary files left by an interrupted transfer", swept)
+    sweep_incoming(older_than=STALE_INCOMING_SECONDS)
     queues = list(sender.app.amqp.queues.consume_from) or [None]
-    unfinished = RetrievalJob.objects.filter(
-        status__in=[RetrievalJob.Status.QUEUED, RetrievalJob.Status.RUNNING]
-    ).values_list("pk", flat=True)
-    for job_id in unfinished:
+    for job_id in services.retrieval_jobs_unfinished():
         logger.info("resuming retrieval job %s", job_id)
         retrieve_study.apply_async((job_id,), queue=queues[0])

@@ -34,7 +34,8 @@ def terminate(
 
 
 class Service:
-    """A test server started and stopped around a `with` block."""
+    """A test server started and stopped around a `with` block: each subclass (Orthanc, a
+    dcmtk storescp, a Celery worker, a TCP relay) says how it starts and stops."""
 
     def start(self) -> Self:
         raise NotImplementedError
