@@ -8,11 +8,13 @@ exactly as the sender encoded them; only the file meta header is the portal's ow
 
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import shutil
-import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -98,6 +100,12 @@ def _indexed_study_of(sop_uid: str) -> str | None:
     return None if row is None else str(row[0])
 
 
+# Temporary names: unique within the process by the counter, across processes by the pid
+# (O_EXCL catches a name that a crashed process with the same pid left behind). Cheaper than
+# tempfile's random names, which cost more than the write of a small instance.
+_temporary_numbers = itertools.count()
+
+
 def _create_temporary() -> tuple[int, Path]:
     try:
         incoming = store_dir() / INCOMING
@@ -106,10 +114,64 @@ def _create_temporary() -> tuple[int, Path]:
             # Keep room for the database and the logs: a full disk stops more than the store.
             floor = settings.STORE_MIN_FREE_BYTES >> 20
             raise StoreError(f"the store's disk is full (less than {floor} MB free)")
-        fd, name = tempfile.mkstemp(dir=incoming, suffix=".part")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        while True:
+            path = incoming / f"{os.getpid()}-{next(_temporary_numbers)}.part"
+            try:
+                return os.open(path, flags, 0o600), path
+            except FileExistsError:
+                continue
     except OSError as exc:
         raise _os_error(exc) from exc
-    return fd, Path(name)
+
+
+def _completed(value: str) -> "Future[str]":
+    future: Future[str] = Future()
+    future.set_result(value)
+    return future
+
+
+class HashingThread:
+    """Computes SHA-256 digests on a thread of its own, in the order they were asked for.
+
+    Without SHA instructions in the processor, hashing a slice costs as much as receiving it.
+    hashlib releases the interpreter lock while it hashes, so on its own thread the hash of one
+    fragment runs on another core while the receiving thread reads the next. The digest is not
+    needed before the index row is written, which happens after the sender has its answer.
+
+    At most `max_backlog` bytes wait to be hashed: a sender faster than the hash is slowed
+    down rather than filling the memory.
+    """
+
+    def __init__(self, max_backlog: int = 64 * 1024 * 1024) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._max_backlog = max_backlog
+        self._backlog = 0
+        self._room = threading.Condition()
+
+    def update(self, digest: "hashlib._Hash", data: bytes | memoryview) -> None:
+        """Queue `data` (which must not change afterwards) for `digest`."""
+        size = len(data)
+        with self._room:
+            while self._backlog and self._backlog + size > self._max_backlog:
+                self._room.wait()
+            self._backlog += size
+        self._executor.submit(self._update, digest, data, size)
+
+    def _update(self, digest: "hashlib._Hash", data: bytes | memoryview, size: int) -> None:
+        try:
+            digest.update(data)
+        finally:
+            with self._room:
+                self._backlog -= size
+                self._room.notify_all()
+
+    def hexdigest(self, digest: "hashlib._Hash") -> "Future[str]":
+        """The digest once every queued update is in."""
+        return self._executor.submit(digest.hexdigest)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
 
 
 class IncomingInstance:
@@ -127,8 +189,10 @@ class IncomingInstance:
         meta: bytes,
         expected_sop_class_uid: str | None = None,
         transfer_syntax_uid: str = "",
+        hasher: HashingThread | None = None,
     ) -> None:
         self.indexer = indexer
+        self._hasher = hasher
         self._transfer_syntax = transfer_syntax_uid
         self.expected_sop_uid = expected_sop_uid
         self.expected_sop_class_uid = expected_sop_class_uid
@@ -163,8 +227,14 @@ class IncomingInstance:
         self._size += len(data)
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append data set bytes (after the file meta header); they count in the SHA-256."""
-        self._digest.update(data)
+        """Append data set bytes (after the file meta header); they count in the SHA-256.
+
+        With a hashing thread, `data` must not change after the call (bytes, or a view of
+        bytes)."""
+        if self._hasher is not None:
+            self._hasher.update(self._digest, data)
+        else:
+            self._digest.update(data)
         self._raw_write(data)
         if self._probe is not None:
             self._probe += data
@@ -270,12 +340,16 @@ class IncomingInstance:
         except BaseException:
             _unlink_quietly(self.path)
             raise
+        if self._hasher is not None:
+            sha256 = self._hasher.hexdigest(self._digest)
+        else:
+            sha256 = _completed(self._digest.hexdigest())
         return PlacedInstance(
             indexer=self.indexer,
             header=header,
             relative=str(relative),
             size=self._size,
-            sha256=self._digest.hexdigest(),
+            sha256=sha256,
             replaced_existing=existed,
         )
 
@@ -288,11 +362,11 @@ class PlacedInstance:
     header: Dataset
     relative: str
     size: int
-    sha256: str
+    sha256: "Future[str]"  # may still be computed on a hashing thread
     replaced_existing: bool
 
     def build(self) -> Instance:
-        return self.indexer.build(self.header, self.relative, self.size, self.sha256)
+        return self.indexer.build(self.header, self.relative, self.size, self.sha256.result())
 
     def index(self) -> Instance:
         try:
@@ -337,6 +411,7 @@ class Indexer:
         sop_instance_uid: str,
         transfer_syntax_uid: str,
         source_ae: str = "",
+        hasher: HashingThread | None = None,
     ) -> IncomingInstance:
         """Start receiving a data set that comes without file meta (DIMSE)."""
         meta = dicom.encode_file_meta(
@@ -351,6 +426,7 @@ class Indexer:
             expected_sop_class_uid=sop_class_uid,
             meta=meta,
             transfer_syntax_uid=transfer_syntax_uid,
+            hasher=hasher,
         )
 
     def add_dataset(

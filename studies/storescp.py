@@ -52,6 +52,7 @@ from studies.pacs import (
 )
 from studies.store import (
     STALE_INCOMING_SECONDS,
+    HashingThread,
     IncomingInstance,
     Indexer,
     PlacedInstance,
@@ -325,6 +326,7 @@ class Association:
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, syntax)
         self.indexer: Indexer | None = None
         self.index_worker = IndexWorker("")
+        self.hasher: HashingThread | None = None
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Room for a whole slice in the socket: the sender can finish sending it while we
         # hash and write the first fragments.
@@ -429,6 +431,7 @@ class Association:
                 )
         self.indexer = Indexer(source=PacsNode.objects.filter(pk=node_id).first())
         self.index_worker = IndexWorker(self.calling_ae)
+        self.hasher = HashingThread()
 
         answer = A_ASSOCIATE()
         answer.application_context_name = primitive.application_context_name
@@ -454,6 +457,8 @@ class Association:
         finally:
             # Whatever ended the association, what was acknowledged gets indexed.
             self.index_worker.finish()
+            if self.hasher is not None:
+                self.hasher.close()
 
     def _exchange(self) -> None:
         command = bytearray()
@@ -546,6 +551,7 @@ class Association:
                     sop_instance_uid=str(command.get("AffectedSOPInstanceUID", "")),
                     transfer_syntax_uid=transfer_syntax,
                     source_ae=self.calling_ae,
+                    hasher=self.hasher,
                 ),
                 None,
             )
