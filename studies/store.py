@@ -22,7 +22,6 @@ from typing import Any, BinaryIO
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
-from pydicom.dataset import Dataset
 
 from studies import dicom
 from studies.models import Instance, PacsNode, Series, Study
@@ -68,14 +67,14 @@ def _os_error(exc: OSError) -> StoreError:
     return StoreError(f"cannot write to the store: {exc.strerror}")
 
 
-def _refuse_move_to_another_study(header: Dataset, indexer: "Indexer") -> None:
+def _refuse_move_to_another_study(keys: dicom.InstanceKeys, indexer: "Indexer") -> None:
     """An instance UID names one instance for ever: a sender (mistaken or hostile) must not
     slip an instance of one study into another, nor take it from a study already shared.
 
     Runs for every received slice, so it is one plain indexed lookup rather than an ORM query;
     instances this indexer placed but has not indexed yet count too.
     """
-    sop_uid, study_uid = str(header.SOPInstanceUID), str(header.StudyInstanceUID)
+    sop_uid, study_uid = keys.sop_instance_uid, keys.study_uid
     owner = indexer.placed.get(sop_uid)
     if owner is None:
         owner = _indexed_study_of(sop_uid)
@@ -200,7 +199,7 @@ class IncomingInstance:
         # The first bytes of the data set, kept to parse the header while the rest arrives.
         self._probe: bytearray | None = bytearray() if meta else None
         self._probe_next = 0
-        self._header: Dataset | None = None
+        self._header: dicom.Header | None = None
         # Where the pixel data element starts in the data set, and its header: with the size
         # received, they tell a whole data set without reading the file again.
         self._pixel_offset: int | None = None
@@ -237,7 +236,7 @@ class IncomingInstance:
             self._digest.update(data)
         self._raw_write(data)
         if self._probe is not None:
-            self._probe += data
+            self._probe += data[: _PROBE_LIMIT - len(self._probe)]
             self._parse_probe()
 
     def _parse_probe(self) -> None:
@@ -252,16 +251,15 @@ class IncomingInstance:
         if len(self._probe) < self._probe_next:
             return
         self._probe_next = len(self._probe) + _PROBE_STEP
-        header = dicom.read_leading_header(bytes(self._probe), self._transfer_syntax)
-        if header is not None:
-            position = header.pixel_data_offset
-            self._header = header
+        found = dicom.read_leading_header(bytes(self._probe), self._transfer_syntax)
+        if found is not None:
+            self._header, position = found
             self._pixel_element = bytes(
                 self._probe[position : position + dicom.LONGEST_ELEMENT_HEADER]
             )
             self._pixel_offset = position
             self._probe = None
-        elif len(self._probe) > _PROBE_LIMIT:
+        elif len(self._probe) >= _PROBE_LIMIT:
             self._probe = None  # an unusually long header: parse it from the file instead
 
     def _ends_where_expected(self) -> bool:
@@ -273,7 +271,7 @@ class IncomingInstance:
         dataset_size = self._size - len(self._meta)
         return dicom.pixel_data_ends_data_set(
             self._pixel_element,
-            transfer_syntax_uid=str(self._header.file_meta.TransferSyntaxUID),
+            transfer_syntax_uid=self._header.keys.transfer_syntax_uid,
             remaining=dataset_size - self._pixel_offset,
         )
 
@@ -313,23 +311,17 @@ class IncomingInstance:
                 header = self._header
             else:
                 with self.path.open("rb") as handle:
-                    header = self._header or dicom.read_header(handle)
-                    dicom.check_complete(handle, str(header.file_meta.TransferSyntaxUID))
-            if self.expected_sop_uid and str(header.SOPInstanceUID) != self.expected_sop_uid:
+                    header = self._header or dicom.Header.of(dicom.read_header(handle))
+                    dicom.check_complete(handle, header.keys.transfer_syntax_uid)
+            keys = header.keys
+            if self.expected_sop_uid and keys.sop_instance_uid != self.expected_sop_uid:
                 raise dicom.InvalidDicom(
                     "the data set's SOP Instance UID differs from the request's"
                 )
-            if (
-                self.expected_sop_class_uid
-                and str(header.SOPClassUID) != self.expected_sop_class_uid
-            ):
+            if self.expected_sop_class_uid and keys.sop_class_uid != self.expected_sop_class_uid:
                 raise dicom.InvalidDicom("the data set's SOP Class UID differs from the request's")
-            _refuse_move_to_another_study(header, self.indexer)
-            relative = instance_path(
-                str(header.StudyInstanceUID),
-                str(header.SeriesInstanceUID),
-                str(header.SOPInstanceUID),
-            )
+            _refuse_move_to_another_study(keys, self.indexer)
+            relative = instance_path(keys.study_uid, keys.series_uid, keys.sop_instance_uid)
             final = store_dir() / relative
             try:
                 self.indexer.make_folder(final.parent)
@@ -359,7 +351,7 @@ class PlacedInstance:
     """An instance whose file is in place in the store but not yet in the index."""
 
     indexer: "Indexer"
-    header: Dataset
+    header: dicom.Header
     relative: str
     size: int
     sha256: "Future[str]"  # may still be computed on a hashing thread
@@ -463,33 +455,29 @@ class Indexer:
         incoming.write_file(data)
         return incoming.commit(), True
 
-    def index(self, header: Dataset, relative: str, size: int, sha256: str) -> Instance:
-        instance = self.build(header, relative, size, sha256)
-        upsert_instances([instance])
-        return instance
-
-    def build(self, header: Dataset, relative: str, size: int, sha256: str) -> Instance:
+    def build(self, header: dicom.Header, relative: str, size: int, sha256: str) -> Instance:
         """The index row of an instance, its study and series rows created if need be."""
+        keys = header.keys
         study_id = self._study_id(header)
         series_id = self._series_id(header, study_id)
-        instance = Instance(
+        return Instance(
             series_id=series_id,
-            sop_instance_uid=str(header.SOPInstanceUID),
-            sop_class_uid=str(header.SOPClassUID),
-            instance_number=dicom.integer(header, "InstanceNumber"),
-            transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
-            rows=dicom.integer(header, "Rows", minimum=0),
-            columns=dicom.integer(header, "Columns", minimum=0),
-            number_of_frames=dicom.integer(header, "NumberOfFrames", minimum=1) or 1,
+            sop_instance_uid=keys.sop_instance_uid,
+            sop_class_uid=keys.sop_class_uid,
+            instance_number=keys.instance_number,
+            transfer_syntax_uid=keys.transfer_syntax_uid,
+            rows=keys.rows,
+            columns=keys.columns,
+            number_of_frames=keys.number_of_frames,
             file_path=relative,
             size=size,
             sha256=sha256,
         )
-        return instance
 
-    def _study_id(self, ds: Dataset) -> int:
-        uid = str(ds.StudyInstanceUID)
+    def _study_id(self, header: dicom.Header) -> int:
+        uid = header.keys.study_uid
         if uid not in self._studies:
+            ds = header.dataset()
             defaults = {
                 "patient_name": dicom.text(ds, "PatientName"),
                 "patient_id": dicom.text(ds, "PatientID", 64),
@@ -505,9 +493,10 @@ class Indexer:
             self._studies[uid] = _get_or_create_id(Study, {"study_instance_uid": uid}, defaults)
         return self._studies[uid]
 
-    def _series_id(self, ds: Dataset, study_id: int) -> int:
-        uid = str(ds.SeriesInstanceUID)
+    def _series_id(self, header: dicom.Header, study_id: int) -> int:
+        uid = header.keys.series_uid
         if uid not in self._series:
+            ds = header.dataset()
             defaults = {
                 "study_id": study_id,
                 "modality": dicom.text(ds, "Modality", 16),

@@ -702,7 +702,7 @@ class IndexWorker:
             self.failed = True
             logger.error(
                 "instance %s from %r is stored at %s but not indexed",
-                instance.header.SOPInstanceUID,
+                instance.header.keys.sop_instance_uid,
                 self.calling_ae,
                 instance.relative,
             )
