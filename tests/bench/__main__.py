@@ -11,9 +11,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed runs of each side (median)")
     parser.add_argument("--slices", type=int, default=300, help="slices of the CT study")
     args = parser.parse_args()
-    results = [retrieval.run(runs=args.runs, slices=args.slices)]
+    results = retrieval.run(runs=args.runs, slices=args.slices)
     print()
-    print(f"{'benchmark':<44} {'portal':>9} {'anchor':>9} {'ratio':>7} {'target':>7}")
+    print(f"{'benchmark':<52} {'portal':>9} {'anchor':>9} {'ratio':>7} {'target':>7}")
     failed = False
     for result in results:
         print(result.line())
