@@ -1,4 +1,5 @@
-"""DIMSE client for a PACS: C-ECHO, C-FIND, C-MOVE and C-GET with pynetdicom.
+"""DIMSE client for a PACS: C-ECHO, C-FIND and C-GET with pynetdicom, C-MOVE with our own
+lean client (studies.dimse_client, which says why).
 
 Every call opens its own association and closes it; every wait is bounded by the timeouts in
 settings (DICOM_DIMSE_TIMEOUT for an answer, DICOM_RETRIEVE_TIMEOUT for the answers of a C-MOVE or
@@ -8,7 +9,7 @@ message a radiology secretary can act on.
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,6 +41,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from studies import dimse_client
+from studies.dimse_client import Response
+
 logger = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
@@ -48,7 +52,7 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-_PENDING = {0xFF00, 0xFF01}
+_PENDING = dimse_client.PENDING
 
 
 class PacsError(Exception):
@@ -120,7 +124,11 @@ def _association(
     except (OSError, ValueError) as exc:
         raise PacsError(f"cannot reach {peer}: {exc}") from exc
     if assoc.is_rejected:
-        raise PacsError(f"{peer} rejected the association: {_rejection_reason(assoc, peer)}")
+        primitive = assoc.acceptor.primitive
+        reason = _rejection_reason(
+            getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None), peer
+        )
+        raise PacsError(f"{peer} rejected the association: {reason}")
     if not assoc.is_established:
         raise PacsError(f"cannot reach {peer}: no association (connection refused or timed out)")
     try:
@@ -130,11 +138,10 @@ def _association(
             assoc.release()
 
 
-def _rejection_reason(assoc: Association, peer: Peer) -> str:
-    """What an operator should check, from the A-ASSOCIATE-RJ's reason (PS3.8 9.3.4)."""
-    primitive = assoc.acceptor.primitive
-    reason = getattr(primitive, "diagnostic", None)
-    by_service_user = getattr(primitive, "result_source", None) == 0x01
+def _rejection_reason(source: int | None, reason: int | None, peer: Peer) -> str:
+    """What an operator should check, from the A-ASSOCIATE-RJ's source and reason (PS3.8
+    9.3.4)."""
+    by_service_user = source == 0x01
     if by_service_user and reason == 0x03:
         return f"it does not know the portal's AE title {settings.DICOM_AE_TITLE!r}"
     if by_service_user and reason == 0x07:
@@ -155,7 +162,16 @@ def _no_answer(
     AE title it does not know): the time waited tells them apart."""
     if timeout is None:
         timeout = settings.DICOM_DIMSE_TIMEOUT
-    if time.monotonic() - since >= timeout * 0.95:
+    timed_out = time.monotonic() - since >= timeout * 0.95
+    return _unanswered(peer, what, timed_out=timed_out, answered=answered, timeout=timeout)
+
+
+def _unanswered(
+    peer: Peer, what: str, *, timed_out: bool, answered: bool, timeout: float
+) -> PacsError:
+    """A request whose answers stopped: the peer fell silent, or closed the association after
+    some answers, or before any (which is how Orthanc refuses an AE title it does not know)."""
+    if timed_out:
         return PacsError(f"{peer} sent no answer to the {what} within {timeout:g} s")
     if answered:
         return PacsError(f"{peer} dropped the association during the {what}")
@@ -346,41 +362,72 @@ def _follow(
     what: str,
     progress: ProgressCallback | None,
 ) -> SubOperations:
+    """Follow a pynetdicom C-GET to its end."""
+
+    def statuses() -> Iterator[Response]:
+        since, answered, final_seen = time.monotonic(), False, False
+        for status, _identifier in responses:
+            if status is None or "Status" not in status:
+                raise _no_answer(peer, what, since, answered, settings.DICOM_RETRIEVE_TIMEOUT)
+            since, answered = time.monotonic(), True
+            response = Response(
+                status=int(status.Status),
+                counters={
+                    element: int(status[element].value)
+                    for element in dimse_client.COUNTERS
+                    if element in status
+                },
+                error_comment=str(status.get("ErrorComment", "")),
+            )
+            final_seen = final_seen or not response.pending
+            yield response
+        if not final_seen:
+            _check_alive(assoc, peer, what)
+
+    return _tally(statuses(), peer, what, progress, settings.DICOM_AE_TITLE)
+
+
+def _tally(
+    responses: Iterable[Response],
+    peer: Peer,
+    what: str,
+    progress: ProgressCallback | None,
+    destination: str,
+) -> SubOperations:
+    """The counts of a C-MOVE or C-GET from its responses, reported as they come; the final
+    status turned into an error when it is not a success."""
     counts = SubOperations()
-    final_status: int | None = None
-    since, answered = time.monotonic(), False
-    for status, _identifier in responses:
-        if status is None or "Status" not in status:
-            raise _no_answer(peer, what, since, answered, settings.DICOM_RETRIEVE_TIMEOUT)
-        since, answered = time.monotonic(), True
-        counts.completed = int(status.get("NumberOfCompletedSuboperations", counts.completed))
-        counts.failed = int(status.get("NumberOfFailedSuboperations", counts.failed))
-        counts.warning = int(status.get("NumberOfWarningSuboperations", counts.warning))
-        if "NumberOfRemainingSuboperations" in status:
-            counts.remaining = int(status.NumberOfRemainingSuboperations)
-        code = int(status.Status)
-        if code in _PENDING:
+    final: Response | None = None
+    for response in responses:
+        counts.completed = response.counters.get(dimse_client.COMPLETED, counts.completed)
+        counts.failed = response.counters.get(dimse_client.FAILED, counts.failed)
+        counts.warning = response.counters.get(dimse_client.WARNING, counts.warning)
+        counts.remaining = response.counters.get(dimse_client.REMAINING, counts.remaining)
+        if response.pending:
             if progress:
                 progress(counts)
             continue
-        final_status = code
+        final = response
         counts.remaining = 0
-    if final_status is None:
-        _check_alive(assoc, peer, what)
+    if final is None:
         raise PacsError(f"{peer} ended the {what} without a final status")
     if progress:
         progress(counts)
-    if final_status == 0xA801:
+    code = final.status
+    if code not in {STATUS_SUCCESS, 0xB000}:
+        # The error comment seldom helps a person, but may help whoever reads the PACS's log.
+        logger.warning("%s ended the %s with 0x%04X: %r", peer, what, code, final.error_comment)
+    if code == 0xA801:
         raise PacsError(
-            f"{peer} does not know the move destination {settings.DICOM_AE_TITLE!r}: "
+            f"{peer} does not know the move destination {destination!r}: "
             "add the portal to the PACS's list of DICOM nodes"
         )
-    if final_status in {0xA701, 0xA702}:
-        raise PacsError(f"{peer} is out of resources (status 0x{final_status:04X})")
-    if final_status == 0xC000 or (final_status & 0xF000) == 0xC000:
-        raise _RequestFailed(f"{peer} could not process the {what} (status 0x{final_status:04X})")
-    if final_status not in {STATUS_SUCCESS, 0xB000, 0xFE00}:
-        raise _RequestFailed(f"{peer} failed the {what} (status 0x{final_status:04X})")
+    if code in {0xA701, 0xA702}:
+        raise PacsError(f"{peer} is out of resources (status 0x{code:04X})")
+    if (code & 0xF000) == 0xC000:
+        raise _RequestFailed(f"{peer} could not process the {what} (status 0x{code:04X})")
+    if code not in {STATUS_SUCCESS, 0xB000, 0xFE00}:
+        raise _RequestFailed(f"{peer} failed the {what} (status 0x{code:04X})")
     return counts
 
 
@@ -401,23 +448,69 @@ def move_study(
     storage SCP acknowledged once the instance was written to the store; its index rows may
     still be on their way (the caller waits for them).
     """
-    ae = _application_entity()
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     try:
-        with _association(peer, ae) as assoc:
-            _allow_long_silences(assoc)
-            responses = assoc.send_c_move(
-                _retrieve_identifier(study_uid),
-                destination,
-                StudyRootQueryRetrieveInformationModelMove,
-            )
-            return _follow(responses, assoc, peer, "C-MOVE", progress)
+        return _move(peer, study_uid, destination, progress)
     except _RequestFailed as exc:
         # Many PACSs (Orthanc, for one) answer "unable to process" for a study they do not
         # have: say which it is.
         if _lacks_study(peer, study_uid):
             raise PacsError(f"{peer} does not have study {study_uid}") from exc
         raise
+
+
+def _move(
+    peer: Peer, study_uid: str, destination: str, progress: ProgressCallback | None
+) -> SubOperations:
+    move_model = str(StudyRootQueryRetrieveInformationModelMove)
+    try:
+        association = dimse_client.associate(
+            peer.host,
+            peer.port,
+            calling_ae=settings.DICOM_AE_TITLE,
+            called_ae=peer.ae_title,
+            abstract_syntax=move_model,
+            timeout=settings.DICOM_CONNECT_TIMEOUT,
+        )
+    except dimse_client.Rejected as exc:
+        reason = _rejection_reason(exc.source, exc.reason, peer)
+        raise PacsError(f"{peer} rejected the association: {reason}") from exc
+    except dimse_client.NotSupported as exc:
+        raise PacsError(f"{peer} does not offer study-root C-MOVE") from exc
+    except dimse_client.ProtocolError as exc:
+        raise PacsError(f"{peer} broke the DICOM protocol: {exc}") from exc
+    except dimse_client.DimseError as exc:
+        # The same words as when pynetdicom cannot associate; the cause stays in the chain.
+        raise PacsError(
+            f"cannot reach {peer}: no association (connection refused or timed out)"
+        ) from exc
+
+    answered = False
+
+    def responses() -> Iterator[Response]:
+        nonlocal answered
+        # A PACS answers when its sub-operations are done and need not say anything before
+        # (pending responses are optional): each answer may take as long as the study does.
+        timeout = settings.DICOM_RETRIEVE_TIMEOUT
+        for response in association.c_move(
+            move_model, _retrieve_identifier(study_uid), destination, timeout
+        ):
+            answered = True
+            yield response
+
+    try:
+        with association:
+            return _tally(responses(), peer, "C-MOVE", progress, destination)
+    except (dimse_client.TimedOut, dimse_client.Closed) as exc:
+        timed_out = isinstance(exc, dimse_client.TimedOut)
+        raise _unanswered(
+            peer,
+            "C-MOVE",
+            timed_out=timed_out,
+            answered=answered,
+            timeout=settings.DICOM_RETRIEVE_TIMEOUT,
+        ) from exc
+    except dimse_client.ProtocolError as exc:
+        raise PacsError(f"{peer} broke the DICOM protocol during the C-MOVE: {exc}") from exc
 
 
 def get_study(

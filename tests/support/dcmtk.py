@@ -148,8 +148,6 @@ class StoreSCP(Service):
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> "StoreSCP":
-        import socket
-
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [
@@ -165,18 +163,94 @@ class StoreSCP(Service):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"storescp exited with {self.process.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("storescp did not start listening")
+        _wait_listening(self, self.port, timeout)
+        return self
 
     def stop(self) -> None:
         terminate(self.process)
         self.process = None
+
+
+class QueryRetrieveSCP(Service):
+    """dcmtk's dcmqrscp: a second PACS, independent of Orthanc, as a context manager.
+
+    It keeps what it is sent (C-STORE) in `workdir`, and answers queries and retrievals
+    (C-FIND, C-MOVE, C-GET), from and to the AEs of `peers` only: name → (AE title, port), all
+    on this machine. Unlike Orthanc it answers an unknown move destination with 0xA801, and
+    follows a final response with the list of the instances it could not send.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        peers: dict[str, tuple[str, int]],
+        aet: str = "DCMQRSCP",
+        extra: Sequence[str] = (),
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.peers = dict(peers)
+        self.aet = aet
+        self.extra = list(extra)
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def configuration(self) -> str:
+        storage = self.workdir / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        # dcmqrscp matches a peer by the host name its address resolves to, never by the
+        # address itself: 127.0.0.1 is "localhost".
+        hosts = [f"{name} = ({aet}, localhost, {port})" for name, (aet, port) in self.peers.items()]
+        return "\n".join(
+            [
+                f"NetworkTCPPort = {self.port}",
+                "MaxPDUSize = 16384",
+                "MaxAssociations = 16",
+                "HostTable BEGIN",
+                *hosts,
+                "HostTable END",
+                "VendorTable BEGIN",
+                "VendorTable END",
+                "AETable BEGIN",
+                f"{self.aet} {storage} RW (200, 1024mb) {' '.join(self.peers)}",
+                "AETable END",
+                "",
+            ]
+        )
+
+    def start(self, timeout: float = 10.0) -> "QueryRetrieveSCP":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "dcmqrscp.cfg"
+        config.write_text(self.configuration())
+        with (self.workdir / "dcmqrscp.log").open("ab") as log:
+            # One process per association, its default: dcmtk 3.6.7's --single-process mode
+            # crashes once its first association ends.
+            self.process = subprocess.Popen(
+                ["dcmqrscp", "-c", str(config), *self.extra, str(self.port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        _wait_listening(self, self.port, timeout)
+        return self
+
+    def stop(self) -> None:
+        terminate(self.process)
+        self.process = None
+
+
+def _wait_listening(server: "StoreSCP | QueryRetrieveSCP", port: int, timeout: float) -> None:
+    import socket
+
+    assert server.process is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{type(server).__name__} exited with {server.process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    server.stop()
+    raise RuntimeError(f"{type(server).__name__} did not start listening")
