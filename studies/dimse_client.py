@@ -34,42 +34,34 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
-from studies import dicom
+from studies import dimse_wire as wire
+from studies.dimse_wire import (
+    ABORT,
+    ASSOCIATE_AC,
+    ASSOCIATE_RJ,
+    MAX_COMMAND,
+    MAX_PDU,
+    P_DATA,
+    PDV_HEADER,
+    RELEASE_RP,
+    RELEASE_RQ,
+)
 
-# PDU types (PS3.8 9.3.1).
-_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ = 0x01, 0x02, 0x03
-_P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x04, 0x05, 0x06, 0x07
-_RELEASE_RQ_PDU = bytes([_RELEASE_RQ, 0, 0, 0, 0, 4, 0, 0, 0, 0])
 # Source 0 (service user), reason 0 (not significant): PS3.8 9.3.8.
-_ABORT_PDU = bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+_ABORT_PDU = wire.abort_pdu(source=0)
 _DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-# The largest P-DATA-TF PDU we accept, announced to the peer: as large as the storage SCP's.
-MAX_PDU = 4 * 1024 * 1024
 # An A-ASSOCIATE-AC for one presentation context is a few hundred bytes.
 _MAX_ASSOCIATE_ANSWER = 64 * 1024
-# A C-MOVE-RSP command set is about 150 bytes; anything much larger is an attack or a bug.
-_MAX_COMMAND = 64 * 1024
-# A PDV item's header: item length (4), presentation context ID, message control header.
-_PDV_HEADER = 6
 # The one presentation context we propose, and the syntaxes we can encode the identifier in.
 _CONTEXT_ID = 1
 _TRANSFER_SYNTAXES = (str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian))
 
 _C_MOVE_RQ, _C_MOVE_RSP = 0x0021, 0x8021
 _MESSAGE_ID = 1  # one request per association
-_NO_DATA_SET = 0x0101
 PENDING = frozenset({0xFF00, 0xFF01})
-# Command set elements (group 0000, PS3.7 E.1) that a C-MOVE-RSP is read for.
-_COMMAND_FIELD, _MESSAGE_ID_RESPONDED_TO, _DATA_SET_TYPE = 0x0100, 0x0120, 0x0800
-_STATUS, _ERROR_COMMENT = 0x0900, 0x0902
 # The sub-operation counters of a C-MOVE or C-GET response (PS3.7 C.4.2.1.4).
 REMAINING, COMPLETED, FAILED, WARNING = 0x1020, 0x1021, 0x1022, 0x1023
 COUNTERS = (REMAINING, COMPLETED, FAILED, WARNING)
@@ -130,7 +122,7 @@ class Association:
         # For the association request, every send, and the release.
         self._timeout = timeout
         self._transfer_syntax = ""
-        self._max_fragment = MAX_PDU - _PDV_HEADER
+        self._max_fragment = MAX_PDU - PDV_HEADER
         # A request whose final response has not arrived: the association cannot be released.
         self._outstanding = False
 
@@ -155,9 +147,9 @@ class Association:
         """A-RELEASE-RQ, then a bounded wait for the A-RELEASE-RP. Never raises: whatever the
         association was for is done, and an impolite peer changes nothing about it."""
         try:
-            self._send(_RELEASE_RQ_PDU)
+            self._send(wire.RELEASE_RQ_PDU)
             deadline = time.monotonic() + self._timeout
-            while self._read_pdu(deadline)[0] != _RELEASE_RP:
+            while self._read_pdu(deadline)[0] != RELEASE_RP:
                 pass  # nothing else is expected any more: ignore it
         except DimseError:
             self.abort()
@@ -184,11 +176,11 @@ class Association:
         pdu_type, body = self._read_pdu(
             time.monotonic() + self._timeout, limit=_MAX_ASSOCIATE_ANSWER
         )
-        if pdu_type == _ASSOCIATE_RJ:
+        if pdu_type == ASSOCIATE_RJ:
             if len(body) < 4:
                 raise ProtocolError("truncated A-ASSOCIATE-RJ")
             raise Rejected(source=body[2], reason=body[3])
-        if pdu_type != _ASSOCIATE_AC:
+        if pdu_type != ASSOCIATE_AC:
             raise ProtocolError(f"expected an A-ASSOCIATE-AC, got PDU type 0x{pdu_type:02X}")
         answer = A_ASSOCIATE_AC()
         try:
@@ -210,9 +202,9 @@ class Association:
             raise NotSupported(f"the peer did not accept {abstract_syntax}")
         # 0 (or nothing) means no limit; a limit too small for one byte per PDU is nonsense.
         peer_max = accepted.maximum_length_received or MAX_PDU
-        if peer_max <= _PDV_HEADER:
+        if peer_max <= PDV_HEADER:
             raise ProtocolError(f"maximum PDU length {peer_max} is too small")
-        self._max_fragment = min(peer_max, MAX_PDU) - _PDV_HEADER
+        self._max_fragment = min(peer_max, MAX_PDU) - PDV_HEADER
 
     # -- C-MOVE --------------------------------------------------------------------------------
     def c_move(
@@ -220,13 +212,13 @@ class Association:
     ) -> Iterator[Response]:
         """Send a C-MOVE-RQ and yield its responses, the final one last. Each response must
         arrive whole within `timeout` of the previous one (or of the request)."""
-        command = _command_set(
-            (0x0002, _padded(abstract_syntax, b"\x00")),  # Affected SOP Class UID
-            (_COMMAND_FIELD, struct.pack("<H", _C_MOVE_RQ)),
-            (0x0110, struct.pack("<H", _MESSAGE_ID)),
-            (0x0600, _padded(destination, b" ")),  # Move Destination
-            (0x0700, struct.pack("<H", 0)),  # Priority: medium
-            (_DATA_SET_TYPE, struct.pack("<H", 0x0001)),  # anything but 0x0101: one follows
+        command = wire.command_set(
+            (wire.AFFECTED_SOP_CLASS_UID, wire.padded(abstract_syntax, b"\x00")),
+            (wire.COMMAND_FIELD, struct.pack("<H", _C_MOVE_RQ)),
+            (wire.MESSAGE_ID, struct.pack("<H", _MESSAGE_ID)),
+            (wire.MOVE_DESTINATION, wire.padded(destination, b" ")),
+            (wire.PRIORITY, struct.pack("<H", 0)),  # medium
+            (wire.DATA_SET_TYPE, struct.pack("<H", 0x0001)),  # anything but 0x0101: one follows
         )
         self._send(self._p_data(command, is_command=True) + self._p_data(self._encode(identifier)))
         self._outstanding = True
@@ -245,9 +237,9 @@ class Association:
         deadline = time.monotonic() + timeout
         while True:
             pdu_type, body = self._read_pdu(deadline)
-            if pdu_type == _RELEASE_RQ:
+            if pdu_type == RELEASE_RQ:
                 raise Closed("the peer released the association before its final response")
-            if pdu_type != _P_DATA:
+            if pdu_type != P_DATA:
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
             for context_id, is_command, is_last, fragment in _pdvs(body):
                 if context_id != _CONTEXT_ID:
@@ -256,7 +248,7 @@ class Association:
                     if response is not None:
                         raise ProtocolError("a command arrived before the previous data set")
                     command += fragment
-                    if len(command) > _MAX_COMMAND:
+                    if len(command) > MAX_COMMAND:
                         raise ProtocolError("command set too large")
                     if not is_last:
                         continue
@@ -280,15 +272,13 @@ class Association:
         return buffer.getvalue()
 
     def _p_data(self, message: bytes, is_command: bool = False) -> bytes:
-        """A message in P-DATA-TF PDUs within the peer's maximum length, one fragment each."""
-        pdus = []
-        for start in range(0, len(message), self._max_fragment):
-            fragment = message[start : start + self._max_fragment]
-            is_last = start + self._max_fragment >= len(message)
-            control = (0x01 if is_command else 0) | (0x02 if is_last else 0)
-            item = struct.pack(">IBB", len(fragment) + 2, _CONTEXT_ID, control) + fragment
-            pdus.append(struct.pack(">BBI", _P_DATA, 0, len(item)) + item)
-        return b"".join(pdus)
+        """A message in P-DATA-TF PDUs within the peer's maximum length."""
+        return wire.p_data(
+            message,
+            context_id=_CONTEXT_ID,
+            is_command=is_command,
+            max_fragment=self._max_fragment,
+        )
 
     # -- the wire ------------------------------------------------------------------------------
     def _send(self, data: bytes) -> None:
@@ -303,7 +293,7 @@ class Association:
     def _read_pdu(self, deadline: float, limit: int = MAX_PDU) -> tuple[int, memoryview]:
         header = self._read_exact(6, deadline)
         pdu_type, length = header[0], struct.unpack_from(">I", header, 2)[0]
-        if pdu_type == _ABORT:
+        if pdu_type == ABORT:
             raise Closed("the peer aborted the association")
         # Checked before reading: a peer announcing 4 GiB must not make us try to hold it.
         if length > limit:
@@ -368,81 +358,42 @@ def _associate_rq(calling_ae: str, called_ae: str, abstract_syntax: str) -> byte
     context.context_id = _CONTEXT_ID
     context.abstract_syntax = abstract_syntax
     context.transfer_syntax = list(_TRANSFER_SYNTAXES)
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = MAX_PDU
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = dicom.IMPLEMENTATION_CLASS_UID
-    version = ImplementationVersionNameNotification()
-    version.implementation_version_name = dicom.IMPLEMENTATION_VERSION_NAME
     primitive = A_ASSOCIATE()
     primitive.application_context_name = _DICOM_APPLICATION_CONTEXT
     primitive.calling_ae_title = calling_ae
     primitive.called_ae_title = called_ae
     primitive.presentation_context_definition_list = [context]
-    primitive.user_information = [max_length, implementation, version]
+    primitive.user_information = wire.user_information()
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
     return bytes(pdu.encode())
 
 
 def _pdvs(body: memoryview) -> Iterator[tuple[int, bool, bool, memoryview]]:
-    """The presentation data values of a P-DATA-TF PDU (PS3.8 9.3.5.1): context ID, whether
-    a command fragment, whether the last fragment, the fragment."""
-    offset = 0
-    while offset < len(body):
-        if len(body) - offset < _PDV_HEADER:
-            raise ProtocolError("truncated presentation data value")
-        (length,) = struct.unpack_from(">I", body, offset)
-        if length < 2 or length > len(body) - offset - 4:
-            raise ProtocolError("bad presentation data value length")
-        context_id, control = body[offset + 4], body[offset + 5]
-        fragment = body[offset + _PDV_HEADER : offset + 4 + length]
-        yield context_id, bool(control & 0x01), bool(control & 0x02), fragment
-        offset += 4 + length
+    try:
+        yield from wire.pdvs(body)
+    except wire.Malformed as exc:
+        raise ProtocolError(str(exc)) from exc
 
 
 def _decode_response(command: bytes) -> tuple[Response, bool]:
-    """A C-MOVE-RSP command set (implicit VR little endian, PS3.7 6.3.1), and whether a data
-    set follows it. Only the elements we need are looked at, but all must be well formed."""
-    elements: dict[int, bytes] = {}
-    offset = 0
-    while offset < len(command):
-        if len(command) - offset < 8:
-            raise ProtocolError("truncated command set")
-        group, element, length = struct.unpack_from("<HHI", command, offset)
-        offset += 8
-        if group != 0x0000 or length > len(command) - offset:
-            raise ProtocolError("malformed command set")
-        elements[element] = command[offset : offset + length]
-        offset += length
-
-    def unsigned_short(element: int) -> int | None:
-        value = elements.get(element)
-        if value is None:
-            return None
-        if len(value) != 2:
-            raise ProtocolError(f"element (0000,{element:04X}) is not a US value")
-        return int.from_bytes(value, "little")
-
-    if unsigned_short(_COMMAND_FIELD) != _C_MOVE_RSP:
+    """A C-MOVE-RSP command set, and whether a data set follows it. Only the elements we need
+    are looked at, but all must be well formed."""
+    try:
+        elements = wire.command_elements(command)
+        command_field = wire.unsigned_short(elements, wire.COMMAND_FIELD)
+        responded_to = wire.unsigned_short(elements, wire.MESSAGE_ID_RESPONDED_TO)
+        status = wire.unsigned_short(elements, wire.STATUS)
+        counters = {e: v for e in COUNTERS if (v := wire.unsigned_short(elements, e)) is not None}
+        data_set_type = wire.unsigned_short(elements, wire.DATA_SET_TYPE)
+    except wire.Malformed as exc:
+        raise ProtocolError(str(exc)) from exc
+    if command_field != _C_MOVE_RSP:
         raise ProtocolError("the answer is not a C-MOVE-RSP")
-    if unsigned_short(_MESSAGE_ID_RESPONDED_TO) != _MESSAGE_ID:
+    if responded_to != _MESSAGE_ID:
         raise ProtocolError("a response to a request we did not send")
-    status = unsigned_short(_STATUS)
     if status is None:
         raise ProtocolError("a response without a status")
-    counters = {e: v for e in COUNTERS if (v := unsigned_short(e)) is not None}
-    comment = elements.get(_ERROR_COMMENT, b"").decode("ascii", "replace").strip(" \x00")
-    has_data_set = unsigned_short(_DATA_SET_TYPE) not in (None, _NO_DATA_SET)
+    comment = elements.get(wire.ERROR_COMMENT, b"").decode("ascii", "replace").strip(" \x00")
+    has_data_set = data_set_type not in (None, wire.NO_DATA_SET)
     return Response(status, counters, comment), has_data_set
-
-
-def _command_set(*elements: tuple[int, bytes]) -> bytes:
-    """Group 0000 elements (in ascending order) after their group length, implicit VR LE."""
-    body = b"".join(struct.pack("<HHI", 0x0000, tag, len(value)) + value for tag, value in elements)
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
-
-
-def _padded(value: str, pad: bytes) -> bytes:
-    raw = value.encode("ascii")
-    return raw + pad if len(raw) % 2 else raw

@@ -24,25 +24,29 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from io import BytesIO
 
 from django.conf import settings
 from django.db import connection
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from studies import dicom
+from studies import dimse_wire as wire
+from studies.dimse_wire import (
+    ABORT,
+    ASSOCIATE_RJ,
+    ASSOCIATE_RQ,
+    MAX_COMMAND,
+    MAX_PDU,
+    NO_DATA_SET,
+    P_DATA,
+    RELEASE_RQ,
+)
 from studies.models import PacsNode
 from studies.pacs import (
     STATUS_CANNOT_UNDERSTAND,
@@ -63,9 +67,6 @@ from studies.store import (
 
 logger = logging.getLogger(__name__)
 
-# PDU types (PS3.8 9.3.1).
-_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ = 0x01, 0x02, 0x03
-_P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x04, 0x05, 0x06, 0x07
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
 _REJECT_PERMANENT, _REJECT_TRANSIENT = 0x01, 0x02
 _SOURCE_SERVICE_USER, _SOURCE_PROVIDER_PRESENTATION = 0x01, 0x03
@@ -73,14 +74,9 @@ _CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
 _LOCAL_LIMIT_EXCEEDED = 0x02
 # Presentation context results (PS3.8 9.3.3.2).
 _ACCEPTED, _ABSTRACT_SYNTAX_NOT_SUPPORTED, _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0, 3, 4
-# The largest PDU we accept (and announce): big PDUs mean fewer loop turns per slice.
-MAX_PDU = 4 * 1024 * 1024
 # An association request is a few kilobytes even with a hundred presentation contexts.
 _MAX_ASSOCIATE_RQ = 64 * 1024
-# A command set is a few hundred bytes; anything larger is an attack or a bug.
-_MAX_COMMAND = 64 * 1024
 _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
-_NO_DATASET = 0x0101
 # Instances are indexed by batches of this many, or when the sender pauses this long.
 _INDEX_BATCH = 1000
 _INDEX_DELAY = 0.1
@@ -363,7 +359,7 @@ class Association:
         artim.start()
         try:
             pdu_type, body = self._read_pdu(limit=_MAX_ASSOCIATE_RQ)
-            if pdu_type != _ASSOCIATE_RQ:
+            if pdu_type != ASSOCIATE_RQ:
                 raise ProtocolError(f"expected an association request, got PDU 0x{pdu_type:02X}")
         except ProtocolError as exc:
             logger.warning("aborting a connection from %s: %s", self.address, exc)
@@ -390,7 +386,7 @@ class Association:
     def _accept(self, body: bytes) -> bool:
         request = A_ASSOCIATE_RQ()
         try:
-            request.decode(bytes([_ASSOCIATE_RQ, 0]) + struct.pack(">I", len(body)) + body)
+            request.decode(bytes([ASSOCIATE_RQ, 0]) + struct.pack(">I", len(body)) + body)
             primitive = request.to_primitive()
         except Exception:
             logger.warning("malformed association request from %s", self.address)
@@ -439,13 +435,7 @@ class Association:
         answer.called_ae_title = primitive.called_ae_title
         answer.result = 0x00
         answer.presentation_context_definition_results_list = accepted
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = MAX_PDU
-        implementation = ImplementationClassUIDNotification()
-        implementation.implementation_class_uid = dicom.IMPLEMENTATION_CLASS_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = dicom.IMPLEMENTATION_VERSION_NAME
-        answer.user_information = [max_length, implementation, version]
+        answer.user_information = wire.user_information()
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(answer)
         self.conn.sendall(pdu.encode())
@@ -462,50 +452,38 @@ class Association:
 
     def _exchange(self) -> None:
         command = bytearray()
-        pending: Dataset | None = None  # the command whose data set is arriving
+        pending: _Command | None = None  # the command whose data set is arriving
         incoming: IncomingInstance | None = None
         failure: tuple[int, str] | None = None
         try:
             while True:
                 pdu_type, body = self._read_pdu()
-                if pdu_type == _RELEASE_RQ:
+                if pdu_type == RELEASE_RQ:
                     # The sender (a PACS serving a C-MOVE) ends its work after the release:
                     # by then every instance it sent must be in the index.
                     self.index_worker.finish()
-                    self.conn.sendall(bytes([_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
+                    self.conn.sendall(wire.RELEASE_RP_PDU)
                     return
-                if pdu_type == _ABORT:
+                if pdu_type == ABORT:
                     logger.info("association from %r aborted by the peer", self.calling_ae)
                     return
-                if pdu_type != _P_DATA:
+                if pdu_type != P_DATA:
                     raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
-                view = memoryview(body)
-                offset = 0
-                while offset < len(view):
-                    if offset + 6 > len(view):
-                        raise ProtocolError("truncated presentation data value")
-                    item_length = struct.unpack_from(">I", view, offset)[0]
-                    if item_length < 2 or offset + 4 + item_length > len(view):
-                        raise ProtocolError("bad presentation data value length")
-                    context_id, control = view[offset + 4], view[offset + 5]
-                    fragment = view[offset + 6 : offset + 4 + item_length]
-                    offset += 4 + item_length
+                for context_id, is_command, is_last, fragment in _pdvs(memoryview(body)):
                     if context_id not in self.contexts:
                         raise ProtocolError(f"unknown presentation context {context_id}")
-                    is_command, is_last = bool(control & 0x01), bool(control & 0x02)
                     if is_command:
                         if pending is not None:
                             raise ProtocolError("a command arrived before the previous data set")
                         command += fragment
-                        if len(command) > _MAX_COMMAND:
+                        if len(command) > MAX_COMMAND:
                             raise ProtocolError("command set too large")
                         if not is_last:
                             continue
-                        pending = _decode_command(bytes(command))
+                        pending = _decode_command(bytes(command), context_id)
                         command.clear()
-                        pending.context_id = context_id  # type: ignore[attr-defined]
-                        if pending.get("CommandDataSetType", _NO_DATASET) == _NO_DATASET:
-                            if pending.get("CommandField") == _C_STORE_RQ:
+                        if not pending.has_data_set:
+                            if pending.field == _C_STORE_RQ:
                                 failure = (STATUS_CANNOT_UNDERSTAND, "C-STORE without a data set")
                             self._answer(pending, failure)
                             pending, failure = None, None
@@ -514,7 +492,7 @@ class Association:
                     else:
                         if pending is None:
                             raise ProtocolError("a data set arrived without a command")
-                        if context_id != pending.context_id:  # type: ignore[attr-defined]
+                        if context_id != pending.context_id:
                             raise ProtocolError("a data set arrived on another context")
                         if incoming is not None:
                             try:
@@ -532,13 +510,13 @@ class Association:
                 incoming.abort()  # never leave half an instance behind
 
     def _begin(
-        self, command: Dataset, context_id: int
+        self, command: "_Command", context_id: int
     ) -> tuple[IncomingInstance | None, tuple[int, str] | None]:
-        if command.get("CommandField") != _C_STORE_RQ:
-            raise ProtocolError(f"unsupported DIMSE command 0x{command.get('CommandField', 0):04X}")
+        if command.field != _C_STORE_RQ:
+            raise ProtocolError(f"unsupported DIMSE command 0x{command.field:04X}")
         assert self.indexer is not None
         abstract_syntax, transfer_syntax = self.contexts[context_id]
-        sop_class = str(command.get("AffectedSOPClassUID", ""))
+        sop_class = command.sop_class_uid
         if sop_class != abstract_syntax:
             return None, (STATUS_DATASET_MISMATCH, "SOP class differs from the context's")
         if self.index_worker.failed:
@@ -548,7 +526,7 @@ class Association:
             return (
                 self.indexer.begin(
                     sop_class_uid=sop_class,
-                    sop_instance_uid=str(command.get("AffectedSOPInstanceUID", "")),
+                    sop_instance_uid=command.sop_instance_uid,
                     transfer_syntax_uid=transfer_syntax,
                     source_ae=self.calling_ae,
                     hasher=self.hasher,
@@ -562,13 +540,13 @@ class Association:
             logger.error("cannot store from %r: %s", self.calling_ae, exc)
             return None, (STATUS_OUT_OF_RESOURCES, str(exc))
 
-    def _commit(self, incoming: IncomingInstance, command: Dataset) -> tuple[int, str] | None:
+    def _commit(self, incoming: IncomingInstance, command: "_Command") -> tuple[int, str] | None:
         try:
             self.index_worker.submit(incoming.place())
         except dicom.InvalidDicom as exc:
             logger.warning(
                 "refused instance %s from %r: %s",
-                command.get("AffectedSOPInstanceUID", "?"),
+                command.sop_instance_uid or "?",
                 self.calling_ae,
                 exc,
             )
@@ -583,26 +561,27 @@ class Association:
             return STATUS_OUT_OF_RESOURCES, "internal error"
         return None
 
-    def _answer(self, command: Dataset, failure: tuple[int, str] | None) -> None:
-        field_ = command.get("CommandField")
+    def _answer(self, command: "_Command", failure: tuple[int, str] | None) -> None:
         status, comment = failure or (STATUS_SUCCESS, "")
-        if field_ == _C_ECHO_RQ:
+        if command.field == _C_ECHO_RQ:
             response = _encode_response(_C_ECHO_RSP, command, STATUS_SUCCESS, "", False)
-        elif field_ == _C_STORE_RQ:
+        elif command.field == _C_STORE_RQ:
             response = _encode_response(_C_STORE_RSP, command, status, comment, True)
         else:
-            raise ProtocolError(f"unsupported DIMSE command 0x{field_ or 0:04X}")
-        context_id = command.context_id  # type: ignore[attr-defined]
-        item = struct.pack(">IBB", len(response) + 2, context_id, 0x03) + response
-        self.conn.sendall(struct.pack(">BBI", _P_DATA, 0, len(item)) + item)
+            raise ProtocolError(f"unsupported DIMSE command 0x{command.field:04X}")
+        self.conn.sendall(
+            wire.p_data(
+                response, context_id=command.context_id, is_command=True, max_fragment=MAX_PDU
+            )
+        )
 
     def _abort(self) -> None:
         # Source 2: aborted by the service provider (us), reason not specified.
-        _send_quietly(self.conn, bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 0]))
+        _send_quietly(self.conn, wire.abort_pdu(source=2))
 
 
 def _reject_pdu(result: int, source: int, reason: int) -> bytes:
-    return bytes([_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, result, source, reason])
+    return bytes([ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, result, source, reason])
 
 
 def _send_quietly(conn: socket.socket, data: bytes) -> None:
@@ -720,45 +699,57 @@ def _relax_commit_durability() -> None:
             cursor.execute("SET synchronous_commit TO OFF")
 
 
-def _decode_command(data: bytes) -> Dataset:
-    """A DIMSE command set: always implicit VR little endian (PS3.7 6.3.1)."""
+def _pdvs(body: memoryview) -> Iterator[tuple[int, bool, bool, memoryview]]:
     try:
-        command = read_dataset(BytesIO(data), is_implicit_VR=True, is_little_endian=True)
-        command.get("CommandField")  # force the parse of the elements we rely on
-        for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
-            value = str(command.get(keyword, ""))
-            if value and not dicom.is_valid_uid(value):
-                raise ValueError(f"{keyword} is not a UID")
-    except Exception as exc:
+        yield from wire.pdvs(body)
+    except wire.Malformed as exc:
+        raise ProtocolError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class _Command:
+    """A request's command set: what answering it needs."""
+
+    field: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    has_data_set: bool
+    context_id: int
+
+
+def _decode_command(data: bytes, context_id: int) -> _Command:
+    try:
+        elements = wire.command_elements(data)
+        return _Command(
+            field=wire.unsigned_short(elements, wire.COMMAND_FIELD) or 0,
+            message_id=wire.unsigned_short(elements, wire.MESSAGE_ID) or 0,
+            sop_class_uid=wire.uid(elements, wire.AFFECTED_SOP_CLASS_UID),
+            sop_instance_uid=wire.uid(elements, wire.AFFECTED_SOP_INSTANCE_UID),
+            has_data_set=wire.unsigned_short(elements, wire.DATA_SET_TYPE) != NO_DATA_SET,
+            context_id=context_id,
+        )
+    except wire.Malformed as exc:
         raise ProtocolError(f"undecodable command set: {exc}") from exc
-    return command
-
-
-def _element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
 
 
 def _encode_response(
-    command_field: int, request: Dataset, status: int, comment: str, include_instance: bool
+    command_field: int, request: _Command, status: int, comment: str, include_instance: bool
 ) -> bytes:
-    """A C-STORE-RSP or C-ECHO-RSP command set, implicit VR little endian (PS3.7 9.3.1.2)."""
+    """A C-STORE-RSP or C-ECHO-RSP command set (PS3.7 9.3.1.2)."""
     elements = [
-        _element(0x0002, _uid(str(request.get("AffectedSOPClassUID", "")))),
-        _element(0x0100, struct.pack("<H", command_field)),
-        _element(0x0120, struct.pack("<H", int(request.get("MessageID", 0)))),
-        _element(0x0800, struct.pack("<H", _NO_DATASET)),
-        _element(0x0900, struct.pack("<H", status)),
+        (wire.AFFECTED_SOP_CLASS_UID, wire.padded(request.sop_class_uid, b"\x00")),
+        (wire.COMMAND_FIELD, struct.pack("<H", command_field)),
+        (wire.MESSAGE_ID_RESPONDED_TO, struct.pack("<H", request.message_id)),
+        (wire.DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
+        (wire.STATUS, struct.pack("<H", status)),
     ]
     if comment and status != STATUS_SUCCESS:
         # Error Comment (LO, at most 64 characters): what a PACS administrator reads.
-        text = comment.encode("ascii", "replace")[:64]
-        elements.append(_element(0x0902, text + b" " if len(text) % 2 else text))
-    if include_instance and request.get("AffectedSOPInstanceUID"):
-        elements.append(_element(0x1000, _uid(str(request.AffectedSOPInstanceUID))))
-    body = b"".join(elements)
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+        text = comment.encode("ascii", "replace")[:64].decode("ascii")
+        elements.append((wire.ERROR_COMMENT, wire.padded(text, b" ")))
+    if include_instance and request.sop_instance_uid:
+        elements.append(
+            (wire.AFFECTED_SOP_INSTANCE_UID, wire.padded(request.sop_instance_uid, b"\x00"))
+        )
+    return wire.command_set(*elements)

@@ -531,6 +531,47 @@ def test_a_data_set_on_another_context_aborts_the_association(
     assert_nothing_stored()
 
 
+def _with_uid(command: bytes, uid: bytes) -> bytes:
+    """The command set with another Affected SOP Instance UID value (same length or not)."""
+    at = command.index(struct.pack("<HH", 0x0000, 0x1000))
+    group_length = struct.unpack_from("<I", command, 8)[0] - (len(command) - at) + 8 + len(uid)
+    body = command[12:at] + struct.pack("<HHI", 0x0000, 0x1000, len(uid)) + uid
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, group_length) + body
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "a path for an instance UID",
+        "an element longer than its command set",
+        "a command set that never ends",
+    ],
+)
+def test_a_hostile_command_set_aborts_the_association_and_it_goes_on(
+    storage_scp: StorageServer, modality_node: PacsNode, tmp_path: Path, attack: str
+) -> None:
+    command = _command_set("1.2.826.0.1.3680043.8.498.78")
+    if attack == "a path for an instance UID":
+        command = _with_uid(command, b"../../../../tmp/evil\x00")
+    elif attack == "an element longer than its command set":
+        command = command[:-4] + struct.pack("<I", 0x7FFFFFFF)
+    with association(storage_scp) as assoc:
+        context = assoc.accepted_contexts[0]
+        assert context.context_id is not None
+        sock = assoc.dul.socket
+        assert sock is not None
+        if attack == "a command set that never ends":
+            for _ in range(20):  # 20 fragments of 4 KB, none of them the last
+                sock.send(_p_data(context.context_id, 0x01, b"\x00" * 4096))
+        else:
+            sock.send(_p_data(context.context_id, 0x03, command))
+        wait_until(lambda: assoc.is_aborted)
+    assert_nothing_stored()
+    assert not any(Path("/tmp").glob("evil*"))
+    push_valid_study(storage_scp, tmp_path / "push")
+    assert_store_consistent()
+
+
 def test_it_refuses_instances_below_the_free_space_floor(
     storage_scp: StorageServer,
     modality_node: PacsNode,
