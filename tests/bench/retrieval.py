@@ -220,9 +220,8 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
                     )
                     dcmtk_elapsed = time.perf_counter() - started
                     orthanc_spent = _cpu_seconds(orthanc_pid) - before[1]
-                dcmtk_spent = (
-                    _children_cpu_seconds() - cpu[0]
-                )  # movescu, and storescp once it ended
+                # movescu, and storescp now that it has ended
+                dcmtk_spent = _children_cpu_seconds() - before[0]
                 if moved.returncode != 0:
                     raise RuntimeError(f"movescu failed: {moved.stderr[-500:]}")
                 received = [str(path) for path in target.rglob("*") if path.is_file()]
