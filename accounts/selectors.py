@@ -1,5 +1,6 @@
 """Reads of the accounts domain."""
 
+from datetime import datetime
 from typing import Any
 
 from axes.helpers import get_cool_off
@@ -28,6 +29,15 @@ def share_status(share: Share) -> str:
     if refusal is not None:
         return refusal.value
     return "active" if share_study_ready(share) else "pending"
+
+
+def shares_live(*, now: datetime | None = None) -> QuerySet[Share]:
+    """Shares that can still be opened (locked ones too: staff may unlock them); the queryset
+    form of `services.share_refusal`."""
+    now = now or timezone.now()
+    return Share.objects.filter(revoked_at__isnull=True, expires_at__gt=now).exclude(
+        single_use=True, used_at__isnull=False
+    )
 
 
 def share_list(*, live_only: bool = False) -> QuerySet[Share]:

@@ -221,6 +221,9 @@ RETRIEVAL_LEASE = env.int("PORTAL_RETRIEVAL_LEASE", default=3600)
 # Seconds a C-MOVE job waits, after the PACS's final answer, for the storage SCP to index what
 # it received (the PACS may report before the SCP has written its last index rows).
 RETRIEVAL_INDEX_WAIT = env.float("PORTAL_RETRIEVAL_INDEX_WAIT", default=30.0)
+# `purge` keeps a retrieved study this long after its last retrieval even when no share needs
+# it: staff who retrieve a study before sharing it must find it there.
+PURGE_GRACE_HOURS = env.float("PORTAL_PURGE_GRACE_HOURS", default=24.0)
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # Redis gives a message nobody acknowledged to another worker after this many seconds (a
     # worker killed mid-job never acknowledges): later than the lease, so that by then the job
