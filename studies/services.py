@@ -127,9 +127,9 @@ def retrieval_job_enqueue(job: RetrievalJob) -> None:
 
 def retrieval_job_lease_left(job: RetrievalJob) -> float:
     """Seconds until a running job's lease runs out and another worker may take it over."""
-    if job.started_at is None:
+    lease_end = _lease_end(job)
+    if lease_end is None:
         return 0.0
-    lease_end = job.started_at + timedelta(seconds=settings.RETRIEVAL_LEASE)
     return max(0.0, (lease_end - timezone.now()).total_seconds())
 
 
@@ -141,11 +141,21 @@ def _max_attempts() -> int:
     return settings.RETRIEVAL_MAX_RETRIES + 1
 
 
+def _lease_end(job: RetrievalJob) -> datetime | None:
+    if job.lease_until is not None:
+        return job.lease_until
+    if job.started_at is None:
+        return None
+    return job.started_at + timedelta(seconds=settings.RETRIEVAL_LEASE)
+
+
 def _lease_expired(job: RetrievalJob, now: datetime) -> bool:
-    return (
-        job.started_at is None
-        or job.started_at + timedelta(seconds=settings.RETRIEVAL_LEASE) <= now
-    )
+    lease_end = _lease_end(job)
+    return lease_end is None or lease_end <= now
+
+
+def _new_lease(now: datetime) -> datetime:
+    return now + timedelta(seconds=settings.RETRIEVAL_LEASE)
 
 
 def _claim(job_id: int) -> tuple[RetrievalJob, bool]:
@@ -163,7 +173,11 @@ def _claim(job_id: int) -> tuple[RetrievalJob, bool]:
     ):
         return job, False
     unchanged = RetrievalJob.objects.filter(
-        pk=job.pk, status=job.status, attempts=job.attempts, started_at=job.started_at
+        pk=job.pk,
+        status=job.status,
+        attempts=job.attempts,
+        started_at=job.started_at,
+        lease_until=job.lease_until,
     )
     if job.attempts >= _max_attempts():
         # Counted before a run rather than after: an attempt that kills its worker (out of
@@ -181,6 +195,7 @@ def _claim(job_id: int) -> tuple[RetrievalJob, bool]:
     claimed = unchanged.update(
         status=Status.RUNNING,
         started_at=now,
+        lease_until=_new_lease(now),
         attempts=job.attempts + 1,
         error="",
         finished_at=None,
@@ -188,6 +203,7 @@ def _claim(job_id: int) -> tuple[RetrievalJob, bool]:
     if not claimed:
         return RetrievalJob.objects.select_related("pacs").get(pk=job.pk), False
     job.status, job.started_at, job.attempts = Status.RUNNING, now, job.attempts + 1
+    job.lease_until = _new_lease(now)
     job.error, job.finished_at = "", None
     return job, True
 
@@ -206,7 +222,12 @@ class _Progress:
         now = time.monotonic()
         if not force and now - self.last_write < _PROGRESS_INTERVAL:
             return
-        values: dict[str, int | None] = {"received": received, "failed": failed}
+        # A job that reports progress is alive: its lease is renewed with each report.
+        values: dict[str, object] = {
+            "received": received,
+            "failed": failed,
+            "lease_until": _new_lease(timezone.now()),
+        }
         if expected is not None:
             values["expected"] = expected
         RetrievalJob.objects.filter(

@@ -5,6 +5,7 @@ import io
 import json
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -88,6 +89,20 @@ def test_it_retrieves_every_instance_byte_for_byte(
             assert stored == pacs_copy
     assert_study_indexed(study, orthanc_node)
     assert not list(store_dir().rglob("*.part"))
+
+
+def test_progress_renews_the_lease_of_a_retrieval(
+    settings,  # type: ignore[no-untyped-def]
+    pacs_studies: PacsStudies,
+    orthanc_node: PacsNode,
+) -> None:
+    settings.RETRIEVAL_LEASE = 600
+    job = retrieve(orthanc_node, PacsNode.Retrieve.MOVE, pacs_studies.utf8.uid)
+
+    assert job.status == RetrievalJob.Status.DONE, job.error
+    assert job.started_at is not None and job.lease_until is not None
+    # Renewed after the claim, by the progress the move reported.
+    assert job.lease_until > job.started_at + timedelta(seconds=600)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -73,6 +73,44 @@ def test_a_running_job_past_its_lease_is_queued_again_when_the_study_is_asked_fo
     assert RetrievalJob.objects.count() == 1
 
 
+def test_a_long_job_that_reports_progress_keeps_its_lease(
+    node: PacsNode, pacs_must_not_be_asked: None
+) -> None:
+    # Started long ago, but its worker reported progress a moment ago: alive.
+    job = job_with(
+        node,
+        status=RetrievalJob.Status.RUNNING,
+        started_at=seconds_ago(LEASE * 10),
+        lease_until=timezone.now() + timedelta(seconds=LEASE - 5),
+        attempts=1,
+    )
+
+    asked_again = services.retrieval_job_create(node=node, study_uid=STUDY_UID)
+    ran = services.retrieval_job_run(job.pk)
+
+    assert asked_again.status == RetrievalJob.Status.RUNNING
+    assert (ran.status, ran.attempts, ran.started_at) == ("running", 1, job.started_at)
+    assert LEASE - 10 < services.retrieval_job_lease_left(ran) <= LEASE - 5
+
+
+def test_a_job_whose_worker_fell_silent_is_taken_over_once_its_lease_ran_out(
+    node: PacsNode, settings: Settings
+) -> None:
+    settings.RETRIEVAL_MAX_RETRIES = 1
+    job = job_with(
+        node,
+        status=RetrievalJob.Status.RUNNING,
+        started_at=seconds_ago(LEASE * 10),
+        lease_until=seconds_ago(1),
+        attempts=1,
+    )
+
+    ran = services.retrieval_job_run(job.pk)
+
+    assert ran.attempts == 2
+    assert ran.error.startswith("cannot reach DOWN@")
+
+
 def test_a_running_job_past_its_lease_is_taken_over_by_the_next_run(
     node: PacsNode, settings: Settings
 ) -> None:
