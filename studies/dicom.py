@@ -3,18 +3,23 @@
 Nothing here talks to the network or the database.
 """
 
+import functools
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from io import BytesIO
 from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
+from pydicom.values import convert_string
 
 # UIDs become directory and file names in the store: only this shape is ever accepted, which
 # rules out path traversal by construction.
@@ -174,7 +179,12 @@ class Header:
                 raise InvalidDicom(f"not a readable DICOM header: {exc}") from exc
             ds.file_meta = FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = UID(syntax)
-            self._dataset = _checked(ds)
+            ds = _checked(ds)
+            parsed = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+            keys = (self.keys.study_uid, self.keys.series_uid, self.keys.sop_instance_uid)
+            if tuple(str(uid) for uid in parsed) != keys:
+                raise InvalidDicom("the header reads differently from its keys")
+            self._dataset = ds
         return self._dataset
 
 
@@ -182,28 +192,67 @@ def read_leading_header(data: bytes, transfer_syntax_uid: str) -> tuple[Header, 
     """The header of a data set (no file meta) still arriving, and where its pixel data starts.
 
     Returns None unless `data` holds everything before the pixel data, and whenever anything
-    is unusual (a key missing or not in its standard VR, big endian, deflate): the caller then
-    parses the whole file with pydicom, which also says precisely what is wrong. Walking the
-    element headers and decoding eight values by hand costs a tenth of a pydicom parse, which
-    matters once per received slice.
+    is unusual: the caller then parses the whole file with pydicom, which also says precisely
+    what is wrong. Walking the element headers and decoding eight values by hand costs a tenth
+    of a pydicom parse, which matters once per received slice.
+
+    The keys must be those pydicom reads from the same bytes, whatever a hostile sender
+    crafts, or an instance could be filed under another study than its own bytes name. So the
+    walk declines every layout on which pydicom might read otherwise: tags out of order or
+    repeated, delimiters out of place, groups 0000 to 0007 (pydicom folds file meta elements
+    into the file meta), undefined lengths on anything but a sequence, an encoding that looks
+    like the other VR mode (pydicom switches), keys in other than their standard VR or form.
     """
     if transfer_syntax_uid in {_EXPLICIT_VR_BIG_ENDIAN, _DEFLATED}:
         return None
-    implicit = transfer_syntax_uid == _IMPLICIT_VR_LITTLE_ENDIAN
     values: dict[int, bytes] = {}
-    position, end = 0, len(data)
+    implicit = transfer_syntax_uid == _IMPLICIT_VR_LITTLE_ENDIAN
+    try:
+        position = _walk(data, 0, implicit, depth=0, values=values)
+    except (struct.error, RecursionError):
+        return None
+    if position is None:
+        return None
+    keys = _keys(values, transfer_syntax_uid)
+    if keys is None:
+        return None
+    return Header(keys, raw=data[:position]), position
+
+
+# Sequences nested deeper than this go to pydicom (real headers nest two or three levels).
+_MAX_DEPTH = 8
+# Deeper than this, a data set is refused as malformed.
+_MAX_NESTING = 64
+_VR_LETTERS = frozenset(range(ord("A"), ord("Z") + 1))
+
+
+def _walk(
+    data: bytes, position: int, implicit: bool, *, depth: int, values: dict[int, bytes] | None
+) -> int | None:
+    """Walk one data set from `position`: the top level (`values` given: the key elements are
+    collected there) up to its pixel data, or an item up to its delimiter. Returns where it
+    stopped (the pixel data element, or just after the item delimiter), None to decline."""
+    end, previous = len(data), -1
     while True:
         if position + 8 > end:
             return None
         group, element, length = struct.unpack_from("<HHI", data, position)
         tag = group << 16 | element
-        if tag in _PIXEL_DATA_TAGS:
-            break
+        if values is not None and tag in _PIXEL_DATA_TAGS:
+            return position
+        if values is None and tag == _ITEM_DELIMITER:
+            return position + 8
+        if tag <= previous or group < 0x0008 or group == 0xFFFE:
+            return None
+        looks_explicit = data[position + 4] in _VR_LETTERS and data[position + 5] in _VR_LETTERS
+        if previous == -1 and looks_explicit != (not implicit):
+            return None  # pydicom would switch to the other VR mode
+        previous = tag
         if implicit:
             vr, start = b"", position + 8
         else:
             vr = data[position + 4 : position + 6]
-            if not vr.isalpha() or not vr.isupper():
+            if not looks_explicit:
                 return None
             if vr in _LONG_VRS:
                 if position + 12 > end:
@@ -212,33 +261,61 @@ def read_leading_header(data: bytes, transfer_syntax_uid: str) -> tuple[Header, 
             else:
                 length, start = struct.unpack_from("<H", data, position + 6)[0], position + 8
         if length == _UNDEFINED_LENGTH:
-            # A sequence: walk its items to find where it ends.
-            handle = BytesIO(data)
-            handle.seek(start)
-            try:
-                _ElementWalker(handle, end, little_endian=True)._items(implicit or vr == b"UN")
-            except (InvalidDicom, struct.error):
+            is_sequence = vr == b"SQ" if not implicit else _dictionary_vr(tag) == "SQ"
+            if not is_sequence or depth >= _MAX_DEPTH:
                 return None
-            position = handle.tell()
+            after = _skip_sequence(data, start, implicit, depth=depth + 1)
+            if after is None:
+                return None
+            position = after
             continue
         position = start + length
         if position > end:
             return None
         expected_vr = _KEY_TAGS.get(tag)
-        if expected_vr is not None:
+        if values is not None and expected_vr is not None:
             if vr and vr != expected_vr:
                 return None
             values[tag] = data[start:position]
-    keys = _keys(values, transfer_syntax_uid)
-    if keys is None:
-        return None
-    return Header(keys, raw=data[:position]), position
+
+
+def _skip_sequence(data: bytes, position: int, implicit: bool, *, depth: int) -> int | None:
+    """Where an undefined-length sequence whose items start at `position` ends."""
+    end = len(data)
+    while True:
+        if position + 8 > end:
+            return None
+        group, element, length = struct.unpack_from("<HHI", data, position)
+        tag = group << 16 | element
+        position += 8
+        if tag == _SEQUENCE_DELIMITER:
+            return position if length == 0 else None
+        if tag != _ITEM:
+            return None
+        if length == _UNDEFINED_LENGTH:
+            after = _walk(data, position, implicit, depth=depth, values=None)
+            if after is None:
+                return None
+            position = after
+        else:
+            position += length
+            if position > end:
+                return None
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return ""  # private or unknown: not known to be a sequence
 
 
 # The elements `read_leading_header` decodes, with their VR.
 _STUDY_UID, _SERIES_UID, _SOP_UID = 0x0020000D, 0x0020000E, 0x00080018
 _INSTANCE_NUMBER, _COLUMNS, _FRAMES = 0x00200013, 0x00280011, 0x00280008
+_CHARACTER_SET = 0x00080005
 _KEY_TAGS = {
+    _CHARACTER_SET: b"CS",
     _STUDY_UID: b"UI",
     _SERIES_UID: b"UI",
     _SOP_UID: b"UI",
@@ -250,7 +327,26 @@ _KEY_TAGS = {
 }
 
 
+_PLAIN_INTEGER = re.compile(rb" *[+-]?[0-9]{1,10} *")
+
+
+@functools.lru_cache(maxsize=64)
+def _readable_character_set(raw: bytes) -> bool:
+    """Whether pydicom can read a data set with this Specific Character Set: it decodes the
+    value as soon as it meets it, and a value it cannot look up makes the whole file
+    unreadable to it (and so to viewers)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            convert_encodings(convert_string(raw, True))
+    except Exception:
+        return False
+    return True
+
+
 def _keys(values: dict[int, bytes], transfer_syntax_uid: str) -> InstanceKeys | None:
+    if _CHARACTER_SET in values and not _readable_character_set(values[_CHARACTER_SET]):
+        return None
     uids = []
     for tag in (_STUDY_UID, _SERIES_UID, _SOP_UID, 0x00080016):
         try:
@@ -266,11 +362,17 @@ def _keys(values: dict[int, bytes], transfer_syntax_uid: str) -> InstanceKeys | 
         return struct.unpack("<H", raw)[0] if raw is not None and len(raw) == 2 else None
 
     def integer_string(tag: int, minimum: int) -> int | None:
-        try:
-            number = int(values[tag].decode("ascii").strip(" \0"))
-        except (KeyError, UnicodeDecodeError, ValueError):
+        raw = values.get(tag)
+        if raw is None:
             return None
+        number = int(raw)  # the caller checked its form
         return number if minimum <= number < 2**31 else None
+
+    for tag in (_INSTANCE_NUMBER, _FRAMES):
+        # Only the plain form: pydicom reads "3.0" or "1e1" too, and so must whoever else
+        # reads the key, so anything else goes to pydicom.
+        if tag in values and not _PLAIN_INTEGER.fullmatch(values[tag]):
+            return None
 
     return InstanceKeys(
         study_uid=uids[0],
@@ -356,6 +458,7 @@ class _ElementWalker:
         # Tags of the top-level data set, in file order, and its SOP Class UID.
         self.top_level_tags: list[int] = []
         self.sop_class_uid = ""
+        self.depth = 0
 
     def _read(self, size: int) -> bytes:
         data = self.handle.read(size)
@@ -405,6 +508,16 @@ class _ElementWalker:
             raise InvalidDicom("the data set is malformed: an element overruns its item")
 
     def _items(self, implicit: bool) -> None:
+        self.depth += 1
+        if self.depth > _MAX_NESTING:
+            # Far beyond any real header, and a recursion the interpreter would refuse.
+            raise InvalidDicom("the data set is malformed: sequences nested too deeply")
+        try:
+            self._walk_items(implicit)
+        finally:
+            self.depth -= 1
+
+    def _walk_items(self, implicit: bool) -> None:
         while True:
             tag, _vr, length = self._header(implicit=True)
             if tag == _SEQUENCE_DELIMITER:
