@@ -138,7 +138,9 @@ class Association:
     ) -> None:
         if isinstance(exc, Closed):
             self.close()
-        elif exc is not None and (self._outstanding or isinstance(exc, DimseError)):
+        elif self._outstanding or isinstance(exc, DimseError):
+            # Left before the final response (an error, or the caller stopped listening): a
+            # release would wait for a peer still busy with the request.
             self.abort()
         else:
             self.release()

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
 _PROBE_STEP = 16 * 1024
+# Fragments smaller than this are gathered before they are hashed on the hashing thread.
+_HASH_CHUNK = 64 * 1024
 # How many data set bytes are kept to find the header in; real headers are a few kilobytes.
 _PROBE_LIMIT = 256 * 1024
 _INSTANCE_FIELDS = [
@@ -147,6 +149,9 @@ class HashingThread:
         self._max_backlog = max_backlog
         self._backlog = 0
         self._room = threading.Condition()
+        # The first error hashing a digest, by id(): its hexdigest raises it rather than give
+        # the digest of some of the bytes. Touched by the hashing thread only.
+        self._errors: dict[int, BaseException] = {}
 
     def update(self, digest: "hashlib._Hash", data: bytes | memoryview) -> None:
         """Queue `data` (which must not change afterwards) for `digest`."""
@@ -160,6 +165,8 @@ class HashingThread:
     def _update(self, digest: "hashlib._Hash", data: bytes | memoryview, size: int) -> None:
         try:
             digest.update(data)
+        except BaseException as exc:
+            self._errors.setdefault(id(digest), exc)
         finally:
             with self._room:
                 self._backlog -= size
@@ -167,7 +174,13 @@ class HashingThread:
 
     def hexdigest(self, digest: "hashlib._Hash") -> "Future[str]":
         """The digest once every queued update is in."""
-        return self._executor.submit(digest.hexdigest)
+        return self._executor.submit(self._hexdigest, digest)
+
+    def _hexdigest(self, digest: "hashlib._Hash") -> str:
+        error = self._errors.pop(id(digest), None)
+        if error is not None:
+            raise error
+        return digest.hexdigest()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -205,6 +218,10 @@ class IncomingInstance:
         self._pixel_offset: int | None = None
         self._pixel_element = b""
         self._digest = hashlib.sha256()
+        # Small fragments gathered before they go to the hashing thread: a task per fragment
+        # would cost more than hashing it, and a sender cutting its data into tiny fragments
+        # could make us spend our time handing them over.
+        self._unhashed = bytearray()
         self._size = 0
         self._closed = False
         fd, self.path = _create_temporary()
@@ -230,14 +247,23 @@ class IncomingInstance:
 
         With a hashing thread, `data` must not change after the call (bytes, or a view of
         bytes)."""
-        if self._hasher is not None:
-            self._hasher.update(self._digest, data)
-        else:
+        if self._hasher is None:
             self._digest.update(data)
+        elif self._unhashed or len(data) < _HASH_CHUNK:
+            self._unhashed += data
+            if len(self._unhashed) >= _HASH_CHUNK:
+                self._flush_unhashed()
+        else:
+            self._hasher.update(self._digest, data)
         self._raw_write(data)
         if self._probe is not None:
             self._probe += data[: _PROBE_LIMIT - len(self._probe)]
             self._parse_probe()
+
+    def _flush_unhashed(self) -> None:
+        if self._unhashed and self._hasher is not None:
+            self._hasher.update(self._digest, bytes(self._unhashed))
+            self._unhashed.clear()
 
     def _parse_probe(self) -> None:
         """Parse the header from the first fragments, if they hold all of it.
@@ -333,6 +359,7 @@ class IncomingInstance:
             _unlink_quietly(self.path)
             raise
         if self._hasher is not None:
+            self._flush_unhashed()
             sha256 = self._hasher.hexdigest(self._digest)
         else:
             sha256 = _completed(self._digest.hexdigest())

@@ -746,7 +746,8 @@ def _encode_response(
     ]
     if comment and status != STATUS_SUCCESS:
         # Error Comment (LO, at most 64 characters): what a PACS administrator reads.
-        text = comment.encode("ascii", "replace")[:64].decode("ascii")
+        # LO: no control characters, no backslash (the value separator).
+        text = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in comment)[:64]
         elements.append((wire.ERROR_COMMENT, wire.padded(text, b" ")))
     if include_instance and request.sop_instance_uid:
         elements.append(
