@@ -52,6 +52,10 @@ class Study(models.Model):
         related_name="studies",
         help_text="The node it came from; empty for the local archive.",
     )
+    # A copy that a retrieval brought for a share: `purge` deletes it once no live share
+    # needs it. Anything else (pushed by a modality or a PACS, imported from a CD, or a study
+    # that was there before it was retrieved) is the local archive, which `purge` keeps.
+    retrieved_copy = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

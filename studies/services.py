@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from accounts.models import User
 from studies import dicom, pacs, wado
-from studies.models import Instance, PacsNode, RetrievalJob
+from studies.models import Instance, PacsNode, RetrievalJob, Study
 from studies.store import Indexer, StoreError
 
 logger = logging.getLogger(__name__)
@@ -262,6 +262,11 @@ def retrieval_job_run(job_id: int) -> RetrievalJob:
             f"{str(exc)[:300]}); the worker's log has the details."
         )
     _finish(job, status, error)
+    if status == RetrievalJob.Status.DONE:
+        # Only a study this job brought: one that was there before is the local archive's.
+        Study.objects.filter(
+            study_instance_uid=job.study_instance_uid, created_at__gte=job.created_at
+        ).update(retrieved_copy=True)
     return RetrievalJob.objects.select_related("pacs").get(pk=job.pk)
 
 
@@ -472,6 +477,8 @@ def dicom_import(paths: Iterable[Path]) -> ImportReport:
         else:
             report.already_present += 1
         report.studies.add(instance.series.study.study_instance_uid)
+    # Staff imported these: they are the local archive now, whatever brought them first.
+    Study.objects.filter(study_instance_uid__in=report.studies).update(retrieved_copy=False)
     return report
 
 

@@ -47,7 +47,7 @@ from studies.dimse_wire import (
     P_DATA,
     RELEASE_RQ,
 )
-from studies.models import PacsNode
+from studies.models import PacsNode, Study
 from studies.pacs import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
@@ -323,6 +323,8 @@ class Association:
         self.indexer: Indexer | None = None
         self.index_worker = IndexWorker("")
         self.hasher: HashingThread | None = None
+        # Studies that received instances no retrieval of ours asked for: local archive now.
+        self.pushed_studies: set[str] = set()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Room for a whole slice in the socket: the sender can finish sending it while we
         # hash and write the first fragments.
@@ -449,6 +451,16 @@ class Association:
             self.index_worker.finish()
             if self.hasher is not None:
                 self.hasher.close()
+            if self.pushed_studies:
+                self._keep_pushed_studies()
+
+    def _keep_pushed_studies(self) -> None:
+        try:
+            Study.objects.filter(
+                study_instance_uid__in=self.pushed_studies, retrieved_copy=True
+            ).update(retrieved_copy=False)
+        except Exception:
+            logger.exception("could not mark the studies %r pushed to the archive", self.calling_ae)
 
     def _exchange(self) -> None:
         command = bytearray()
@@ -542,7 +554,10 @@ class Association:
 
     def _commit(self, incoming: IncomingInstance, command: "_Command") -> tuple[int, str] | None:
         try:
-            self.index_worker.submit(incoming.place())
+            placed = incoming.place()
+            self.index_worker.submit(placed)
+            if command.move_originator != self.server.ae_title.strip():
+                self.pushed_studies.add(placed.header.keys.study_uid)
         except dicom.InvalidDicom as exc:
             logger.warning(
                 "refused instance %s from %r: %s",
@@ -716,6 +731,8 @@ class _Command:
     sop_instance_uid: str
     has_data_set: bool
     context_id: int
+    # Who asked for the C-MOVE this C-STORE is part of; "" for an instance pushed on its own.
+    move_originator: str = ""
 
 
 def _decode_command(data: bytes, context_id: int) -> _Command:
@@ -728,6 +745,9 @@ def _decode_command(data: bytes, context_id: int) -> _Command:
             sop_instance_uid=wire.uid(elements, wire.AFFECTED_SOP_INSTANCE_UID),
             has_data_set=wire.unsigned_short(elements, wire.DATA_SET_TYPE) != NO_DATA_SET,
             context_id=context_id,
+            move_originator=elements.get(wire.MOVE_ORIGINATOR_AE_TITLE, b"")
+            .decode("ascii", "replace")
+            .strip(" \x00"),
         )
     except wire.Malformed as exc:
         raise ProtocolError(f"undecodable command set: {exc}") from exc

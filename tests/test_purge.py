@@ -28,7 +28,9 @@ def stored_study(tmp_path: Path, name: str) -> str:
 
 
 def retrieved(uid: str, *, hours_ago: float = 48, status: str = RetrievalJob.Status.DONE) -> None:
+    """As if a retrieval had brought the study (test_retrieval checks that one does)."""
     finished = timezone.now() - timedelta(hours=hours_ago)
+    Study.objects.filter(study_instance_uid=uid).update(retrieved_copy=True)
     RetrievalJob.objects.create(
         study_instance_uid=uid,
         method="move",
@@ -136,3 +138,30 @@ def test_it_says_what_it_did_in_words(tmp_path: Path) -> None:
     call_command("purge", stdout=out)
     assert "Deleted 1 studies (2 instances" in out.getvalue()
     assert uid in out.getvalue()
+
+
+def test_it_never_deletes_the_local_archive(tmp_path: Path, settings: Settings) -> None:
+    """A study imported from a CD stays, even with a retrieval job for it that failed."""
+    uid = stored_study(tmp_path, "CD")
+    RetrievalJob.objects.create(
+        study_instance_uid=uid,
+        method="move",
+        status=RetrievalJob.Status.FAILED,
+        finished_at=timezone.now() - timedelta(days=3),
+    )
+
+    assert purge()["studies"] == []
+    assert len(files_of(uid, settings)) == 2
+
+
+def test_an_import_makes_a_retrieved_copy_part_of_the_archive(
+    tmp_path: Path, settings: Settings
+) -> None:
+    uid = stored_study(tmp_path, "COPY")
+    retrieved(uid)
+    assert Study.objects.get(study_instance_uid=uid).retrieved_copy
+
+    services.dicom_import([tmp_path / "COPY"])  # staff import the same study from a CD
+
+    assert not Study.objects.get(study_instance_uid=uid).retrieved_copy
+    assert purge()["studies"] == []

@@ -89,6 +89,22 @@ def test_it_retrieves_every_instance_byte_for_byte(
             assert stored == pacs_copy
     assert_study_indexed(study, orthanc_node)
     assert not list(store_dir().rglob("*.part"))
+    # Brought by the retrieval: a copy that `purge` may delete once no share needs it.
+    assert Study.objects.get(study_instance_uid=study.uid).retrieved_copy
+
+
+def test_a_study_the_archive_held_before_its_retrieval_stays_in_the_archive(
+    tmp_path, pacs_studies: PacsStudies, orthanc_node: PacsNode
+) -> None:  # type: ignore[no-untyped-def]
+    study = pacs_studies.utf8
+    for number, data in enumerate(study.files.values()):
+        (tmp_path / f"{number}.dcm").write_bytes(data)
+    services.dicom_import([tmp_path])
+
+    job = retrieve(orthanc_node, PacsNode.Retrieve.MOVE, study.uid)
+
+    assert job.status == RetrievalJob.Status.DONE, job.error
+    assert not Study.objects.get(study_instance_uid=study.uid).retrieved_copy
 
 
 def test_progress_renews_the_lease_of_a_retrieval(

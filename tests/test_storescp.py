@@ -143,6 +143,23 @@ def test_it_stores_what_a_configured_modality_pushes(
     assert_store_consistent()
 
 
+def test_a_push_makes_a_retrieved_copy_part_of_the_archive(
+    storage_scp: StorageServer, modality_node: PacsNode, tmp_path: Path
+) -> None:
+    """Instances that no retrieval of ours asked for (no Move Originator, or another one):
+    the study is no longer a mere copy that `purge` may delete."""
+    push_valid_study(storage_scp, tmp_path / "push")
+    Study.objects.update(retrieved_copy=True)  # as if a retrieval had brought it first
+
+    result = dcmtk.storescu(
+        "127.0.0.1", scp_port(storage_scp), [tmp_path / "push" / "001"], aet=MODALITY_AE,
+        aec=storage_scp.ae_title, extra=["+sd"],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    wait_until(lambda: not Study.objects.get().retrieved_copy)
+
+
 def test_it_answers_an_echo_from_a_configured_node(
     storage_scp: StorageServer, modality_node: PacsNode
 ) -> None:
