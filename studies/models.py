@@ -134,7 +134,7 @@ class RetrievalJob(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
-    # Until when the worker running the job holds it: renewed as the job reports progress, so
+    # Until when the worker running the job holds it: renewed while the worker lives, so
     # that only a worker gone silent (killed, its machine down) has its job taken over.
     lease_until = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -2,15 +2,17 @@
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from accounts.models import User
@@ -222,18 +224,43 @@ class _Progress:
         now = time.monotonic()
         if not force and now - self.last_write < _PROGRESS_INTERVAL:
             return
-        # A job that reports progress is alive: its lease is renewed with each report.
-        values: dict[str, object] = {
-            "received": received,
-            "failed": failed,
-            "lease_until": _new_lease(timezone.now()),
-        }
+        values: dict[str, int | None] = {"received": received, "failed": failed}
         if expected is not None:
             values["expected"] = expected
         RetrievalJob.objects.filter(
             pk=self.job_id, status=RetrievalJob.Status.RUNNING, started_at=self.started_at
         ).update(**values)
         self.last_write = now
+
+
+@contextmanager
+def _lease_renewed(job: RetrievalJob) -> Iterator[None]:
+    """Renew the job's lease every third of it while this attempt runs.
+
+    The worker is alive as long as this process is, whatever the PACS says or does not say
+    meanwhile (pending C-MOVE responses are optional): a lease renewed only on progress would
+    let another worker take over a job whose PACS is merely slow to answer.
+    """
+    stop = threading.Event()
+
+    def renew() -> None:
+        try:
+            while not stop.wait(settings.RETRIEVAL_LEASE / 3):
+                RetrievalJob.objects.filter(
+                    pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
+                ).update(lease_until=_new_lease(timezone.now()))
+        except Exception:
+            logger.exception("cannot renew the lease of retrieval job %s", job.pk)
+        finally:
+            connection.close()  # this thread's own
+
+    thread = threading.Thread(target=renew, name=f"lease-{job.pk}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def retrieval_job_run(job_id: int) -> RetrievalJob:
@@ -248,7 +275,8 @@ def retrieval_job_run(job_id: int) -> RetrievalJob:
         return job
     progress = _Progress(job.pk, job.started_at)
     try:
-        status, error = _attempt(job, progress)
+        with _lease_renewed(job):
+            status, error = _attempt(job, progress)
     except (pacs.PacsError, wado.DicomwebError, StoreError) as exc:
         logger.warning("retrieval job %s failed: %s", job.pk, exc)
         status, error = RetrievalJob.Status.FAILED, str(exc)

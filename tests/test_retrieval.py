@@ -5,7 +5,6 @@ import io
 import json
 import threading
 import time
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -105,20 +104,6 @@ def test_a_study_the_archive_held_before_its_retrieval_stays_in_the_archive(
 
     assert job.status == RetrievalJob.Status.DONE, job.error
     assert not Study.objects.get(study_instance_uid=study.uid).retrieved_copy
-
-
-def test_progress_renews_the_lease_of_a_retrieval(
-    settings,  # type: ignore[no-untyped-def]
-    pacs_studies: PacsStudies,
-    orthanc_node: PacsNode,
-) -> None:
-    settings.RETRIEVAL_LEASE = 600
-    job = retrieve(orthanc_node, PacsNode.Retrieve.MOVE, pacs_studies.utf8.uid)
-
-    assert job.status == RetrievalJob.Status.DONE, job.error
-    assert job.started_at is not None and job.lease_until is not None
-    # Renewed after the claim, by the progress the move reported.
-    assert job.lease_until > job.started_at + timedelta(seconds=600)
 
 
 @pytest.mark.parametrize("method", METHODS)

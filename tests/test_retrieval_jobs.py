@@ -1,7 +1,10 @@
 """A retrieval job's life: who runs it, when another worker may take it over, when it is given
 up. (The real worker, killed in the middle of a job, is in test_worker.)"""
 
-from datetime import timedelta
+import socket
+import threading
+import time
+from datetime import datetime, timedelta
 
 import pytest
 from django.utils import timezone
@@ -157,3 +160,33 @@ def test_a_finished_job_is_never_run_again(node: PacsNode, pacs_must_not_be_aske
         ran = services.retrieval_job_run(job.pk)
         assert (ran.status, ran.attempts, ran.started_at) == (status, 1, job.started_at)
         job.delete()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pacs_slow_to_answer_does_not_cost_its_worker_the_job(settings: Settings) -> None:
+    """The PACS accepts the connection and says nothing for longer than the lease: the worker
+    is alive all the same, and its lease is renewed meanwhile."""
+    settings.RETRIEVAL_LEASE = 0.6  # renewed every 0.2 s
+    settings.DICOM_CONNECT_TIMEOUT = 1.5
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        node = services.pacs_node_create(
+            name="silent", ae_title="SILENT", host="127.0.0.1", port=silent.getsockname()[1]
+        )
+        job = services.retrieval_job_create(node=node, study_uid=STUDY_UID)
+        leases: list[datetime | None] = []
+
+        def watch() -> None:
+            while len(leases) < 6:
+                time.sleep(0.2)
+                leases.append(RetrievalJob.objects.get(pk=job.pk).lease_until)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        ran = services.retrieval_job_run(job.pk)
+        watcher.join()
+
+    assert ran.status == RetrievalJob.Status.FAILED  # the PACS never answered
+    assert ran.started_at is not None
+    renewed = {lease for lease in leases if lease is not None}
+    assert len(renewed) >= 3  # moved on while the PACS kept silent
+    assert max(renewed) > ran.started_at + timedelta(seconds=1.0)
