@@ -42,7 +42,6 @@ from studies.dimse_wire import (
     ABORT,
     ASSOCIATE_AC,
     ASSOCIATE_RJ,
-    MAX_COMMAND,
     MAX_PDU,
     P_DATA,
     PDV_HEADER,
@@ -234,7 +233,7 @@ class Association:
     def _responses(self, timeout: float) -> Iterator[Response]:
         """Responses as their command fragments complete; any data set that follows one (a
         Failed SOP Instance UID List) is read and dropped before the response is yielded."""
-        command = bytearray()
+        fragments = wire.CommandFragments()
         response: Response | None = None  # received, its data set still arriving
         deadline = time.monotonic() + timeout
         while True:
@@ -249,13 +248,13 @@ class Association:
                 if is_command:
                     if response is not None:
                         raise ProtocolError("a command arrived before the previous data set")
-                    command += fragment
-                    if len(command) > MAX_COMMAND:
-                        raise ProtocolError("command set too large")
-                    if not is_last:
+                    try:
+                        command = fragments.add(fragment, is_last)
+                    except wire.Malformed as exc:
+                        raise ProtocolError(str(exc)) from exc
+                    if command is None:
                         continue
-                    response, has_data_set = _decode_response(bytes(command))
-                    command.clear()
+                    response, has_data_set = _decode_response(command)
                     if has_data_set:
                         continue
                 elif response is None:

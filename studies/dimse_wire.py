@@ -63,6 +63,24 @@ def pdvs(body: memoryview) -> Iterator[tuple[int, bool, bool, memoryview]]:
         offset += 4 + length
 
 
+class CommandFragments:
+    """A command set arriving in fragments (PS3.8 9.3.5.1), never longer than MAX_COMMAND."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def add(self, fragment: memoryview, is_last: bool) -> bytes | None:
+        """The whole command set once its last fragment is in, else None."""
+        self._data += fragment
+        if len(self._data) > MAX_COMMAND:
+            raise Malformed("command set too large")
+        if not is_last:
+            return None
+        command = bytes(self._data)
+        self._data.clear()
+        return command
+
+
 def p_data(message: bytes, *, context_id: int, is_command: bool, max_fragment: int) -> bytes:
     """A message in P-DATA-TF PDUs of one fragment each, none longer than `max_fragment`."""
     pdus = []

@@ -41,7 +41,6 @@ from studies.dimse_wire import (
     ABORT,
     ASSOCIATE_RJ,
     ASSOCIATE_RQ,
-    MAX_COMMAND,
     MAX_PDU,
     NO_DATA_SET,
     P_DATA,
@@ -463,7 +462,7 @@ class Association:
             logger.exception("could not mark the studies %r pushed to the archive", self.calling_ae)
 
     def _exchange(self) -> None:
-        command = bytearray()
+        fragments = wire.CommandFragments()
         pending: _Command | None = None  # the command whose data set is arriving
         incoming: IncomingInstance | None = None
         failure: tuple[int, str] | None = None
@@ -487,13 +486,13 @@ class Association:
                     if is_command:
                         if pending is not None:
                             raise ProtocolError("a command arrived before the previous data set")
-                        command += fragment
-                        if len(command) > MAX_COMMAND:
-                            raise ProtocolError("command set too large")
-                        if not is_last:
+                        try:
+                            command = fragments.add(fragment, is_last)
+                        except wire.Malformed as exc:
+                            raise ProtocolError(str(exc)) from exc
+                        if command is None:
                             continue
-                        pending = _decode_command(bytes(command), context_id)
-                        command.clear()
+                        pending = _decode_command(command, context_id)
                         if not pending.has_data_set:
                             if pending.field == _C_STORE_RQ:
                                 failure = (STATUS_CANNOT_UNDERSTAND, "C-STORE without a data set")
