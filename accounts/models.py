@@ -1,6 +1,10 @@
+from datetime import datetime
+from enum import StrEnum
+
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import models
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from django_otp.models import CooldownMixin, SideChannelDevice, ThrottlingMixin, TimestampMixin
@@ -15,6 +19,33 @@ class User(AbstractUser):
         ADMIN = "admin", _("Administrator")
 
     role = models.CharField(_("role"), max_length=16, choices=Role.choices, default=Role.SHARER)
+
+
+class Refusal(StrEnum):
+    """Why a share can no longer be opened."""
+
+    UNKNOWN = "unknown"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    USED = "used"
+
+
+class ShareQuerySet(models.QuerySet["Share"]):
+    """The one definition of a live share, in its queryset form (`Share.refusal` is the same
+    rule for one row): not revoked, not expired, not a single-use share already used. A locked
+    share is still live: the lock is lifted by its cool-off or by staff."""
+
+    def live(self, *, now: datetime | None = None) -> "ShareQuerySet":
+        return self.filter(_live_q(now or timezone.now()))
+
+    def dead(self, *, now: datetime | None = None) -> "ShareQuerySet":
+        return self.exclude(_live_q(now or timezone.now()))
+
+
+def _live_q(now: datetime) -> Q:
+    return Q(revoked_at__isnull=True, expires_at__gt=now) & ~Q(
+        single_use=True, used_at__isnull=False
+    )
 
 
 class Share(models.Model):
@@ -76,6 +107,8 @@ class Share(models.Model):
     # settings.OTP_LIFETIME_MAX_FAILURES the share stays locked until they do.
     otp_failures = models.PositiveIntegerField(_("wrong one-time codes"), default=0)
 
+    objects = ShareQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
         verbose_name = _("share")
@@ -83,6 +116,19 @@ class Share(models.Model):
 
     def __str__(self) -> str:
         return f"share {self.pk} {self.study_instance_uid}"
+
+    def refusal(self, *, now: datetime | None = None) -> Refusal | None:
+        """Why this share cannot be opened any more, or None while it is live (the row form of
+        `ShareQuerySet.live`). Locks are separate: a locked share answers with the lockout
+        page, not as if it did not exist."""
+        now = now or timezone.now()
+        if self.revoked_at is not None:
+            return Refusal.REVOKED
+        if self.expires_at <= now:
+            return Refusal.EXPIRED
+        if self.single_use and self.used_at is not None:
+            return Refusal.USED
+        return None
 
 
 class ShareOTPDevice(TimestampMixin, CooldownMixin, ThrottlingMixin, SideChannelDevice):

@@ -8,24 +8,21 @@ from axes.models import AccessAttempt
 from django.db.models import QuerySet, Sum
 from django.utils import timezone
 
-from accounts import services
 from accounts.models import AuditEvent, Share
 
 
 def share_study_ready(share: Share) -> bool:
-    """Whether the store holds the share's study (at least one instance of it)."""
+    """Whether the store holds the share's study (the studies app's `StudyQuerySet.in_store`,
+    reached through the lazy reference "studies.Study" since accounts does not import it)."""
     study_model: Any = Share._meta.get_field("study").related_model
-    return bool(
-        study_model.objects.filter(
-            study_instance_uid=share.study_instance_uid, series__instances__isnull=False
-        ).exists()
-    )
+    in_store = study_model.objects.in_store()
+    return bool(in_store.filter(study_instance_uid=share.study_instance_uid).exists())
 
 
 def share_status(share: Share) -> str:
     """revoked, expired or used when it can no longer be opened; otherwise pending while its
     study is not (yet) in the store, and active once it is."""
-    refusal = services.share_refusal(share)
+    refusal = share.refusal()
     if refusal is not None:
         return refusal.value
     return "active" if share_study_ready(share) else "pending"
@@ -33,17 +30,14 @@ def share_status(share: Share) -> str:
 
 def shares_live(*, now: datetime | None = None) -> QuerySet[Share]:
     """Shares that can still be opened (locked ones too: staff may unlock them); the queryset
-    form of `services.share_refusal`."""
-    now = now or timezone.now()
-    return Share.objects.filter(revoked_at__isnull=True, expires_at__gt=now).exclude(
-        single_use=True, used_at__isnull=False
-    )
+    form of `Share.refusal`."""
+    return Share.objects.live(now=now)
 
 
 def share_list(*, live_only: bool = False) -> QuerySet[Share]:
     shares = Share.objects.select_related("created_by").order_by("-created_at")
     if live_only:
-        shares = shares.filter(revoked_at__isnull=True, expires_at__gt=timezone.now())
+        shares = shares.live()
     return shares
 
 

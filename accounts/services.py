@@ -14,14 +14,14 @@ from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from accounts import credentials, net, sms
-from accounts.models import AuditEvent, Share, ShareOTPDevice, User
+from accounts.models import AuditEvent, Refusal, Share, ShareOTPDevice, User
 
 logger = logging.getLogger(__name__)
 
@@ -226,10 +226,7 @@ def share_release_code(share: Share) -> Share:
 def shares_release_dead_codes(*, now: datetime | None = None) -> int:
     """share_release_code for every share expired, revoked or used up: for `purge` and other
     scheduled work. (share_create also does it, lazily, for a prefix it draws.)"""
-    now = now or timezone.now()
-    dead = Q(expires_at__lte=now) | Q(revoked_at__isnull=False)
-    dead |= Q(single_use=True, used_at__isnull=False)
-    return Share.objects.filter(dead, code_prefix__isnull=False).update(code_prefix=None)
+    return Share.objects.dead(now=now).filter(code_prefix__isnull=False).update(code_prefix=None)
 
 
 def _release_prefix_if_dead(prefix: str) -> None:
@@ -266,24 +263,8 @@ def _lockout_keys(share: Share) -> list[str]:
 # --- recipient authentication ----------------------------------------------------------------
 
 
-class Refusal(StrEnum):
-    UNKNOWN = "unknown"
-    EXPIRED = "expired"
-    REVOKED = "revoked"
-    USED = "used"
-
-
 def share_refusal(share: Share) -> Refusal | None:
-    """Why this share cannot be opened any more, or None. (Locks are separate: a locked share
-    answers with the lockout page, not as if it did not exist.)"""
-    now = timezone.now()
-    if share.revoked_at is not None:
-        return Refusal.REVOKED
-    if share.expires_at <= now:
-        return Refusal.EXPIRED
-    if share.single_use and share.used_at is not None:
-        return Refusal.USED
-    return None
+    return share.refusal()
 
 
 def share_lock_is_final(share: Share) -> bool:

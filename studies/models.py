@@ -33,6 +33,13 @@ class PacsNode(models.Model):
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
 
 
+class StudyQuerySet(models.QuerySet["Study"]):
+    def in_store(self) -> "StudyQuerySet":
+        """The one definition of a study being in the store: it has at least one indexed
+        instance (a study row alone may be left by an interrupted transfer or a purge)."""
+        return self.filter(series__instances__isnull=False).distinct()
+
+
 class Study(models.Model):
     study_instance_uid = models.CharField(max_length=64, unique=True)
     patient_name = models.CharField(max_length=255, blank=True)
@@ -58,6 +65,8 @@ class Study(models.Model):
     retrieved_copy = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = StudyQuerySet.as_manager()
 
     class Meta:
         ordering = ["-study_date", "-created_at"]

@@ -75,6 +75,9 @@ _LOCAL_LIMIT_EXCEEDED = 0x02
 _ACCEPTED, _ABSTRACT_SYNTAX_NOT_SUPPORTED, _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0, 3, 4
 # An association request is a few kilobytes even with a hundred presentation contexts.
 _MAX_ASSOCIATE_RQ = 64 * 1024
+# How long a rejected caller is given to have its association request read (see
+# _close_after_reject).
+_REJECT_DRAIN_SECONDS = 0.5
 _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 # Instances are indexed by batches of this many, or when the sender pauses this long.
 _INDEX_BATCH = 1000
@@ -265,7 +268,7 @@ class StorageServer:
                     _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED
                 ),
             )
-            conn.close()
+            _close_after_reject(conn)
             return
         thread.start()
 
@@ -596,6 +599,22 @@ class Association:
 
 def _reject_pdu(result: int, source: int, reason: int) -> bytes:
     return bytes([ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, result, source, reason])
+
+
+def _close_after_reject(conn: socket.socket) -> None:
+    """Close a connection just sent an A-ASSOCIATE-RJ. Closing a socket whose receive buffer
+    still holds the caller's A-ASSOCIATE-RQ makes the kernel answer with a reset, which may
+    destroy the rejection before the caller reads it (it would then report a network error
+    instead of "come back later"): half-close first and read what the caller sent. Only known
+    nodes get here (strangers are dropped unread), and the wait is short."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(_REJECT_DRAIN_SECONDS)
+        conn.recv(_MAX_ASSOCIATE_RQ)
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def _send_quietly(conn: socket.socket, data: bytes) -> None:

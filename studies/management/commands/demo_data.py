@@ -135,10 +135,8 @@ def _create_demo_share(study: Study, write: Any) -> None:
     The link and code exist in clear only when a share is created, so every run makes a new
     share and revokes the previous demo shares: there is always exactly one that works.
     """
-    previous = Share.objects.filter(
-        study_instance_uid=study.study_instance_uid,
-        contact=DEMO_PHONE,
-        revoked_at__isnull=True,
+    previous = Share.objects.live().filter(
+        study_instance_uid=study.study_instance_uid, contact=DEMO_PHONE
     )
     for share in previous:
         account_services.share_revoke(share=share)

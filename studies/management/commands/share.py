@@ -16,7 +16,8 @@ from accounts import selectors as account_selectors
 from accounts import services as account_services
 from accounts.models import Share
 from studies import services
-from studies.models import Instance, PacsNode
+from studies.models import PacsNode
+from studies.selectors import study_in_store
 
 
 def share_as_dict(share: Share) -> dict[str, Any]:
@@ -124,7 +125,7 @@ class Command(BaseCommand):
             )
         except ValidationError as exc:
             raise CommandError(" ".join(exc.messages)) from exc
-        in_store = Instance.objects.filter(series__study__study_instance_uid=study_uid).exists()
+        in_store = study_in_store(study_uid)
         job = None
         if node is not None and not in_store:
             try:
