@@ -2,7 +2,12 @@
 
 Defaults serve the demo (SQLite under var/, an embedded Celery broker, console SMS). Production
 sets PORTAL_SECRET_KEY, PORTAL_ALLOWED_HOSTS, PORTAL_BASE_URL, DATABASE_URL and CELERY_BROKER_URL.
-DEBUG is off unless PORTAL_DEBUG says otherwise.
+DEBUG is off unless PORTAL_DEBUG says otherwise. Any variable may instead be read from a file
+named by the same name with `_FILE` appended (PORTAL_SECRET_KEY_FILE=/run/secrets/portal_key),
+as container and systemd deployments hand out secrets.
+
+Importing this module has no side effects: the folders these settings name are created when the
+apps are ready (portal.apps), not here.
 """
 
 from datetime import timedelta
@@ -13,7 +18,21 @@ import environ
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
 
-env = environ.Env()
+
+class _SecretFiles(environ.FileAwareMapping):
+    """django-environ's `X_FILE` lookup, less the line end that `echo … > file` leaves: a
+    secret read from a file is the same as one set in the environment."""
+
+    def __getitem__(self, key: str) -> str:
+        value: str = super().__getitem__(key)
+        return value.rstrip("\r\n") if self.env.get(key + "_FILE") else value
+
+
+class _Env(environ.Env):
+    ENVIRON = _SecretFiles()
+
+
+env = _Env()
 
 # A key that only exists so that a fresh checkout starts; the system check
 # `portal.E001` refuses it whenever DEBUG is off and the process serves requests.
@@ -93,8 +112,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         "transaction_mode": "IMMEDIATE",
     }
-    # A fresh checkout has no var/ yet, and SQLite does not create folders.
-    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    # (SQLite does not create folders: portal.apps creates the database's.)
     # Tests run a real worker in another process: an in-memory test database would be
     # invisible to it, so the test database is a file too.
     # (Beside the database file, so a run with another DATABASE_URL has its own.)
@@ -134,8 +152,6 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
-# WhiteNoise warns at every start while collectstatic has not made it yet.
-STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -186,9 +202,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         # Without it kombu keeps its exchange table in ./control, wherever the process runs.
         "control_folder": str(_broker_dir / "control"),
     }
-    # kombu lists the queue folder on every poll and fails if it does not exist.
-    for _folder in ("queue", "processed", "control"):
-        (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
+    # (kombu fails on a missing folder: portal.apps creates them.)
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

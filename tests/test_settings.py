@@ -20,9 +20,8 @@ from tests.support import free_port
 BASE_DIR = Path(django_settings.BASE_DIR)
 
 
-def manage(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`manage.py` in a fresh process with the environment of a new installation (no
-    configuration at all) plus `env`."""
+def new_installation(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a new installation (no configuration at all) plus `env`."""
     clean = {
         key: value
         for key, value in os.environ.items()
@@ -30,10 +29,15 @@ def manage(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
         and key not in {"DATABASE_URL", "DJANGO_SETTINGS_MODULE"}
     }
     clean.update(env or {})
+    return clean
+
+
+def manage(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`manage.py` in a fresh process with the environment of a new installation plus `env`."""
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=BASE_DIR,
-        env=clean,
+        env=new_installation(env),
         capture_output=True,
         text=True,
         timeout=60,
@@ -265,3 +269,46 @@ def test_a_uid_is_digits_and_dots_and_nothing_after(value: str, valid: bool) -> 
 )
 def test_an_ae_title_is_printable_ascii_without_backslash(value: str, valid: bool) -> None:
     assert dicom.is_valid_ae_title(value) is valid
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Python in a fresh process with the environment of a new installation plus `env`."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=BASE_DIR,
+        env=new_installation({**env, "DJANGO_SETTINGS_MODULE": "portal.settings"}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_importing_the_settings_creates_no_folder_and_starting_the_apps_does(
+    tmp_path: Path,
+) -> None:
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db' / 'portal.sqlite3'}",
+        "PORTAL_BROKER_DIR": str(tmp_path / "broker"),
+    }
+    imported = _python("import portal.settings", env)
+    assert imported.returncode == 0, imported.stderr
+    assert list(tmp_path.iterdir()) == []
+
+    started = _python("import django; django.setup()", env)
+    assert started.returncode == 0, started.stderr
+    assert (tmp_path / "db").is_dir()
+    assert {p.name for p in (tmp_path / "broker").iterdir()} == {"queue", "processed", "control"}
+
+
+def test_a_secret_may_come_from_a_file(tmp_path: Path) -> None:
+    """Containers and systemd hand secrets out as files: PORTAL_SECRET_KEY_FILE names one."""
+    key = secrets.token_urlsafe(64)
+    (tmp_path / "secret_key").write_text(key + "\n")  # as `echo KEY > file` writes it
+
+    result = _python(
+        "from django.conf import settings; print(repr(settings.SECRET_KEY))",
+        {"PORTAL_SECRET_KEY_FILE": str(tmp_path / "secret_key")},
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == repr(key)
