@@ -14,11 +14,10 @@ from typing import Any
 from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
-from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 
-from accounts import services
-from accounts.models import AuditEvent, Share
+from accounts import selectors, services
+from accounts.models import AuditEvent, Refusal, Share
 
 SHARE = "recipient.share"
 STAGE = "recipient.stage"
@@ -107,13 +106,12 @@ def _bound_share(request: HttpRequest, stage: str) -> Share | None:
     if share_id is None or request.session.get(STAGE) != stage:
         return None
     share = Share.objects.filter(pk=share_id).first()
-    if share is None or services.share_is_locked(share):
+    if share is None or selectors.share_is_locked(share):
         return None
-    if share.revoked_at is not None or share.expires_at <= timezone.now():
-        return None
+    refusal = share.refusal()
     # A single-use share is used up by the one-time code of the session that then keeps it
     # open until it ends; no other session gets that far.
-    if stage == PENDING and share.single_use and share.used_at is not None:
+    if refusal is not None and not (stage == VERIFIED and refusal == Refusal.USED):
         return None
     return share
 
@@ -122,7 +120,7 @@ def bound_locked_share(request: HttpRequest) -> Share | None:
     """This session's share (at any stage) if it is locked after too many wrong codes."""
     share_id = request.session.get(SHARE)
     share = Share.objects.filter(pk=share_id).first() if share_id is not None else None
-    return share if share is not None and services.share_is_locked(share) else None
+    return share if share is not None and selectors.share_is_locked(share) else None
 
 
 def pending_share(request: HttpRequest) -> Share | None:

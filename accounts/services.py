@@ -20,8 +20,8 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from accounts import credentials, net, sms
-from accounts.models import AuditEvent, Refusal, Share, ShareOTPDevice, User
+from accounts import credentials, net, selectors, sms
+from accounts.models import AuditEvent, Share, ShareOTPDevice, User
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def shares_release_dead_codes(*, now: datetime | None = None) -> int:
 
 def _release_prefix_if_dead(prefix: str) -> None:
     holder = Share.objects.filter(code_prefix=prefix).first()
-    if holder is not None and share_refusal(holder) is not None:
+    if holder is not None and holder.refusal() is not None:
         share_release_code(holder)
 
 
@@ -261,56 +261,6 @@ def _lockout_keys(share: Share) -> list[str]:
 
 
 # --- recipient authentication ----------------------------------------------------------------
-
-
-def share_refusal(share: Share) -> Refusal | None:
-    return share.refusal()
-
-
-def share_lock_is_final(share: Share) -> bool:
-    """Too many wrong one-time codes over the share's life: only staff unlock it."""
-    return share.otp_failures >= settings.OTP_LIFETIME_MAX_FAILURES
-
-
-def share_is_locked(share: Share) -> bool:
-    if share_lock_is_final(share):
-        return True
-    return share.locked_until is not None and share.locked_until > timezone.now()
-
-
-@dataclass(frozen=True)
-class AccessCheck:
-    """The outcome of a link or code: `share` when it opens one; `matched` is the share the
-    credential pointed at even when refused (for the audit log only, never for the answer)."""
-
-    share: Share | None
-    matched: Share | None
-    reason: Refusal | None
-
-
-def share_check_link(signed: str) -> AccessCheck:
-    token = credentials.unsign_link_token(signed)
-    if token is None:
-        # Forged or older than any share can live: refused before any lookup.
-        return AccessCheck(None, None, Refusal.UNKNOWN)
-    share = Share.objects.filter(token_hash=credentials.hash_link_token(token)).first()
-    if share is None:
-        return AccessCheck(None, None, Refusal.UNKNOWN)
-    reason = share_refusal(share)
-    return AccessCheck(None if reason else share, share, reason)
-
-
-def share_check_code(typed: str) -> AccessCheck:
-    """The same work whatever the code: one lookup by prefix and one hash verification, so an
-    unknown code takes as long as an expired, revoked or right one."""
-    code = credentials.normalize_code(typed)
-    prefix, secret = credentials.split_code(code or "0" * credentials.CODE_LENGTH)
-    share = Share.objects.filter(code_prefix=prefix).first()
-    matches = credentials.code_secret_matches(secret, share.code_hash if share else None)
-    if code is None or share is None or not matches:
-        return AccessCheck(None, share if code else None, Refusal.UNKNOWN)
-    reason = share_refusal(share)
-    return AccessCheck(None if reason else share, share, reason)
 
 
 # --- one-time codes -----------------------------------------------------------------------------
@@ -368,7 +318,7 @@ def otp_send(*, share: Share, request: HttpRequest) -> OtpSendResult:
         share = _locked_row(share)
         device = _device(share, for_update=True)
         _expire_lock(share, device)
-        if share_is_locked(share):
+        if selectors.share_is_locked(share):
             return OtpSendResult(OtpSend.LOCKED)
         limited = _sends_today(share) >= settings.OTP_MAX_SENDS_PER_DAY
         if not limited:
@@ -449,11 +399,14 @@ def otp_verify(*, share: Share, otp: str, request: HttpRequest) -> OtpVerifyResu
     locked_now = False
     with transaction.atomic():
         share = _locked_row(share)
-        if share_refusal(share) is not None:
+        if share.refusal() is not None:
             return OtpVerifyResult(OtpVerify.REFUSED)
         device = _device(share, for_update=True)
         _expire_lock(share, device)
-        if share_is_locked(share) or device.throttling_failure_count >= settings.OTP_MAX_FAILURES:
+        if (
+            selectors.share_is_locked(share)
+            or device.throttling_failure_count >= settings.OTP_MAX_FAILURES
+        ):
             return OtpVerifyResult(OtpVerify.LOCKED)
         allowed, data = device.verify_is_allowed()
         if not allowed:
@@ -470,7 +423,7 @@ def otp_verify(*, share: Share, otp: str, request: HttpRequest) -> OtpVerifyResu
         if not ok:
             share.otp_failures += 1
             update: dict[str, Any] = {"otp_failures": F("otp_failures") + 1}
-            if failures >= settings.OTP_MAX_FAILURES or share_lock_is_final(share):
+            if failures >= settings.OTP_MAX_FAILURES or selectors.share_lock_is_final(share):
                 share.locked_until = timezone.now() + _cool_off()
                 update["locked_until"] = share.locked_until
                 locked_now = True
@@ -480,7 +433,7 @@ def otp_verify(*, share: Share, otp: str, request: HttpRequest) -> OtpVerifyResu
         return OtpVerifyResult(OtpVerify.OK)
     audit(AuditEvent.Action.OTP_FAILED, request=request, share=share, failures=failures)
     if locked_now:
-        final = share_lock_is_final(share)
+        final = selectors.share_lock_is_final(share)
         audit(AuditEvent.Action.LOCKOUT, request=request, share=share, step="otp", final=final)
         return OtpVerifyResult(OtpVerify.LOCKED)
     remaining = min(

@@ -43,7 +43,7 @@ def _locked_response(request: HttpRequest, share: Share | None = None) -> HttpRe
     """The 429 page. `share`: the share whose one-time codes locked it, when that lock only
     ends with staff (the page then says to call them rather than to wait)."""
     cool_off = get_cool_off(request) or timedelta(minutes=15)
-    final = share is not None and services.share_lock_is_final(share)
+    final = share is not None and selectors.share_lock_is_final(share)
     response = render(
         request,
         "accounts/locked.html",
@@ -87,7 +87,7 @@ def _hide_path_from_axes(request: HttpRequest) -> None:
 
 
 def _audit_failure(request: HttpRequest, action: str) -> None:
-    check: services.AccessCheck | None = getattr(request, "share_check", None)
+    check: selectors.AccessCheck | None = getattr(request, "share_check", None)
     matched = check.matched if check else None
     reason = check.reason.value if check and check.reason else "locked-out"
     services.audit(action, request=request, share=matched, reason=reason)
@@ -96,7 +96,7 @@ def _audit_failure(request: HttpRequest, action: str) -> None:
 
 
 def _opened(request: HttpRequest, share: Share, *, via: str) -> HttpResponse:
-    if services.share_is_locked(share):
+    if selectors.share_is_locked(share):
         return _locked_response(request, share)
     access.bind(request, share, via=via)
     services.share_attach_study(share)
@@ -157,7 +157,7 @@ def link(request: HttpRequest, token: str) -> HttpResponse:
         request, link_token=token, lockout_scope=credentials.lockout_key_for_link(raw)
     )
     if isinstance(share, Share):
-        if services.share_is_locked(share):
+        if selectors.share_is_locked(share):
             request.session[_LOCKED_SHARE] = share.pk
             return redirect("accounts:locked")
         return _opened(request, share, via="link")

@@ -12,6 +12,7 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
+from accounts import selectors, services
 from accounts.models import AuditEvent, Share, ShareOTPDevice
 from tests.access_fixtures import *  # noqa: F403
 from tests.access_fixtures import (
@@ -218,14 +219,12 @@ class TestChecking:
         assert type_otp(client, code)["Location"] == "/viewer/"
 
     def test_the_lock_ends_with_the_cool_off_or_a_staff_unlock(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
-        from accounts import services
-
         client = Client()
         open_link(client, share)
         send(client)
         for _ in range(5):
             type_otp(client, "000000" if last_code(sms_dir) != "000000" else "111111")
-        assert services.share_is_locked(share_of(share))
+        assert selectors.share_is_locked(share_of(share))
         Share.objects.filter(pk=share.share.pk).update(
             locked_until=timezone.now() - timedelta(seconds=1)
         )
@@ -242,7 +241,7 @@ class TestChecking:
         send(client)
         for _ in range(5):
             type_otp(client, wrong(last_code(sms_dir)))
-        assert services.share_is_locked(share_of(share))
+        assert selectors.share_is_locked(share_of(share))
         services.share_unlock(share=share_of(share))
         client = Client()
         open_link(client, share)
@@ -287,15 +286,13 @@ class TestOverTheShareLifetime:
     def test_after_one_cool_off_five_more_wrong_codes_lock_it_for_staff(  # type: ignore[no-untyped-def]
         self, share, sms_dir, fast_otp
     ):
-        from accounts import services
-
         client = Client()
         open_link(client, share)
         send(client)
         code = last_code(sms_dir)
         for _ in range(5):
             type_otp(client, wrong(code))
-        assert services.share_is_locked(share_of(share))
+        assert selectors.share_is_locked(share_of(share))
         # The cool-off passes: five more tries, no more.
         Share.objects.filter(pk=share.share.pk).update(
             locked_until=timezone.now() - timedelta(seconds=1)

@@ -79,7 +79,7 @@ class TestLinkSignature:
     def test_it_refuses_a_forged_link_before_any_lookup(self, share, django_assert_num_queries):  # type: ignore[no-untyped-def]
         forged = credentials.new_link_token() + ".abcdef.forgedsignature"
         with django_assert_num_queries(0):
-            check = services.share_check_link(forged)
+            check = selectors.share_check_link(forged)
         assert check.share is None
 
     def test_it_refuses_a_link_signed_longer_ago_than_a_share_can_live(
@@ -89,11 +89,11 @@ class TestLinkSignature:
         later = timezone.now().timestamp() + (credentials.LINK_MAX_AGE_DAYS + 1) * 86400
         monkeypatch.setattr("django.core.signing.time.time", lambda: later)
         with django_assert_num_queries(0):
-            assert services.share_check_link(signed).share is None
+            assert selectors.share_check_link(signed).share is None
 
     def test_it_accepts_its_own_link(self, share):  # type: ignore[no-untyped-def]
         signed = share.url.rsplit("/s/", 1)[1]
-        assert services.share_check_link(signed).share == share.share
+        assert selectors.share_check_link(signed).share == share.share
 
 
 class TestExpiry:
@@ -158,7 +158,7 @@ class TestCodePrefixes:
         return planned, drawn
 
     def _refused_alike(self, code: str) -> None:
-        check = services.share_check_code(code)
+        check = selectors.share_check_code(code)
         assert check.share is None
         response = Client().post("/access/", {"code": code}, REMOTE_ADDR="198.51.100.90")
         assert (
@@ -184,7 +184,7 @@ class TestCodePrefixes:
         assert new.access_code.startswith("K7RM")
         assert Share.objects.get(pk=old.share.pk).code_prefix is None
         self._refused_alike(old.access_code)
-        assert services.share_check_code(new.access_code).share == new.share
+        assert selectors.share_check_code(new.access_code).share == new.share
 
     def test_a_live_share_keeps_its_prefix(self, study, prefixes) -> None:  # type: ignore[no-untyped-def]
         planned, drawn = prefixes
@@ -195,7 +195,7 @@ class TestCodePrefixes:
         assert drawn == ["K7RM", "K7RM", "Q2HT"]
         assert other.access_code.startswith("Q2HT")
         assert Share.objects.get(pk=live.share.pk).code_prefix == "K7RM"
-        assert services.share_check_code(live.access_code).share == live.share
+        assert selectors.share_check_code(live.access_code).share == live.share
 
     def test_failures_typed_at_a_free_prefix_do_not_burden_its_next_share(  # type: ignore[no-untyped-def]
         self, study, prefixes
@@ -265,7 +265,7 @@ class TestShareCommand:
         assert CODE_FORMAT.match(data["access_code"])
         share = Share.objects.get(pk=data["id"])
         assert share.recipient == "patient" and share.channel == "sms"
-        assert services.share_check_code(data["access_code"]).share == share
+        assert selectors.share_check_code(data["access_code"]).share == share
 
     def test_it_creates_physician_shares_for_14_days_with_options(self, study) -> None:  # type: ignore[no-untyped-def]
         data = json.loads(
@@ -317,7 +317,7 @@ class TestShareCommand:
         listing = json.loads(self._run("list", "--json"))
         assert listing[0]["id"] == pk and listing[0]["locked"] is True
         self._run("unlock", str(pk))
-        assert not services.share_is_locked(Share.objects.get(pk=pk))
+        assert not selectors.share_is_locked(Share.objects.get(pk=pk))
         self._run("revoke", str(pk))
         assert Share.objects.get(pk=pk).revoked_at is not None
         assert json.loads(self._run("list", "--json"))[0]["status"] == "revoked"

@@ -28,7 +28,7 @@ def share_as_dict(share: Share) -> dict[str, Any]:
         "channel": share.channel,
         "expires_at": share.expires_at.isoformat(),
         "status": account_selectors.share_status(share),
-        "locked": account_services.share_is_locked(share),
+        "locked": account_selectors.share_is_locked(share),
         "single_use": share.single_use,
         "download": share.allow_download,
     }
