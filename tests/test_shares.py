@@ -134,10 +134,6 @@ class TestExpiry:
         assert "too long" in str(info.value.message_dict["contact"])
         assert not Share.objects.exists()
 
-    def test_it_refuses_a_bad_study_uid(self, db) -> None:  # type: ignore[no-untyped-def]
-        with pytest.raises(ValidationError):
-            make_share("1.2.<script>")
-
 
 class TestCodePrefixes:
     """The public prefix has 20 bits and shares are never deleted: a share that can no longer
@@ -309,6 +305,17 @@ class TestShareCommand:
             self._run("create", STUDY_UID, "--patient-phone", "0612", "--json")
         with pytest.raises(CommandError):
             self._run("create", STUDY_UID, "--patient-phone", "+33612345642", "--days", "120")
+        assert not Share.objects.exists()
+
+    @pytest.mark.parametrize(
+        "uid",
+        ["1.2.<script>", STUDY_UID + "\n", "1.2..3", "1." + "2" * 64, "../1.2", ""],
+    )
+    def test_it_refuses_a_bad_study_uid(self, db, uid: str) -> None:  # type: ignore[no-untyped-def]
+        # UIDs become folder and file names in the store: a trailing newline or a path
+        # separator must not slip through.
+        with pytest.raises(CommandError):
+            self._run("create", uid, "--patient-phone", "+33612345642")
         assert not Share.objects.exists()
 
     def test_it_revokes_unlocks_and_lists(self, share) -> None:  # type: ignore[no-untyped-def]
