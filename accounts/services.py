@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from axes.handlers.proxy import AxesProxyHandler
+from axes.helpers import get_cool_off
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
@@ -424,7 +425,10 @@ def otp_verify(*, share: Share, otp: str, request: HttpRequest) -> OtpVerifyResu
             share.otp_failures += 1
             update: dict[str, Any] = {"otp_failures": F("otp_failures") + 1}
             if failures >= settings.OTP_MAX_FAILURES or selectors.share_lock_is_final(share):
-                share.locked_until = timezone.now() + _cool_off()
+                # The same cool-off as axes' lockouts; accounts.E004 makes sure there is one.
+                cool_off = get_cool_off(request)
+                assert cool_off is not None
+                share.locked_until = timezone.now() + cool_off
                 update["locked_until"] = share.locked_until
                 locked_now = True
             Share.objects.filter(pk=share.pk).update(**update)
@@ -477,8 +481,3 @@ def share_consume(share: Share) -> bool:
     if used:
         share.used_at = now
     return bool(used)
-
-
-def _cool_off() -> timedelta:
-    value = settings.AXES_COOLOFF_TIME
-    return value if isinstance(value, timedelta) else timedelta(minutes=15)

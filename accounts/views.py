@@ -9,7 +9,6 @@ import statistics
 import threading
 import time
 from collections import deque
-from datetime import timedelta
 from typing import Any
 
 from axes.handlers.proxy import AxesProxyHandler
@@ -42,7 +41,9 @@ def _notice(request: HttpRequest) -> str | None:
 def _locked_response(request: HttpRequest, share: Share | None = None) -> HttpResponse:
     """The 429 page. `share`: the share whose one-time codes locked it, when that lock only
     ends with staff (the page then says to call them rather than to wait)."""
-    cool_off = get_cool_off(request) or timedelta(minutes=15)
+    cool_off = get_cool_off(request)
+    # accounts.E004 makes sure there is a cool-off.
+    assert cool_off is not None
     final = share is not None and selectors.share_lock_is_final(share)
     response = render(
         request,

@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from axes.models import AccessAttempt
 from captcha.models import CaptchaStore
+from django.conf import settings
 from django.db.models import F
 from django.test import Client
 from django.utils import timezone
@@ -149,7 +150,7 @@ def forged_link() -> str:
 def stale_link(monkeypatch) -> str:  # type: ignore[no-untyped-def]
     """Correctly signed, but longer ago than any share can live."""
     with monkeypatch.context() as m:
-        past = time.time() - (credentials.LINK_MAX_AGE_DAYS + 1) * 86400
+        past = time.time() - (settings.SHARE_MAX_DAYS + 1) * 86400
         m.setattr("django.core.signing.time.time", lambda: past)
         return signed_unknown_link()
 

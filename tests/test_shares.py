@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.core import signing
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
@@ -86,10 +87,19 @@ class TestLinkSignature:
         self, share, django_assert_num_queries, monkeypatch
     ):  # type: ignore[no-untyped-def]
         signed = share.url.rsplit("/s/", 1)[1]
-        later = timezone.now().timestamp() + (credentials.LINK_MAX_AGE_DAYS + 1) * 86400
+        later = timezone.now().timestamp() + (settings.SHARE_MAX_DAYS + 1) * 86400
         monkeypatch.setattr("django.core.signing.time.time", lambda: later)
         with django_assert_num_queries(0):
             assert selectors.share_check_link(signed).share is None
+
+    def test_it_reads_links_as_long_as_the_longest_share_lives(self, study, settings, monkeypatch):  # type: ignore[no-untyped-def]
+        # One ceiling: raising it lets links live as long as the shares they open.
+        settings.SHARE_MAX_DAYS = 120
+        created = make_share(days=120)
+        signed = created.url.rsplit("/s/", 1)[1]
+        later = timezone.now().timestamp() + 119 * 86400
+        monkeypatch.setattr("django.core.signing.time.time", lambda: later)
+        assert selectors.share_check_link(signed).share == created.share
 
     def test_it_accepts_its_own_link(self, share):  # type: ignore[no-untyped-def]
         signed = share.url.rsplit("/s/", 1)[1]
