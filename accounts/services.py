@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 from axes.handlers.proxy import AxesProxyHandler
 from axes.helpers import get_cool_off
@@ -18,6 +19,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.http import HttpRequest
 from django.template.loader import render_to_string
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -66,7 +68,7 @@ class CreatedShare:
 
 
 def share_link_url(signed_token: str) -> str:
-    return f"{settings.BASE_URL}/s/{signed_token}"
+    return settings.BASE_URL + reverse("accounts:link", kwargs={"token": signed_token})
 
 
 def _validate_contact(channel: str, contact: str) -> str:
@@ -360,7 +362,7 @@ def _deliver(share: Share, token: str, request: HttpRequest) -> None:
     minutes = max(1, settings.OTP_VALIDITY // 60)
     context = {"code": token, "minutes": minutes, "site": settings.BASE_URL}
     if share.channel == Share.Channel.SMS:
-        host = settings.BASE_URL.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+        host = urlsplit(settings.BASE_URL).hostname
         body = render_to_string("accounts/otp_sms.txt", context).strip()
         # The last line lets phones offer the code for this site only (WebOTP / iOS autofill).
         sms.send_sms(share.contact, f"{body}\n\n@{host} #{token}")

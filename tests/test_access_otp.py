@@ -79,6 +79,16 @@ class TestSending:
         event = AuditEvent.objects.get(share=share.share, action="otp_sent")
         assert code not in str(event.detail)
 
+    def test_the_sms_binds_the_code_to_the_site_host_alone(self, share, sms_dir, settings):  # type: ignore[no-untyped-def]
+        # WebOTP wants the bare host: no scheme, port, path or credentials.
+        settings.BASE_URL = "https://staff@Portal.example.org:8443/images"
+        client = Client()
+        open_link(client, share)
+        send(client)
+        assert sms_messages(sms_dir)[0]["body"].endswith(
+            f"\n\n@portal.example.org #{last_code(sms_dir)}"
+        )
+
     def test_email_recipients_get_the_code_by_email(self, study):  # type: ignore[no-untyped-def]
         created = make_share(
             recipient="physician", channel="email", contact="dr.martin@example.org"
