@@ -9,12 +9,11 @@ stage is "verified" and the recipient may see the study. Endpoints with patient 
 import time
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import Concatenate, ParamSpec, cast
 
 from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
-from django.utils.cache import add_never_cache_headers
 
 from accounts import selectors, services
 from accounts.models import AuditEvent, Refusal, Share
@@ -37,6 +36,8 @@ VERIFIED = "verified"
 # How often the idle clock is written back to the session (seconds): often enough for the
 # 15-minute idle limit, rarely enough not to write the session on every image request.
 _SEEN_RESOLUTION = 30
+
+_P = ParamSpec("_P")
 
 # The only URLs a recipient session may reach; anything else answers 404.
 RECIPIENT_PATHS = (
@@ -133,20 +134,26 @@ def recipient_share(request: HttpRequest) -> Share | None:
     return _bound_share(request, VERIFIED)
 
 
-def recipient_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+class RecipientRequest(HttpRequest):
+    """The request a `recipient_required` view receives: its session's verified share."""
+
+    share: Share
+
+
+def recipient_required(
+    view: Callable[Concatenate[RecipientRequest, _P], HttpResponse],
+) -> Callable[Concatenate[HttpRequest, _P], HttpResponse]:
     """For recipient pages: the verified share as `request.share`, else back to the code page.
-    The answer is never cached."""
+    (Never cached: RecipientSessionMiddleware marks every recipient URL.)"""
 
     @wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    def wrapper(request: HttpRequest, *args: _P.args, **kwargs: _P.kwargs) -> HttpResponse:
         share = recipient_share(request)
         if share is None:
-            response: HttpResponse = redirect("accounts:access")
-        else:
-            request.share = share  # type: ignore[attr-defined]
-            response = view(request, *args, **kwargs)
-        add_never_cache_headers(response)
-        return response
+            return redirect("accounts:access")
+        recipient_request = cast(RecipientRequest, request)
+        recipient_request.share = share
+        return view(recipient_request, *args, **kwargs)
 
     return wrapper
 
@@ -185,9 +192,3 @@ def check_session_age(request: HttpRequest) -> bool:
         remaining = settings.RECIPIENT_SESSION_MAX - (now - started)
         request.session.set_expiry(min(settings.RECIPIENT_SESSION_IDLE, max(1, remaining)))
     return True
-
-
-def no_store(response: HttpResponse) -> HttpResponse:
-    add_never_cache_headers(response)
-    response["Cache-Control"] = "no-store, no-cache, must-revalidate, private, max-age=0"
-    return response

@@ -57,7 +57,7 @@ def _locked_response(request: HttpRequest, share: Share | None = None) -> HttpRe
     )
     if not final:
         response["Retry-After"] = str(int(cool_off.total_seconds()))
-    return access.no_store(response)
+    return response
 
 
 def lockout(
@@ -195,12 +195,10 @@ def access_code(request: HttpRequest) -> HttpResponse:
             form = AccessCodeForm(captcha=needs_captcha)
     else:
         form = AccessCodeForm(captcha=needs_captcha)
-    return access.no_store(
-        render(
-            request,
-            "accounts/access.html",
-            {"form": form, "invalid": invalid, "notice": notice},
-        )
+    return render(
+        request,
+        "accounts/access.html",
+        {"form": form, "invalid": invalid, "notice": notice},
     )
 
 
@@ -289,7 +287,7 @@ def verify(request: HttpRequest) -> HttpResponse:
         "passkey": passkeys.can_sign_in(share),
         "minutes": settings.OTP_VALIDITY // 60,
     }
-    return access.no_store(render(request, "accounts/verify.html", context))
+    return render(request, "accounts/verify.html", context)
 
 
 def _limit_message() -> str:
@@ -317,8 +315,8 @@ def logout(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @access.recipient_required
-def history(request: HttpRequest) -> HttpResponse:
-    share: Share = request.share  # type: ignore[attr-defined]
+def history(request: access.RecipientRequest) -> HttpResponse:
+    share = request.share
     events = selectors.share_events(share)[:500]
     return render(
         request,
@@ -331,7 +329,7 @@ def history(request: HttpRequest) -> HttpResponse:
 
 
 def _json(data: dict[str, Any], status: int = 200) -> HttpResponse:
-    return access.no_store(JsonResponse(data, status=status))
+    return JsonResponse(data, status=status)
 
 
 def _may_enrol(request: HttpRequest, share: Share) -> bool:
@@ -340,8 +338,8 @@ def _may_enrol(request: HttpRequest, share: Share) -> bool:
 
 @require_GET
 @access.recipient_required
-def passkey_offer(request: HttpRequest) -> HttpResponse:
-    share: Share = request.share  # type: ignore[attr-defined]
+def passkey_offer(request: access.RecipientRequest) -> HttpResponse:
+    share = request.share
     if not _may_enrol(request, share):
         return redirect("dicomweb:viewer")
     return render(request, "accounts/passkey_offer.html", {"share": share})
@@ -349,22 +347,20 @@ def passkey_offer(request: HttpRequest) -> HttpResponse:
 
 @require_POST
 @access.recipient_required
-def passkey_register_options(request: HttpRequest) -> HttpResponse:
-    share: Share = request.share  # type: ignore[attr-defined]
+def passkey_register_options(request: access.RecipientRequest) -> HttpResponse:
+    share = request.share
     if not _may_enrol(request, share):
         return _json({"error": "not allowed"}, status=404)
-    return access.no_store(
-        HttpResponse(
-            passkeys.registration_options(share, request.session),
-            content_type="application/json",
-        )
+    return HttpResponse(
+        passkeys.registration_options(share, request.session),
+        content_type="application/json",
     )
 
 
 @require_POST
 @access.recipient_required
-def passkey_register(request: HttpRequest) -> HttpResponse:
-    share: Share = request.share  # type: ignore[attr-defined]
+def passkey_register(request: access.RecipientRequest) -> HttpResponse:
+    share = request.share
     if not _may_enrol(request, share):
         return _json({"error": "not allowed"}, status=404)
     try:
@@ -382,11 +378,9 @@ def passkey_login_options(request: HttpRequest) -> HttpResponse:
     share = access.pending_share(request)
     if share is None or not passkeys.can_sign_in(share):
         return _json({"error": "not found"}, status=404)
-    return access.no_store(
-        HttpResponse(
-            passkeys.authentication_options(share, request.session),
-            content_type="application/json",
-        )
+    return HttpResponse(
+        passkeys.authentication_options(share, request.session),
+        content_type="application/json",
     )
 
 

@@ -331,6 +331,15 @@ class TestHeaders:
         assert "no-store" in response["Cache-Control"]
         assert "no-store" in Client().get("/access/locked")["Cache-Control"]
 
+    def test_pages_with_patient_data_are_not_cached(self, share, sms_dir):  # type: ignore[no-untyped-def]
+        client = Client()
+        sign_in(client, share, sms_dir)
+        for path in ("/viewer/", "/access/history"):
+            response = client.get(path)
+            assert response.status_code == 200
+            directives = {d.strip() for d in response["Cache-Control"].split(",")}
+            assert {"no-store", "no-cache", "private", "max-age=0"} <= directives
+
     def test_check_deploy_passes_with_production_settings(self, tmp_path):  # type: ignore[no-untyped-def]
         env = _production_env(tmp_path)
         result = subprocess.run(
