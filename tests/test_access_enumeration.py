@@ -12,8 +12,7 @@ from django.utils import timezone
 
 from accounts import credentials, selectors, services
 from accounts.models import Share
-from tests.access_fixtures import *  # noqa: F403
-from tests.access_fixtures import link_path, make_share
+from tests.support.access import link_path, make_share
 
 pytestmark = pytest.mark.django_db
 

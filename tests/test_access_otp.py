@@ -14,8 +14,7 @@ from django.utils import timezone
 
 from accounts import selectors, services
 from accounts.models import AuditEvent, Share, ShareOTPDevice
-from tests.access_fixtures import *  # noqa: F403
-from tests.access_fixtures import (
+from tests.support.access import (
     last_code,
     make_share,
     make_study,
@@ -76,7 +75,7 @@ class TestSending:
         code = last_code(sms_dir)
         assert len(code) == 6 and code.isdigit()
         assert messages[0]["body"].endswith(f"@127.0.0.1 #{code}")
-        event = AuditEvent.objects.get(share=share.share, action="otp_sent")
+        event = AuditEvent.objects.get(share=share.share, action=AuditEvent.Action.OTP_SENT)
         assert code not in str(event.detail)
 
     def test_the_sms_binds_the_code_to_the_site_host_alone(self, share, sms_dir, settings):  # type: ignore[no-untyped-def]
@@ -126,7 +125,9 @@ class TestSending:
         open_link(client, share)
         response = send(client)
         assert b"could not send the code" in response.content
-        assert AuditEvent.objects.filter(share=share.share, action="otp_send_failed").exists()
+        assert AuditEvent.objects.filter(
+            share=share.share, action=AuditEvent.Action.OTP_SEND_FAILED
+        ).exists()
         device = ShareOTPDevice.objects.get(share=share.share)
         assert device.generate_is_allowed()[0]
 
@@ -184,7 +185,10 @@ class TestChecking:
         # A fresh session from elsewhere, with the link: still locked.
         response = open_link(Client(), share, REMOTE_ADDR="198.51.100.4")
         assert response["Location"] == "/access/locked"
-        assert AuditEvent.objects.filter(share=share.share, action="lockout").count() == 1
+        assert (
+            AuditEvent.objects.filter(share=share.share, action=AuditEvent.Action.LOCKOUT).count()
+            == 1
+        )
 
     def test_many_sessions_from_many_addresses_share_one_count(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
         first = Client()
@@ -325,7 +329,7 @@ class TestOverTheShareLifetime:
         page = with_link.get("/access/locked")
         assert page.status_code == 429 and b"The hospital can open it again" in page.content
         assert share_of(share).otp_failures == 10
-        lockouts = AuditEvent.objects.filter(share=share.share, action="lockout")
+        lockouts = AuditEvent.objects.filter(share=share.share, action=AuditEvent.Action.LOCKOUT)
         assert [e.detail["final"] for e in lockouts.order_by("pk")] == [False, True]
         # Staff unlock it, and the recipient starts afresh.
         services.share_unlock(share=share_of(share))
@@ -365,11 +369,16 @@ class TestOverTheShareLifetime:
         response = send(client)
         assert b"You have asked for many codes today" in response.content
         assert len(sms_messages(sms_dir)) == 10
-        assert AuditEvent.objects.filter(share=share.share, action="otp_send_limit").count() == 1
+        assert (
+            AuditEvent.objects.filter(
+                share=share.share, action=AuditEvent.Action.OTP_SEND_LIMIT
+            ).count()
+            == 1
+        )
         # The code already sent still works…
         assert share_of(share).otp_device.token == last_code(sms_dir)
         # …and a day later codes can be sent again.
-        AuditEvent.objects.filter(share=share.share, action="otp_sent").update(
+        AuditEvent.objects.filter(share=share.share, action=AuditEvent.Action.OTP_SENT).update(
             at=timezone.now() - timedelta(hours=24, minutes=1)
         )
         send(client)
@@ -388,7 +397,7 @@ class TestOverTheShareLifetime:
         assert "SMTPRecipientsRefused" in caplog.text
         assert "dr.secret" not in caplog.text
         assert "dr.secret" not in str(
-            list(AuditEvent.objects.filter(action="otp_send_failed").values())
+            list(AuditEvent.objects.filter(action=AuditEvent.Action.OTP_SEND_FAILED).values())
         )
 
 
@@ -438,7 +447,9 @@ def test_parallel_wrong_codes_cannot_pass_the_limit(  # type: ignore[no-untyped-
     assert len(statuses) == 12
     row = share_of(created)
     device = ShareOTPDevice.objects.get(share=created.share)
-    counted = AuditEvent.objects.filter(share=created.share, action="otp_failed").count()
+    counted = AuditEvent.objects.filter(
+        share=created.share, action=AuditEvent.Action.OTP_FAILED
+    ).count()
     assert row.otp_failures == device.throttling_failure_count == counted
     assert counted <= 5
     if throttle_factor == 0:

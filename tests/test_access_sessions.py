@@ -21,8 +21,8 @@ from django.utils import timezone
 
 from accounts import access, credentials
 from accounts.models import AuditEvent
-from tests.access_fixtures import *  # noqa: F403
-from tests.access_fixtures import (
+from tests.support import free_port
+from tests.support.access import (
     OTHER_STUDY_UID,
     last_code,
     link_path,
@@ -31,7 +31,6 @@ from tests.access_fixtures import (
     open_link,
     sign_in,
 )
-from tests.support import free_port
 
 pytestmark = pytest.mark.django_db
 
@@ -194,7 +193,9 @@ class TestTimeLimits:
         self._age(client, seen=16 * 60)
         assert client.get("/viewer/")["Location"] == "/access/"
         assert b"after a period without activity" in client.get("/access/").content
-        assert AuditEvent.objects.filter(share=share.share, action="session_expired").exists()
+        assert AuditEvent.objects.filter(
+            share=share.share, action=AuditEvent.Action.SESSION_EXPIRED
+        ).exists()
 
     def test_it_ends_after_2_hours_whatever_the_activity(self, share, sms_dir):  # type: ignore[no-untyped-def]
         client = Client()
@@ -215,7 +216,9 @@ class TestTimeLimits:
         assert response["Location"] == "/access/"
         assert not SessionStore().exists(key)
         assert client.get("/viewer/")["Location"] == "/access/"
-        assert AuditEvent.objects.filter(share=share.share, action="logout").exists()
+        assert AuditEvent.objects.filter(
+            share=share.share, action=AuditEvent.Action.LOGOUT
+        ).exists()
         assert client.get("/access/logout").status_code == 405
 
 

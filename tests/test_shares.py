@@ -19,8 +19,14 @@ from django.utils import timezone
 from accounts import credentials, selectors, services
 from accounts.models import AuditEvent, Share
 from studies.models import PacsNode, RetrievalJob
-from tests.access_fixtures import *  # noqa: F403
-from tests.access_fixtures import OTHER_STUDY_UID, STUDY_UID, make_share, make_study
+from tests.support.access import (
+    OTHER_STUDY_UID,
+    STUDY_UID,
+    link_path,
+    make_share,
+    make_study,
+    sign_in,
+)
 
 CODE_FORMAT = re.compile(r"^[0-9A-HJKMNP-TV-Z]{4}(-[0-9A-HJKMNP-TV-Z]{4}){3}$")
 
@@ -339,7 +345,10 @@ class TestShareCommand:
         assert Share.objects.get(pk=pk).revoked_at is not None
         assert json.loads(self._run("list", "--json"))[0]["status"] == "revoked"
         assert json.loads(self._run("list", "--live", "--json")) == []
-        assert AuditEvent.objects.filter(share_id=pk, action="share_revoked").count() == 1
+        assert (
+            AuditEvent.objects.filter(share_id=pk, action=AuditEvent.Action.SHARE_REVOKED).count()
+            == 1
+        )
         with pytest.raises(CommandError):
             self._run("revoke", "999999")
 
@@ -390,8 +399,6 @@ class TestAuditLog:
     def test_a_shares_whole_life_only_ever_adds_events(self, share, sms_dir) -> None:  # type: ignore[no-untyped-def]
         from django.test import Client
 
-        from tests.access_fixtures import sign_in
-
         def snapshot() -> dict[int, tuple[Any, ...]]:
             return {e["id"]: tuple(e.values()) for e in AuditEvent.objects.values()}
 
@@ -401,7 +408,7 @@ class TestAuditLog:
             lambda: services.share_unlock(share=Share.objects.get(pk=share.share.pk)),
             lambda: services.share_revoke(share=Share.objects.get(pk=share.share.pk)),
             lambda: services.shares_release_dead_codes(),
-            lambda: Client().get("/s/" + share.url.rsplit("/s/", 1)[1]),
+            lambda: Client().get(link_path(share)),
         ]
         before = snapshot()
         for step in steps:
@@ -412,14 +419,14 @@ class TestAuditLog:
             before = after
         actions = set(AuditEvent.objects.values_list("action", flat=True))
         assert actions == {
-            "share_created",
-            "link_opened",
-            "otp_sent",
-            "otp_ok",
-            "code_failed",
-            "share_unlocked",
-            "share_revoked",
-            "link_failed",
+            AuditEvent.Action.SHARE_CREATED,
+            AuditEvent.Action.LINK_OPENED,
+            AuditEvent.Action.OTP_SENT,
+            AuditEvent.Action.OTP_OK,
+            AuditEvent.Action.CODE_FAILED,
+            AuditEvent.Action.SHARE_UNLOCKED,
+            AuditEvent.Action.SHARE_REVOKED,
+            AuditEvent.Action.LINK_FAILED,
         }
 
     def test_a_share_with_events_cannot_be_deleted(self, share) -> None:  # type: ignore[no-untyped-def]
