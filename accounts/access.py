@@ -12,7 +12,7 @@ from functools import wraps
 from typing import Concatenate, ParamSpec, cast
 
 from django.conf import settings
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 
 from accounts import selectors, services
@@ -22,7 +22,6 @@ SHARE = "recipient.share"
 STAGE = "recipient.stage"
 STARTED = "recipient.started"
 SEEN = "recipient.seen"
-VIA = "recipient.via"
 # How and when the second factor was proved ("otp" or "passkey"), and whether this session
 # already enrolled a passkey: enrolment is allowed once, soon after an emailed code.
 VERIFIED_BY = "recipient.verified_by"
@@ -54,7 +53,7 @@ RECIPIENT_PATHS = (
 )
 
 
-def bind(request: HttpRequest, share: Share, *, via: str) -> None:
+def bind(request: HttpRequest, share: Share) -> None:
     """Start a recipient session for this share after a valid link or code.
 
     Whatever the session held before (another share, a staff login) is dropped, and the key
@@ -64,7 +63,6 @@ def bind(request: HttpRequest, share: Share, *, via: str) -> None:
     now = int(time.time())
     request.session[SHARE] = share.pk
     request.session[STAGE] = PENDING
-    request.session[VIA] = via
     request.session[STARTED] = now
     request.session[SEEN] = now
     request.session.set_expiry(settings.RECIPIENT_SESSION_IDLE)
@@ -156,19 +154,6 @@ def recipient_required(
         return view(recipient_request, *args, **kwargs)
 
     return wrapper
-
-
-def study_uid_or_404(request: HttpRequest, study_instance_uid: str) -> Share:
-    """For endpoints that carry a UID: the session's share if it covers this study, else 404,
-    the same 404 as for a study that does not exist."""
-    share = recipient_share(request)
-    if share is None or share.study_instance_uid != study_instance_uid:
-        raise Http404
-    return share
-
-
-def series_allowed(share: Share, series_instance_uid: str) -> bool:
-    return not share.series_instance_uids or series_instance_uid in share.series_instance_uids
 
 
 def check_session_age(request: HttpRequest) -> bool:

@@ -63,7 +63,7 @@ def format_code(code: str) -> str:
 
 
 def new_access_code(prefix: str | None = None) -> NewAccessCode:
-    prefix = prefix or _random_crockford(PREFIX_LENGTH)
+    prefix = prefix or new_prefix()
     secret = _random_crockford(SECRET_LENGTH)
     return NewAccessCode(prefix, secret, _hasher.encode(secret, _hasher.salt()))
 

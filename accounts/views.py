@@ -99,7 +99,7 @@ def _audit_failure(request: HttpRequest, action: str) -> None:
 def _opened(request: HttpRequest, share: Share, *, via: str) -> HttpResponse:
     if selectors.share_is_locked(share):
         return _locked_response(request, share)
-    access.bind(request, share, via=via)
+    access.bind(request, share)
     services.share_attach_study(share)
     action = AuditEvent.Action.LINK_OPENED if via == "link" else AuditEvent.Action.CODE_OK
     services.audit(action, request=request, share=share)

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 from django.contrib.sessions.backends.db import SessionStore
-from django.http import Http404
-from django.test import Client, RequestFactory
+from django.test import Client
 from django.utils import timezone
 
 from accounts import access, credentials
@@ -131,18 +130,6 @@ class TestBoundToOneShare:
         assert "10.20.30.40" not in page and "StaffDesktop" not in page
         # The recipient's own steps keep their address and browser.
         assert "192.0.2.33" in page and "PatientPhone/1" in page
-
-    def test_a_uid_of_another_share_is_404(self, two_shares, sms_dir):  # type: ignore[no-untyped-def]
-        a, b = two_shares
-        client = Client()
-        sign_in(client, a, sms_dir)
-        request = RequestFactory().get("/")
-        request.session = client.session
-        assert access.study_uid_or_404(request, a.share.study_instance_uid) == a.share
-        with pytest.raises(Http404):
-            access.study_uid_or_404(request, b.share.study_instance_uid)
-        with pytest.raises(Http404):
-            access.study_uid_or_404(request, "1.2.3.4")
 
     @pytest.mark.parametrize(
         "path", ["/admin/", "/admin/login/", "/admin/accounts/share/", "/staff/", "/staff/login/"]
