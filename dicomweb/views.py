@@ -3,12 +3,12 @@
 
 import datetime
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from accounts import access, services
-from accounts.models import AuditEvent, Share
+from accounts.models import AuditEvent
 from dicomweb import selectors
 
 
@@ -28,8 +28,8 @@ def _person_name(value: str) -> str:
 
 @require_GET
 @access.recipient_required
-def viewer(request: HttpRequest) -> HttpResponse:
-    share: Share = request.share  # type: ignore[attr-defined]
+def viewer(request: access.RecipientRequest) -> HttpResponse:
+    share = request.share
     study = selectors.viewer_study(share)
     if study is not None and not request.session.get("recipient.viewed"):
         # One event per session, not one per page load.

@@ -25,6 +25,10 @@ from studies.storescp import StorageServer
 from tests.support import free_port
 from tests.support.orthanc import OrthancServer
 
+# Fixtures of the recipient-access tests (shares, one-time codes); their helpers are imported
+# by name from the module.
+pytest_plugins = ["tests.support.access"]
+
 # Who the tests' dcmtk peers claim to be when they send to the portal's storage SCP.
 MODALITY_AE = "MODALITY"
 
