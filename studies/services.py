@@ -16,7 +16,8 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from accounts.models import User
-from studies import dicom, pacs, wado
+from studies import dicom, wado
+from studies.dimse import pacs
 from studies.models import Instance, PacsNode, RetrievalJob, Study
 from studies.store import Indexer, StoreError
 

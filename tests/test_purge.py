@@ -11,7 +11,8 @@ from django.utils import timezone
 from pytest_django.fixtures import Settings
 
 from accounts.models import Share
-from studies import services, synthetic
+from studies import services
+from studies.demo import synthetic
 from studies.models import Instance, RetrievalJob, Study
 from tests.access_fixtures import make_share
 

@@ -13,10 +13,12 @@ from django.db import connection
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 
-from studies import dicom, pacs, services, synthetic
+from studies import dicom, services
+from studies.demo import synthetic
+from studies.dimse import pacs
+from studies.dimse.storescp import StorageServer
 from studies.models import Instance, PacsNode, RetrievalJob, Series, Study
 from studies.store import store_dir
-from studies.storescp import StorageServer
 from tests.conftest import PacsStudies, SyntheticStudy, scp_port
 from tests.support import free_port
 from tests.support.orthanc import OrthancServer

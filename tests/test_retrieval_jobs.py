@@ -10,7 +10,8 @@ import pytest
 from django.utils import timezone
 from pytest_django.fixtures import Settings
 
-from studies import pacs, services
+from studies import services
+from studies.dimse import pacs
 from studies.models import PacsNode, RetrievalJob
 from tests.support import free_port
 

@@ -23,10 +23,11 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from studies import dicom, services, synthetic
+from studies import dicom, services
+from studies.demo import synthetic
+from studies.dimse.storescp import StorageServer
 from studies.models import Instance, PacsNode, Study
 from studies.store import store_dir
-from studies.storescp import StorageServer
 from tests.conftest import MODALITY_AE, assert_store_consistent, scp_port, wait_until
 from tests.support import dcmtk
 
@@ -634,16 +635,14 @@ def test_an_instance_cannot_be_moved_into_another_study(
 
 def test_an_error_comment_stays_within_its_value_representation() -> None:
     """An exception's text may hold anything; the Error Comment (LO) sent back must not."""
-    from studies import dimse_wire, storescp
+    from studies.dimse import storescp, wire
 
     request = storescp._decode_command(_command_set("1.2.826.0.1.3680043.8.498.79"), 1)
     comment = "bad value\\second\nline\x00 é " + "x" * 80
     response = storescp._encode_response(0x8001, request, 0xC000, comment, True)
-    elements = dimse_wire.command_elements(response)
-    text = elements[dimse_wire.ERROR_COMMENT]
+    elements = wire.command_elements(response)
+    text = elements[wire.ERROR_COMMENT]
     assert len(text) % 2 == 0 and len(text) <= 64
     assert all(0x20 <= byte <= 0x7E and byte != 0x5C for byte in text)
     assert text.startswith(b"bad value?second?line? ? ")
-    assert dimse_wire.uid(elements, dimse_wire.AFFECTED_SOP_INSTANCE_UID) == (
-        "1.2.826.0.1.3680043.8.498.79"
-    )
+    assert wire.uid(elements, wire.AFFECTED_SOP_INSTANCE_UID) == ("1.2.826.0.1.3680043.8.498.79")

@@ -16,7 +16,8 @@ import pytest
 from django.db.models import QuerySet
 from pytest_django.fixtures import Settings
 
-from studies import dicom, services, synthetic
+from studies import dicom, services
+from studies.demo import synthetic
 from studies.models import Instance, PacsNode, RetrievalJob, Series, Study
 from studies.tasks import retrieve_study
 from tests.conftest import store_problems

@@ -122,7 +122,8 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
     django.setup()
     from django.core.management import call_command
 
-    from studies import services, synthetic
+    from studies import services
+    from studies.demo import synthetic
     from studies.models import Instance, RetrievalJob, Study
     from studies.store import study_delete
 

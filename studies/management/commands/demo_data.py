@@ -19,7 +19,8 @@ from pydicom.uid import generate_uid
 
 from accounts import services as account_services
 from accounts.models import Share, User
-from studies import services, synthetic
+from studies import services
+from studies.demo import synthetic
 from studies.models import Study
 
 DEMO_USERNAME = "demo"

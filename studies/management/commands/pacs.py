@@ -4,7 +4,8 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from studies import pacs, services
+from studies import services
+from studies.dimse import pacs
 from studies.models import PacsNode
 
 

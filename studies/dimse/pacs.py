@@ -1,5 +1,5 @@
 """DIMSE client for a PACS: C-ECHO, C-FIND and C-GET with pynetdicom, C-MOVE with our own
-lean client (studies.dimse_client, which says why).
+lean client (studies.dimse.move_scu, which says why).
 
 Every call opens its own association and closes it; every wait is bounded by the timeouts in
 settings (DICOM_DIMSE_TIMEOUT for an answer, DICOM_RETRIEVE_TIMEOUT for the answers of a C-MOVE or
@@ -41,8 +41,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from studies import dimse_client
-from studies.dimse_client import Response
+from studies.dimse import move_scu
+from studies.dimse.move_scu import Response
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-_PENDING = dimse_client.PENDING
+_PENDING = move_scu.PENDING
 
 
 class PacsError(Exception):
@@ -374,7 +374,7 @@ def _follow(
                 status=int(status.Status),
                 counters={
                     element: int(status[element].value)
-                    for element in dimse_client.COUNTERS
+                    for element in move_scu.COUNTERS
                     if element in status
                 },
                 error_comment=str(status.get("ErrorComment", "")),
@@ -399,10 +399,10 @@ def _tally(
     counts = SubOperations()
     final: Response | None = None
     for response in responses:
-        counts.completed = response.counters.get(dimse_client.COMPLETED, counts.completed)
-        counts.failed = response.counters.get(dimse_client.FAILED, counts.failed)
-        counts.warning = response.counters.get(dimse_client.WARNING, counts.warning)
-        counts.remaining = response.counters.get(dimse_client.REMAINING, counts.remaining)
+        counts.completed = response.counters.get(move_scu.COMPLETED, counts.completed)
+        counts.failed = response.counters.get(move_scu.FAILED, counts.failed)
+        counts.warning = response.counters.get(move_scu.WARNING, counts.warning)
+        counts.remaining = response.counters.get(move_scu.REMAINING, counts.remaining)
         if response.pending:
             if progress:
                 progress(counts)
@@ -463,7 +463,7 @@ def _move(
 ) -> SubOperations:
     move_model = str(StudyRootQueryRetrieveInformationModelMove)
     try:
-        association = dimse_client.associate(
+        association = move_scu.associate(
             peer.host,
             peer.port,
             calling_ae=settings.DICOM_AE_TITLE,
@@ -471,14 +471,14 @@ def _move(
             abstract_syntax=move_model,
             timeout=settings.DICOM_CONNECT_TIMEOUT,
         )
-    except dimse_client.Rejected as exc:
+    except move_scu.Rejected as exc:
         reason = _rejection_reason(exc.source, exc.reason, peer)
         raise PacsError(f"{peer} rejected the association: {reason}") from exc
-    except dimse_client.NotSupported as exc:
+    except move_scu.NotSupported as exc:
         raise PacsError(f"{peer} does not offer study-root C-MOVE") from exc
-    except dimse_client.ProtocolError as exc:
+    except move_scu.ProtocolError as exc:
         raise PacsError(f"{peer} broke the DICOM protocol: {exc}") from exc
-    except dimse_client.DimseError as exc:
+    except move_scu.DimseError as exc:
         # The same words as when pynetdicom cannot associate; the cause stays in the chain.
         raise PacsError(
             f"cannot reach {peer}: no association (connection refused or timed out)"
@@ -500,8 +500,8 @@ def _move(
     try:
         with association:
             return _tally(responses(), peer, "C-MOVE", progress, destination)
-    except (dimse_client.TimedOut, dimse_client.Closed) as exc:
-        timed_out = isinstance(exc, dimse_client.TimedOut)
+    except (move_scu.TimedOut, move_scu.Closed) as exc:
+        timed_out = isinstance(exc, move_scu.TimedOut)
         raise _unanswered(
             peer,
             "C-MOVE",
@@ -509,7 +509,7 @@ def _move(
             answered=answered,
             timeout=settings.DICOM_RETRIEVE_TIMEOUT,
         ) from exc
-    except dimse_client.ProtocolError as exc:
+    except move_scu.ProtocolError as exc:
         raise PacsError(f"{peer} broke the DICOM protocol during the C-MOVE: {exc}") from exc
 
 

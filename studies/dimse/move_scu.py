@@ -14,7 +14,7 @@ The exchange (PS3.8 section 9, PS3.7 section 9.3.4):
 
 Leaving the `with` block releases the association once the final response has arrived and
 aborts it otherwise. Every failure is a DimseError subclass that says what happened on the wire;
-studies.pacs turns it into a message for people. The peer may be hostile: every read has a
+studies.dimse.pacs turns it into a message for people. The peer may be hostile: every read has a
 deadline and every length it announces is checked before anything is read or allocated.
 
 pynetdicom still encodes the A-ASSOCIATE-RQ and decodes the A-ASSOCIATE-AC, as in the storage
@@ -37,8 +37,8 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
-from studies import dimse_wire as wire
-from studies.dimse_wire import (
+from studies.dimse import wire
+from studies.dimse.wire import (
     ABORT,
     ASSOCIATE_AC,
     ASSOCIATE_RJ,

@@ -36,8 +36,14 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from studies import dicom
-from studies import dimse_wire as wire
-from studies.dimse_wire import (
+from studies.dimse import wire
+from studies.dimse.pacs import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+)
+from studies.dimse.wire import (
     ABORT,
     ASSOCIATE_RJ,
     ASSOCIATE_RQ,
@@ -47,12 +53,6 @@ from studies.dimse_wire import (
     RELEASE_RQ,
 )
 from studies.models import PacsNode, Study
-from studies.pacs import (
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_DATASET_MISMATCH,
-    STATUS_OUT_OF_RESOURCES,
-    STATUS_SUCCESS,
-)
 from studies.store import (
     STALE_INCOMING_SECONDS,
     HashingThread,
