@@ -14,10 +14,11 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.utils import timezone
+from pynetdicom.status import Status
 
 from accounts.models import User
 from studies import dicom, wado
-from studies.dimse import pacs
+from studies.dimse import pacs, wire
 from studies.models import Instance, PacsNode, RetrievalJob, Study
 from studies.store import Indexer, StoreError
 
@@ -417,11 +418,11 @@ def _dimse_store_callback(indexer: Indexer) -> pacs.StoreCallback:
             )
         except dicom.InvalidDicom as exc:
             logger.warning("refused instance %s: %s", sop_uid, exc)
-            return pacs.STATUS_CANNOT_UNDERSTAND
+            return wire.STORE_CANNOT_UNDERSTAND
         except StoreError as exc:
             logger.error("could not store instance %s: %s", sop_uid, exc)
-            return pacs.STATUS_OUT_OF_RESOURCES
-        return pacs.STATUS_SUCCESS
+            return wire.STORE_OUT_OF_RESOURCES
+        return Status.SUCCESS
 
     return on_store
 

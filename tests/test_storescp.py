@@ -280,7 +280,7 @@ def test_it_refuses_a_data_set_it_cannot_index_and_goes_on(
 
 def _part10_with(data_set: bytes, *, sop_uid: str) -> bytes:
     meta = dicom.encode_file_meta(
-        sop_class_uid=synthetic.CT_IMAGE_STORAGE,
+        sop_class_uid=CTImageStorage,
         sop_instance_uid=sop_uid,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
@@ -339,7 +339,7 @@ def test_it_refuses_truncated_and_garbage_data_sets_and_goes_on(
 def _command_set(sop_uid: str) -> bytes:
     """A C-STORE-RQ command set, implicit VR little endian with its group length."""
     command = Dataset()
-    command.AffectedSOPClassUID = synthetic.CT_IMAGE_STORAGE
+    command.AffectedSOPClassUID = CTImageStorage
     command.CommandField = 0x0001
     command.MessageID = 7
     command.Priority = 0

@@ -40,19 +40,16 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.status import STATUS_PENDING, Status, code_to_category
 
 from studies.dimse import move_scu
 from studies.dimse.move_scu import Response
 
 logger = logging.getLogger(__name__)
 
-STATUS_SUCCESS = 0x0000
-# C-STORE failure statuses the storage handlers answer with (PS3.4 B.2.3).
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-
-_PENDING = move_scu.PENDING
+# A C-MOVE or C-GET that ended with some sub-operations failed (PS3.4 C.4.2.1.5); pynetdicom
+# names no such status.
+_SUB_OPERATIONS_WARNING = 0xB000
 
 
 class PacsError(Exception):
@@ -186,7 +183,7 @@ def echo(peer: Peer) -> None:
     ae.add_requested_context(Verification)
     with _association(peer, ae) as assoc:
         status = assoc.send_c_echo()
-        if not status or status.Status != STATUS_SUCCESS:
+        if not status or status.Status != Status.SUCCESS:
             raise PacsError(f"{peer} did not answer the C-ECHO")
 
 
@@ -231,14 +228,15 @@ def _find_on(assoc: Association, peer: Peer, identifier: Dataset, limit: int) ->
             raise _no_answer(peer, "C-FIND", since, answered)
         since, answered = time.monotonic(), True
         code = status.Status
-        if code in _PENDING and match is not None:
+        pending = code_to_category(code) == STATUS_PENDING
+        if pending and match is not None:
             results.append(match)
             if len(results) >= limit:
                 # Ask the PACS to stop rather than draining thousands of matches.
                 assoc.send_c_cancel(1, None, StudyRootQueryRetrieveInformationModelFind)
                 break
-        elif code != STATUS_SUCCESS and code not in _PENDING:
-            if code == 0xFE00:  # cancelled, as we asked
+        elif code != Status.SUCCESS and not pending:
+            if code == Status.CANCEL:  # as we asked
                 break
             raise PacsError(f"{peer} refused the C-FIND (status 0x{code:04X})")
     return results
@@ -414,19 +412,21 @@ def _tally(
     if progress:
         progress(counts)
     code = final.status
-    if code not in {STATUS_SUCCESS, 0xB000}:
+    if code not in {Status.SUCCESS, _SUB_OPERATIONS_WARNING}:
         # The error comment seldom helps a person, but may help whoever reads the PACS's log.
         logger.warning("%s ended the %s with 0x%04X: %r", peer, what, code, final.error_comment)
-    if code == 0xA801:
+    if code == Status.MOVE_DESTINATION_UNKNOWN:
         raise PacsError(
             f"{peer} does not know the move destination {destination!r}: "
             "add the portal to the PACS's list of DICOM nodes"
         )
+    # Refused: out of resources, to count the matches or to perform the sub-operations
+    # (PS3.4 C.4.2.1.5, C.4.3.1.4).
     if code in {0xA701, 0xA702}:
         raise PacsError(f"{peer} is out of resources (status 0x{code:04X})")
-    if (code & 0xF000) == 0xC000:
+    if (code & 0xF000) == 0xC000:  # Failed: unable to process (Cxxx)
         raise _RequestFailed(f"{peer} could not process the {what} (status 0x{code:04X})")
-    if code not in {STATUS_SUCCESS, 0xB000, 0xFE00}:
+    if code not in {Status.SUCCESS, _SUB_OPERATIONS_WARNING, Status.CANCEL}:
         raise _RequestFailed(f"{peer} failed the {what} (status 0x{code:04X})")
     return counts
 
@@ -476,9 +476,9 @@ def _move(
         raise PacsError(f"{peer} rejected the association: {reason}") from exc
     except move_scu.NotSupported as exc:
         raise PacsError(f"{peer} does not offer study-root C-MOVE") from exc
-    except move_scu.ProtocolError as exc:
+    except move_scu.MoveProtocolError as exc:
         raise PacsError(f"{peer} broke the DICOM protocol: {exc}") from exc
-    except move_scu.DimseError as exc:
+    except move_scu.MoveError as exc:
         # The same words as when pynetdicom cannot associate; the cause stays in the chain.
         raise PacsError(
             f"cannot reach {peer}: no association (connection refused or timed out)"
@@ -509,7 +509,7 @@ def _move(
             answered=answered,
             timeout=settings.DICOM_RETRIEVE_TIMEOUT,
         ) from exc
-    except move_scu.ProtocolError as exc:
+    except move_scu.MoveProtocolError as exc:
         raise PacsError(f"{peer} broke the DICOM protocol during the C-MOVE: {exc}") from exc
 
 
