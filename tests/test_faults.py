@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from django.db import DatabaseError, connection
 
-from studies import services
+from studies import retrieval, services
 from studies.demo import synthetic
 from studies.dimse import pacs
 from studies.dimse.storescp import StorageServer
@@ -30,8 +30,8 @@ METHODS = [PacsNode.Retrieve.MOVE, PacsNode.Retrieve.GET, PacsNode.Retrieve.WADO
 def retrieve(node: PacsNode, method: str, study_uid: str) -> RetrievalJob:
     node.retrieve_method = method
     node.save(update_fields=["retrieve_method"])
-    job = services.retrieval_job_create(node=node, study_uid=study_uid)
-    return services.retrieval_job_run(job.pk)
+    job = retrieval.retrieval_job_create(node=node, study_uid=study_uid)
+    return retrieval.retrieval_job_run(job.pk)
 
 
 def assert_failed(job: RetrievalJob, *phrases: str) -> None:

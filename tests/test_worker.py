@@ -16,7 +16,7 @@ import pytest
 from django.db.models import QuerySet
 from pytest_django.fixtures import Settings
 
-from studies import dicom, services
+from studies import dicom, retrieval, services, tasks
 from studies.demo import synthetic
 from studies.models import Instance, PacsNode, RetrievalJob, Series, Study
 from studies.tasks import retrieve_study
@@ -96,11 +96,11 @@ def test_it_retries_an_unreachable_pacs_then_fails_the_job_with_a_clear_error(
     node = services.pacs_node_create(
         name="closed", ae_title="CLOSEDPACS", host="127.0.0.1", port=closed_port
     )
-    job = services.retrieval_job_create(node=node, study_uid="1.2.826.0.1.3680043.8.498.4242")
+    job = retrieval.retrieval_job_create(node=node, study_uid="1.2.826.0.1.3680043.8.498.4242")
     failures_before = finished_runs(worker, "failed")
 
     with worker.producer_app():
-        services.retrieval_job_enqueue(job)
+        tasks.retrieval_job_enqueue(job)
 
     # The task returns (rather than retrying) only once it has given up.
     wait_for_runs(worker, "failed", failures_before + 1)
@@ -133,11 +133,11 @@ def test_it_retrieves_a_study_by_c_get_in_the_worker_and_a_second_run_changes_no
     orthanc_node.refresh_from_db()
     study = pacs_studies.latin1
     pacs_copies = orthanc.study_files(study.uid)
-    job = services.retrieval_job_create(node=orthanc_node, study_uid=study.uid)
+    job = retrieval.retrieval_job_create(node=orthanc_node, study_uid=study.uid)
     assert job.method == PacsNode.Retrieve.GET
 
     with worker.producer_app():
-        services.retrieval_job_enqueue(job)
+        tasks.retrieval_job_enqueue(job)
     job = wait_for_job(job, lambda j: j.is_finished, worker)
 
     assert job.status == RetrievalJob.Status.DONE, job.error
@@ -276,12 +276,12 @@ def test_a_job_whose_worker_is_killed_mid_retrieval_is_taken_over_and_finished(
                 port=link.port,
                 retrieve_method=PacsNode.Retrieve.GET,
             )
-            job = services.retrieval_job_create(node=node, study_uid=study_uid)
+            job = retrieval.retrieval_job_create(node=node, study_uid=study_uid)
             first = CeleryWorker(workdir=tmp_path / "worker", env=environment).start()
             settings.STORE_DIR = first.store_dir
             try:
                 with first.producer_app():
-                    services.retrieval_job_enqueue(job)
+                    tasks.retrieval_job_enqueue(job)
                 assert meter.wait_for(KILL_AFTER_BYTES, timeout=60), first.log_tail()
                 assert first.process is not None
                 first.process.kill()

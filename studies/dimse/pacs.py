@@ -44,6 +44,7 @@ from pynetdicom.status import STATUS_PENDING, Status, code_to_category
 
 from studies.dimse import move_scu
 from studies.dimse.move_scu import Response
+from studies.models import PacsNode
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+    @classmethod
+    def of(cls, node: PacsNode) -> "Peer":
+        return cls(ae_title=node.ae_title, host=node.host, port=node.port)
 
 
 @dataclass

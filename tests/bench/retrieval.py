@@ -122,7 +122,7 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
     django.setup()
     from django.core.management import call_command
 
-    from studies import services
+    from studies import retrieval, services
     from studies.demo import synthetic
     from studies.models import Instance, RetrievalJob, Study
     from studies.store import study_delete
@@ -191,8 +191,8 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
                 _settle()
                 cpu = (_cpu_seconds(storescp.pid), _own_cpu_seconds(), _cpu_seconds(orthanc_pid))
                 started = time.perf_counter()
-                job = services.retrieval_job_create(node=node, study_uid=study_uid)
-                job = services.retrieval_job_run(job.pk)
+                job = retrieval.retrieval_job_create(node=node, study_uid=study_uid)
+                job = retrieval.retrieval_job_run(job.pk)
                 elapsed = time.perf_counter() - started
                 spent = (
                     _cpu_seconds(storescp.pid) - cpu[0],

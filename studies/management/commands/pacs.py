@@ -88,7 +88,7 @@ class Command(BaseCommand):
     def handle_echo(self, **options: Any) -> None:
         node = self._node(options["name"])
         try:
-            pacs.echo(services.peer_for(node))
+            pacs.echo(pacs.Peer.of(node))
         except pacs.PacsError as exc:
             if options["json"]:
                 self.stdout.write(json.dumps({"name": node.name, "ok": False, "error": str(exc)}))
