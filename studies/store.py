@@ -597,18 +597,6 @@ def _unlink_quietly(path: Path) -> None:
         logger.warning("could not remove %s", path)
 
 
-def study_delete(study: Study) -> None:
-    """Remove a study's files and its index rows."""
-    uid = study.study_instance_uid
-    study.delete()
-    if dicom.is_valid_uid(uid):
-        shutil.rmtree(store_dir() / uid, ignore_errors=True)
-
-
-def instance_file(instance: Instance) -> Path:
-    return store_dir() / instance.file_path
-
-
 # Temporary files older than this in the store's incoming folder were left by a crash.
 STALE_INCOMING_SECONDS = 3600.0
 

@@ -263,16 +263,6 @@ def test_find_studies_stops_at_the_limit(orthanc: OrthancServer, pacs_studies: P
     assert len(pacs.find_studies(peer(orthanc), {"PatientID": "PAT-UTF8"})) == 1
 
 
-def test_find_series_lists_each_series(orthanc: OrthancServer, pacs_studies: PacsStudies) -> None:
-    study = pacs_studies.latin1
-    matches = pacs.find_series(peer(orthanc), study.uid)
-    found = {
-        str(m.SeriesInstanceUID): (str(m.Modality), int(m.NumberOfSeriesRelatedInstances))
-        for m in matches
-    }
-    assert found == {uid: (modality, count) for uid, (modality, count, _) in study.series.items()}
-
-
 # --- One job, two runs at once --------------------------------------------------------------
 
 

@@ -224,7 +224,7 @@ def test_it_stops_accepting_a_node_once_it_is_removed(
     # (a connection from an address without any node is dropped unread).
     services.pacs_node_create(name="neighbour", ae_title="NEIGHBOUR", host="127.0.0.1", port=104)
     modality_node.delete()
-    storage_scp.nodes.invalidate()
+    storage_scp.nodes.load()
     result = dcmtk.echoscu("127.0.0.1", port, aet=MODALITY_AE, aec=storage_scp.ae_title)
     assert result.returncode != 0
     # Refused at association time, and told why: not a connection that merely broke.

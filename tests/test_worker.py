@@ -68,6 +68,10 @@ def wait_for_job(
     )
 
 
+def finished(job: RetrievalJob) -> bool:
+    return job.status in {RetrievalJob.Status.DONE, RetrievalJob.Status.FAILED}
+
+
 def finished_runs(worker: CeleryWorker, outcome: str) -> int:
     """How many times the worker's retrieve_study returned `outcome` (Celery logs each)."""
     pattern = rf"Task studies\.tasks\.retrieve_study\[[^\]]+\] succeeded in [0-9.]+s: '{outcome}'"
@@ -138,7 +142,7 @@ def test_it_retrieves_a_study_by_c_get_in_the_worker_and_a_second_run_changes_no
 
     with worker.producer_app():
         tasks.retrieval_job_enqueue(job)
-    job = wait_for_job(job, lambda j: j.is_finished, worker)
+    job = wait_for_job(job, finished, worker)
 
     assert job.status == RetrievalJob.Status.DONE, job.error
     assert job.attempts == 1
@@ -180,7 +184,7 @@ def test_it_retrieves_a_study_by_c_get_in_the_worker_and_a_second_run_changes_no
     )
     with worker.producer_app():
         retrieve_study.delay(job.pk)
-    job = wait_for_job(job, lambda j: j.is_finished, worker)
+    job = wait_for_job(job, finished, worker)
 
     assert job.status == RetrievalJob.Status.DONE, job.error
     assert job.attempts == 2
@@ -297,7 +301,7 @@ def test_a_job_whose_worker_is_killed_mid_retrieval_is_taken_over_and_finished(
             second = CeleryWorker(workdir=tmp_path / "worker", env=environment)
             second.queue = first.queue
             with second:
-                job = wait_for_job(job, lambda j: j.is_finished, second)
+                job = wait_for_job(job, finished, second)
 
     assert job.status == RetrievalJob.Status.DONE, job.error
     assert job.attempts == 2

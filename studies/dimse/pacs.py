@@ -208,13 +208,6 @@ STUDY_RETURN_KEYS = (
     "NumberOfStudyRelatedSeries",
     "NumberOfStudyRelatedInstances",
 )
-SERIES_RETURN_KEYS = (
-    "SeriesInstanceUID",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-    "NumberOfSeriesRelatedInstances",
-)
 
 
 def _find(peer: Peer, identifier: Dataset, limit: int) -> list[Dataset]:
@@ -257,16 +250,6 @@ def find_studies(peer: Peer, query: dict[str, str], limit: int = 200) -> list[Da
     for keyword, value in query.items():
         setattr(identifier, keyword, value)
     return _find(peer, identifier, limit)
-
-
-def find_series(peer: Peer, study_uid: str) -> list[Dataset]:
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "SERIES"
-    identifier.SpecificCharacterSet = "ISO_IR 192"
-    identifier.StudyInstanceUID = study_uid
-    for keyword in SERIES_RETURN_KEYS:
-        setattr(identifier, keyword, "")
-    return _find(peer, identifier, limit=10000)
 
 
 # More matches than any study holds: a bound on what a misbehaving PACS can make us collect.

@@ -120,10 +120,6 @@ class NodeDirectory:
     def knows_address(self, address: str) -> bool:
         return address in self._current()[1]
 
-    def invalidate(self) -> None:
-        with self._lock:
-            self._loaded_at = float("-inf")
-
     def load(self) -> None:
         allowed, known = self._read()
         with self._lock:
