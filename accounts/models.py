@@ -139,7 +139,7 @@ class ShareOTPDevice(TimestampMixin, CooldownMixin, ThrottlingMixin, SideChannel
     accounts.services. Recipients are not users, so the device belongs to the share.
     """
 
-    user = None  # type: ignore[assignment]
+    user = None
     share = models.OneToOneField(Share, on_delete=models.CASCADE, related_name="otp_device")
 
     class Meta:

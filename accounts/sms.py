@@ -34,7 +34,7 @@ class SmsBackend(Protocol):
 
 
 class ConsoleBackend:
-    def __init__(self, stream=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, stream=None) -> None:
         self.stream = stream or sys.stdout
 
     def send(self, to: str, body: str) -> None:

@@ -45,10 +45,10 @@ def viewer_study(share: Share) -> StudySummary | None:
             modality=s.modality,
             number=s.series_number,
             description=s.series_description,
-            images=s.images,  # type: ignore[attr-defined]
+            images=s.images,
         )
         for s in series
-        if s.images  # type: ignore[attr-defined]
+        if s.images
     ]
     if not summaries:
         return None

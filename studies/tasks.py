@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 @shared_task(bind=True, acks_late=True, max_retries=None)
-def retrieve_study(self, job_id: int) -> str:  # type: ignore[no-untyped-def]
+def retrieve_study(self, job_id: int) -> str:
     job = retrieval.retrieval_job_run(job_id)
     if job.status == RetrievalJob.Status.RUNNING and not self.request.is_eager:
         # Another worker has it. Should that worker die, this message may be all that brings

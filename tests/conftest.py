@@ -51,7 +51,7 @@ def django_db_modify_db_settings(
 
 
 @pytest.fixture(autouse=True)
-def portal_settings(settings, tmp_path: Path):  # type: ignore[no-untyped-def]
+def portal_settings(settings, tmp_path: Path):
     """Every test gets its own store, no retry delays and short network waits."""
     settings.STORE_DIR = tmp_path / "store"
     # The floor of free space is tested on its own; elsewhere a nearly full build disk must

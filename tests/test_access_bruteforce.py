@@ -22,14 +22,14 @@ ATTACKER = "203.0.113.66"
 
 
 @pytest.fixture
-def captcha_passes(monkeypatch):  # type: ignore[no-untyped-def]
+def captcha_passes(monkeypatch):
     """These tests are about lockouts: the captcha that appears after 3 failures is answered
     with django-simple-captcha's test answer (the captcha itself is tested below). The app
     reads its settings once, at import."""
     monkeypatch.setattr("captcha.conf.settings.CAPTCHA_TEST_MODE", True)
 
 
-def wrong_code_for(created) -> str:  # type: ignore[no-untyped-def]
+def wrong_code_for(created) -> str:
     """A code with the share's public prefix and a wrong secret."""
     right = created.access_code.replace("-", "")
     secret = "".join("0" if ch != "0" else "1" for ch in right[4:])
@@ -40,13 +40,13 @@ def random_code() -> str:
     return credentials.format_code(credentials.new_prefix() + "0" * 12)
 
 
-def post_code(client: Client, code: str, ip: str, **extra):  # type: ignore[no-untyped-def]
+def post_code(client: Client, code: str, ip: str, **extra):
     data = {"code": code, "captcha_0": "x", "captcha_1": "PASSED"}
     return client.post("/access/", data, REMOTE_ADDR=ip, **extra)
 
 
 class TestCodesFromOneAddress:
-    def test_it_locks_the_address_after_5_failures_with_a_429(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+    def test_it_locks_the_address_after_5_failures_with_a_429(self, share, captcha_passes):
         client = Client()
         for _ in range(4):
             response = post_code(client, random_code(), ATTACKER)
@@ -58,7 +58,7 @@ class TestCodesFromOneAddress:
         assert response["Retry-After"] == "900"
         assert AuditEvent.objects.filter(action=AuditEvent.Action.LOCKOUT).exists()
 
-    def test_it_refuses_even_the_right_code_during_the_cool_off(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+    def test_it_refuses_even_the_right_code_during_the_cool_off(self, share, captcha_passes):
         client = Client()
         for _ in range(5):
             post_code(client, random_code(), ATTACKER)
@@ -70,7 +70,7 @@ class TestCodesFromOneAddress:
         response = post_code(other, share.access_code, "198.51.100.1")
         assert response.status_code == 302 and response["Location"] == "/access/verify"
 
-    def test_it_lets_the_address_in_again_after_the_cool_off(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+    def test_it_lets_the_address_in_again_after_the_cool_off(self, share, captcha_passes):
         client = Client()
         for _ in range(5):
             post_code(client, random_code(), ATTACKER)
@@ -78,7 +78,7 @@ class TestCodesFromOneAddress:
         response = post_code(client, share.access_code, ATTACKER)
         assert response.status_code == 302
 
-    def test_it_ignores_a_forged_x_forwarded_for(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+    def test_it_ignores_a_forged_x_forwarded_for(self, share, captcha_passes):
         client = Client()
         for i in range(5):
             post_code(client, random_code(), ATTACKER, HTTP_X_FORWARDED_FOR=f"10.9.8.{i}")
@@ -88,7 +88,7 @@ class TestCodesFromOneAddress:
 
     def test_it_believes_only_trusted_proxies_and_their_last_hop(
         self, share, captcha_passes, settings
-    ):  # type: ignore[no-untyped-def]
+    ):
         settings.TRUSTED_PROXIES = ["192.0.2.10"]
         client = Client()
         for i in range(5):
@@ -108,7 +108,7 @@ class TestCodesFromOneAddress:
 
 
 class TestCodesFromManyAddresses:
-    def test_it_locks_the_share_when_guesses_come_from_many_addresses(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+    def test_it_locks_the_share_when_guesses_come_from_many_addresses(self, share, captcha_passes):
         for i in range(5):
             response = post_code(Client(), wrong_code_for(share), f"198.51.100.{i + 1}")
         assert response.status_code == 429
@@ -120,7 +120,7 @@ class TestCodesFromManyAddresses:
         response = post_code(Client(), other.access_code, "192.0.2.201")
         assert response.status_code == 302
 
-    def test_staff_unlock_lifts_the_share_lockout(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+    def test_staff_unlock_lifts_the_share_lockout(self, share, captcha_passes):
         from accounts import services
 
         for i in range(5):
@@ -132,7 +132,7 @@ class TestCodesFromManyAddresses:
             share=share.share, action=AuditEvent.Action.SHARE_UNLOCKED
         ).exists()
 
-    def test_failures_on_a_share_are_in_its_history(self, share, captcha_passes):  # type: ignore[no-untyped-def]
+    def test_failures_on_a_share_are_in_its_history(self, share, captcha_passes):
         post_code(Client(), wrong_code_for(share), "198.51.100.9")
         event = AuditEvent.objects.get(share=share.share, action=AuditEvent.Action.CODE_FAILED)
         assert event.ip_address == "198.51.100.9"
@@ -148,7 +148,7 @@ def forged_link() -> str:
     return "/s/" + credentials.new_link_token() + ".1xXGFt.forged"
 
 
-def stale_link(monkeypatch) -> str:  # type: ignore[no-untyped-def]
+def stale_link(monkeypatch) -> str:
     """Correctly signed, but longer ago than any share can live."""
     with monkeypatch.context() as m:
         past = time.time() - (settings.SHARE_MAX_DAYS + 1) * 86400
@@ -157,7 +157,7 @@ def stale_link(monkeypatch) -> str:  # type: ignore[no-untyped-def]
 
 
 class TestLinks:
-    def test_it_locks_an_address_that_tries_signed_links(self, share):  # type: ignore[no-untyped-def]
+    def test_it_locks_an_address_that_tries_signed_links(self, share):
         client = Client()
         for _ in range(4):
             response = client.get(signed_unknown_link(), REMOTE_ADDR=ATTACKER)
@@ -172,7 +172,7 @@ class TestLinks:
         response = Client().get(link_path(share), REMOTE_ADDR="198.51.100.50")
         assert response["Location"] == "/access/verify"
 
-    def test_a_locked_share_answers_the_right_link_with_the_lockout_page(self, share):  # type: ignore[no-untyped-def]
+    def test_a_locked_share_answers_the_right_link_with_the_lockout_page(self, share):
         Share.objects.filter(pk=share.share.pk).update(
             locked_until=timezone.now() + timedelta(minutes=15)
         )
@@ -194,7 +194,7 @@ class TestCrossSiteLockout:
         "Sec-Fetch-Site": "cross-site",
     }
 
-    def test_links_with_a_bad_or_stale_signature_are_not_counted(self, share, monkeypatch):  # type: ignore[no-untyped-def]
+    def test_links_with_a_bad_or_stale_signature_are_not_counted(self, share, monkeypatch):
         junk = [forged_link() for _ in range(6)] + [stale_link(monkeypatch) for _ in range(6)]
         junk += ["/s/junk", "/s/" + "A" * 300]
         for path in junk:
@@ -206,7 +206,7 @@ class TestCrossSiteLockout:
         response = Client().get(link_path(share), REMOTE_ADDR=self.HOSPITAL)
         assert response["Location"] == "/access/verify"
 
-    def test_a_page_full_of_images_locks_nobody(self, share):  # type: ignore[no-untyped-def]
+    def test_a_page_full_of_images_locks_nobody(self, share):
         # Even correctly signed links (which would count if navigated to) are not checked when
         # the browser fetches them as images.
         for _ in range(8):
@@ -226,7 +226,7 @@ class TestCrossSiteLockout:
         )
         assert response["Location"] == "/access/verify"
 
-    def test_failures_during_a_lockout_do_not_prolong_it(self, share):  # type: ignore[no-untyped-def]
+    def test_failures_during_a_lockout_do_not_prolong_it(self, share):
         for _ in range(5):
             Client().get(signed_unknown_link(), REMOTE_ADDR=ATTACKER)
         assert Client().get(signed_unknown_link(), REMOTE_ADDR=ATTACKER)["Location"] == (
@@ -247,7 +247,7 @@ class TestUnknownClientAddress:
     """Without a believable client address every such client would share one lockout bucket:
     one attacker could lock out all of them (or, with the bucket ignored, none)."""
 
-    def test_a_request_without_an_address_is_refused_not_counted(self, share) -> None:  # type: ignore[no-untyped-def]
+    def test_a_request_without_an_address_is_refused_not_counted(self, share) -> None:
         client = Client(raise_request_exception=False)
         response = client.post("/access/", {"code": random_code()}, REMOTE_ADDR="")
         assert response.status_code == 500
@@ -257,7 +257,7 @@ class TestUnknownClientAddress:
         with pytest.raises(net.ClientAddressUnknown, match="PORTAL_TRUSTED_UNIX_SOCKET"):
             Client().post("/access/", {"code": random_code()}, REMOTE_ADDR="")
 
-    def test_a_trusted_unix_socket_proxy_gives_the_address(self, share, settings) -> None:  # type: ignore[no-untyped-def]
+    def test_a_trusted_unix_socket_proxy_gives_the_address(self, share, settings) -> None:
         settings.TRUSTED_UNIX_SOCKET = True
         for i in range(5):
             Client().get(
@@ -283,7 +283,7 @@ class TestCaptcha:
         assert key, "no captcha in the page"
         return key.group(1), CaptchaStore.objects.get(hashkey=key.group(1)).response
 
-    def test_it_asks_for_a_captcha_after_3_failures_from_one_address(self, share):  # type: ignore[no-untyped-def]
+    def test_it_asks_for_a_captcha_after_3_failures_from_one_address(self, share):
         client = Client()
         for _ in range(3):
             response = client.post("/access/", {"code": random_code()}, REMOTE_ADDR=ATTACKER)
@@ -313,7 +313,7 @@ class TestCaptcha:
         )
         assert response.status_code == 302 and response["Location"] == "/access/verify"
 
-    def test_the_captcha_image_is_drawn_locally(self, share):  # type: ignore[no-untyped-def]
+    def test_the_captcha_image_is_drawn_locally(self, share):
         client = Client()
         for _ in range(3):
             response = client.post("/access/", {"code": random_code()}, REMOTE_ADDR=ATTACKER)
@@ -324,6 +324,6 @@ class TestCaptcha:
         assert image["Content-Type"] == "image/png"
         assert image.content[:8] == b"\x89PNG\r\n\x1a\n"
 
-    def test_a_fresh_address_gets_no_captcha(self, share):  # type: ignore[no-untyped-def]
+    def test_a_fresh_address_gets_no_captcha(self, share):
         response = Client().get("/access/", REMOTE_ADDR="198.51.100.77")
         assert b"captcha" not in response.content

@@ -30,13 +30,13 @@ def _ids(**kwargs: Any) -> set[str]:
         ("OTP_THROTTLE_FACTOR", -1, "accounts.E008"),
     ],
 )
-def test_it_refuses_weak_one_time_code_settings(settings, name, value, check_id) -> None:  # type: ignore[no-untyped-def]
+def test_it_refuses_weak_one_time_code_settings(settings, name, value, check_id) -> None:
     assert check_id not in _ids()
     setattr(settings, name, value)
     assert check_id in _ids()
 
 
-def test_the_limits_themselves_are_accepted(settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_limits_themselves_are_accepted(settings) -> None:
     settings.OTP_VALIDITY = 300
     settings.OTP_RESEND_COOLDOWN = 60
     settings.OTP_THROTTLE_FACTOR = 1
@@ -53,7 +53,7 @@ def test_the_limits_themselves_are_accepted(settings) -> None:  # type: ignore[n
         (1, False),  # an int is hours
     ],
 )
-def test_the_cool_off_is_read_as_axes_reads_it(settings, cool_off, refused) -> None:  # type: ignore[no-untyped-def]
+def test_the_cool_off_is_read_as_axes_reads_it(settings, cool_off, refused) -> None:
     settings.AXES_COOLOFF_TIME = cool_off
     assert ("accounts.E004" in _ids()) is refused
 
@@ -70,20 +70,20 @@ def test_the_cool_off_is_read_as_axes_reads_it(settings, cool_off, refused) -> N
         ("http://[::1]:8080/send", False),
     ],
 )
-def test_the_sms_gateway_must_be_reached_over_https(settings, url, refused) -> None:  # type: ignore[no-untyped-def]
+def test_the_sms_gateway_must_be_reached_over_https(settings, url, refused) -> None:
     # One-time codes and the gateway's bearer token are in every request.
     settings.SMS_BACKEND = "http"
     settings.SMS_GATEWAY_URL = url
     assert ("accounts.E005" in _ids()) is refused
 
 
-def test_the_sms_gateway_check_ignores_other_backends(settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_sms_gateway_check_ignores_other_backends(settings) -> None:
     settings.SMS_BACKEND = "file"
     settings.SMS_GATEWAY_URL = "http://sms.example.org/"
     assert "accounts.E005" not in _ids()
 
 
-def test_trusted_proxies_must_be_addresses_or_networks(settings) -> None:  # type: ignore[no-untyped-def]
+def test_trusted_proxies_must_be_addresses_or_networks(settings) -> None:
     settings.TRUSTED_PROXIES = ["192.0.2.10", "10.1.0.0/16", "::1"]
     assert "accounts.E009" not in _ids()
     settings.TRUSTED_PROXIES = ["192.0.2.10", "proxy.example.org"]

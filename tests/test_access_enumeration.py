@@ -26,7 +26,7 @@ def _normalised(body: bytes) -> str:
 
 
 @pytest.fixture
-def kinds(study):  # type: ignore[no-untyped-def]
+def kinds(study):
     """One share of each kind a guesser could stumble on, plus a code nobody has."""
     expired = make_share()
     Share.objects.filter(pk=expired.share.pk).update(expires_at=timezone.now() - timedelta(days=1))
@@ -73,7 +73,7 @@ def _assert_similar_timings(
 
 
 class TestCodes:
-    def test_every_refused_code_gets_the_same_answer(self, kinds):  # type: ignore[no-untyped-def]
+    def test_every_refused_code_gets_the_same_answer(self, kinds):
         codes, _links = kinds
         answers = {}
         for kind, code in codes.items():
@@ -90,7 +90,7 @@ class TestCodes:
         for kind, answer in answers.items():
             assert answer == first, kind
 
-    def test_every_refused_code_takes_the_same_time(self, kinds):  # type: ignore[no-untyped-def]
+    def test_every_refused_code_takes_the_same_time(self, kinds):
         codes, _links = kinds
         client = Client()
         client.get("/access/")  # warm up
@@ -101,7 +101,7 @@ class TestCodes:
                 AccessAttempt.objects.all().delete()
         _assert_similar_timings({k: statistics.median(v) for k, v in timings.items()})
 
-    def test_every_refused_code_is_hashed_exactly_once(self, kinds, monkeypatch):  # type: ignore[no-untyped-def]
+    def test_every_refused_code_is_hashed_exactly_once(self, kinds, monkeypatch):
         """Timing is noisy; the work behind it is not: each refused code, whatever its kind,
         costs one Argon2 verification, no more and no less."""
         calls: list[str] = []
@@ -123,13 +123,13 @@ class TestCodes:
         assert selectors.share_check_code(codes["unknown"]).share is None
         assert len(calls) == 1
 
-    def test_the_right_code_still_works(self, kinds, share):  # type: ignore[no-untyped-def]
+    def test_the_right_code_still_works(self, kinds, share):
         response = Client().post("/access/", {"code": share.access_code})
         assert response["Location"] == "/access/verify"
 
 
 class TestLinks:
-    def test_every_refused_link_gets_the_same_answer(self, kinds):  # type: ignore[no-untyped-def]
+    def test_every_refused_link_gets_the_same_answer(self, kinds):
         _codes, links = kinds
         answers = {}
         for kind, path in links.items():
@@ -149,7 +149,7 @@ class TestLinks:
         for kind, answer in answers.items():
             assert answer == first, kind
 
-    def test_every_refused_link_takes_the_same_time(self, kinds):  # type: ignore[no-untyped-def]
+    def test_every_refused_link_takes_the_same_time(self, kinds):
         # A forged or stale link is refused without a lookup and without being counted, but
         # answers within the same time as the others all the same.
         _codes, links = kinds

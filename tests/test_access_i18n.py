@@ -73,7 +73,7 @@ def test_the_language_switch_sticks() -> None:
 
 
 @pytest.mark.django_db
-def test_the_one_time_code_message_is_translated(share, sms_dir) -> None:  # type: ignore[no-untyped-def]
+def test_the_one_time_code_message_is_translated(share, sms_dir) -> None:
     client = Client(HTTP_ACCEPT_LANGUAGE="fr")
     open_link(client, share)
     client.post("/access/verify", {"action": "send"})

@@ -27,11 +27,11 @@ from tests.support.access import (
 pytestmark = pytest.mark.django_db
 
 
-def send(client: Client):  # type: ignore[no-untyped-def]
+def send(client: Client):
     return client.post("/access/verify", {"action": "send"}, follow=True)
 
 
-def type_otp(client: Client, otp: str):  # type: ignore[no-untyped-def]
+def type_otp(client: Client, otp: str):
     return client.post("/access/verify", {"otp": otp})
 
 
@@ -39,14 +39,14 @@ def wrong(code: str) -> str:
     return f"{(int(code) + 1) % 1_000_000:06d}"
 
 
-def allow_resend(created) -> None:  # type: ignore[no-untyped-def]
+def allow_resend(created) -> None:
     ShareOTPDevice.objects.filter(share=created.share).update(
         last_generated_timestamp=timezone.now() - timedelta(seconds=61)
     )
 
 
 class TestSending:
-    def test_a_get_sends_nothing_and_uses_nothing_up(self, study, sms_dir):  # type: ignore[no-untyped-def]
+    def test_a_get_sends_nothing_and_uses_nothing_up(self, study, sms_dir):
         created = make_share(single_use=True)
         client = Client()
         open_link(client, created)
@@ -64,7 +64,7 @@ class TestSending:
         sign_in(Client(), created, sms_dir)
         assert share_of(created).used_at is not None
 
-    def test_send_writes_one_sms_with_a_6_digit_code(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_send_writes_one_sms_with_a_6_digit_code(self, share, sms_dir):
         client = Client()
         open_link(client, share)
         response = send(client)
@@ -78,7 +78,7 @@ class TestSending:
         event = AuditEvent.objects.get(share=share.share, action=AuditEvent.Action.OTP_SENT)
         assert code not in str(event.detail)
 
-    def test_the_sms_binds_the_code_to_the_site_host_alone(self, share, sms_dir, settings):  # type: ignore[no-untyped-def]
+    def test_the_sms_binds_the_code_to_the_site_host_alone(self, share, sms_dir, settings):
         # WebOTP wants the bare host: no scheme, port, path or credentials.
         settings.BASE_URL = "https://staff@Portal.example.org:8443/images"
         client = Client()
@@ -88,7 +88,7 @@ class TestSending:
             f"\n\n@portal.example.org #{last_code(sms_dir)}"
         )
 
-    def test_email_recipients_get_the_code_by_email(self, study):  # type: ignore[no-untyped-def]
+    def test_email_recipients_get_the_code_by_email(self, study):
         created = make_share(
             recipient="physician", channel="email", contact="dr.martin@example.org"
         )
@@ -104,7 +104,7 @@ class TestSending:
         response = type_otp(client, code)
         assert response.status_code == 302
 
-    def test_resending_waits_for_the_cooldown(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_resending_waits_for_the_cooldown(self, share, sms_dir):
         client = Client()
         open_link(client, share)
         send(client)
@@ -116,7 +116,7 @@ class TestSending:
         assert len(sms_messages(sms_dir)) == 2
         assert last_code(sms_dir) == ShareOTPDevice.objects.get(share=share.share).token
 
-    def test_a_failed_delivery_can_be_retried_at_once(self, share, settings, tmp_path):  # type: ignore[no-untyped-def]
+    def test_a_failed_delivery_can_be_retried_at_once(self, share, settings, tmp_path):
         settings.SMS_BACKEND = "file"
         blocker = tmp_path / "not-a-folder"
         blocker.write_text("")
@@ -133,7 +133,7 @@ class TestSending:
 
 
 class TestChecking:
-    def test_the_right_code_opens_the_viewer_and_cannot_serve_twice(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_the_right_code_opens_the_viewer_and_cannot_serve_twice(self, share, sms_dir):
         client = Client()
         sign_in(client, share, sms_dir)
         assert client.get("/viewer/").status_code == 200
@@ -146,7 +146,7 @@ class TestChecking:
         assert b"This code is not right" in response.content
         assert other.get("/viewer/")["Location"] == "/access/"
 
-    def test_an_expired_code_is_refused(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
+    def test_an_expired_code_is_refused(self, share, sms_dir, fast_otp):
         client = Client()
         open_link(client, share)
         send(client)
@@ -157,7 +157,7 @@ class TestChecking:
         assert response.status_code == 200
         assert b"This code is not right" in response.content
 
-    def test_codes_last_5_minutes(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_codes_last_5_minutes(self, share, sms_dir):
         client = Client()
         open_link(client, share)
         send(client)
@@ -168,7 +168,7 @@ class TestChecking:
             <= timedelta(minutes=5)
         )
 
-    def test_five_wrong_codes_lock_the_share_even_for_the_right_one(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
+    def test_five_wrong_codes_lock_the_share_even_for_the_right_one(self, share, sms_dir, fast_otp):
         client = Client()
         open_link(client, share)
         send(client)
@@ -190,7 +190,7 @@ class TestChecking:
             == 1
         )
 
-    def test_many_sessions_from_many_addresses_share_one_count(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
+    def test_many_sessions_from_many_addresses_share_one_count(self, share, sms_dir, fast_otp):
         first = Client()
         open_link(first, share)
         send(first)
@@ -204,7 +204,7 @@ class TestChecking:
         assert last.status_code == 429
         assert type_otp(first, code).status_code == 429
 
-    def test_resending_does_not_reset_the_count(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
+    def test_resending_does_not_reset_the_count(self, share, sms_dir, fast_otp):
         client = Client()
         open_link(client, share)
         send(client)
@@ -218,7 +218,7 @@ class TestChecking:
         response = type_otp(client, wrong(last_code(sms_dir)))
         assert response.status_code == 429
 
-    def test_it_throttles_guesses_between_failures(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_it_throttles_guesses_between_failures(self, share, sms_dir):
         client = Client()
         open_link(client, share)
         send(client)
@@ -232,7 +232,7 @@ class TestChecking:
         )
         assert type_otp(client, code)["Location"] == "/viewer/"
 
-    def test_the_lock_ends_with_the_cool_off_or_a_staff_unlock(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
+    def test_the_lock_ends_with_the_cool_off_or_a_staff_unlock(self, share, sms_dir, fast_otp):
         client = Client()
         open_link(client, share)
         send(client)
@@ -263,7 +263,7 @@ class TestChecking:
         send(client)
         assert type_otp(client, last_code(sms_dir))["Location"] == "/viewer/"
 
-    def test_garbage_counts_as_a_wrong_code(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
+    def test_garbage_counts_as_a_wrong_code(self, share, sms_dir, fast_otp):
         client = Client()
         open_link(client, share)
         send(client)
@@ -272,7 +272,7 @@ class TestChecking:
 
 
 class TestSingleUse:
-    def test_it_is_used_up_by_the_one_time_code_only(self, study, sms_dir):  # type: ignore[no-untyped-def]
+    def test_it_is_used_up_by_the_one_time_code_only(self, study, sms_dir):
         created = make_share(single_use=True)
         client = Client()
         open_link(client, created)
@@ -285,7 +285,7 @@ class TestSingleUse:
         response = open_link(Client(), created)
         assert response["Location"] == "/access/"
 
-    def test_a_session_waiting_for_its_code_loses_a_share_used_up_meanwhile(self, study, sms_dir):  # type: ignore[no-untyped-def]
+    def test_a_session_waiting_for_its_code_loses_a_share_used_up_meanwhile(self, study, sms_dir):
         created = make_share(single_use=True)
         slow = Client()
         open_link(slow, created)
@@ -297,7 +297,7 @@ class TestOverTheShareLifetime:
     """A cool-off must not hand out five fresh guesses for ever, nor may codes be sent without
     end: an attacker holding the link has the whole life of the share to try."""
 
-    def test_after_one_cool_off_five_more_wrong_codes_lock_it_for_staff(  # type: ignore[no-untyped-def]
+    def test_after_one_cool_off_five_more_wrong_codes_lock_it_for_staff(
         self, share, sms_dir, fast_otp
     ):
         client = Client()
@@ -339,7 +339,7 @@ class TestOverTheShareLifetime:
         send(fresh)
         assert type_otp(fresh, last_code(sms_dir))["Location"] == "/viewer/"
 
-    def test_right_codes_do_not_reset_the_lifetime_count(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
+    def test_right_codes_do_not_reset_the_lifetime_count(self, share, sms_dir, fast_otp):
         for _round in range(2):
             client = Client()
             open_link(client, share)
@@ -358,7 +358,7 @@ class TestOverTheShareLifetime:
         assert response.status_code == 429
         assert b"The hospital can open it again for you" in response.content
 
-    def test_at_most_ten_codes_are_sent_a_day(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_at_most_ten_codes_are_sent_a_day(self, share, sms_dir):
         client = Client()
         open_link(client, share)
         for _ in range(10):
@@ -384,7 +384,7 @@ class TestOverTheShareLifetime:
         send(client)
         assert len(sms_messages(sms_dir)) == 11
 
-    def test_an_smtp_error_does_not_put_the_address_in_the_log(self, study, settings, caplog):  # type: ignore[no-untyped-def]
+    def test_an_smtp_error_does_not_put_the_address_in_the_log(self, study, settings, caplog):
         settings.EMAIL_BACKEND = "tests.test_access_otp.RefusingEmailBackend"
         created = make_share(
             recipient="physician", channel="email", contact="dr.secret@example.org"
@@ -404,16 +404,14 @@ class TestOverTheShareLifetime:
 class RefusingEmailBackend(BaseEmailBackend):
     """An SMTP server that refuses the recipient, quoting the address as real ones do."""
 
-    def send_messages(self, email_messages):  # type: ignore[no-untyped-def]
+    def send_messages(self, email_messages):
         to = email_messages[0].to[0]
         raise smtplib.SMTPRecipientsRefused({to: (550, f"5.1.1 <{to}>: unknown user".encode())})
 
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("throttle_factor", [0, 1])
-def test_parallel_wrong_codes_cannot_pass_the_limit(  # type: ignore[no-untyped-def]
-    sms_dir, settings, throttle_factor
-):
+def test_parallel_wrong_codes_cannot_pass_the_limit(sms_dir, settings, throttle_factor):
     """Twelve sessions (from twelve addresses) type wrong codes at the same instant. The rows
     each request holds decide: five wrong codes are counted, no more, whatever django-otp's
     throttle (0: none at all) lets through. Run it on PostgreSQL with DATABASE_URL."""

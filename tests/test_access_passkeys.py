@@ -120,7 +120,7 @@ def _post_json(client: Client, path: str, body: str = "{}") -> Any:
     return client.post(path, body, content_type="application/json")
 
 
-def signed_in_by_email(created) -> Client:  # type: ignore[no-untyped-def]
+def signed_in_by_email(created) -> Client:
     """A physician's session that has just typed the emailed one-time code."""
     client = Client()
     open_link(client, created)
@@ -148,7 +148,7 @@ def passkey_sign_in(client: Client, authenticator: SoftAuthenticator, **answer: 
     )
 
 
-def _enrolled(created) -> None:  # type: ignore[no-untyped-def]
+def _enrolled(created) -> None:
     PhysicianPasskey.objects.create(
         email=ADDRESS,
         user_handle=b"h" * 32,
@@ -159,7 +159,7 @@ def _enrolled(created) -> None:  # type: ignore[no-untyped-def]
 
 
 class TestEnrolment:
-    def test_a_physician_enrols_once_per_session_and_is_told_by_email(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_a_physician_enrols_once_per_session_and_is_told_by_email(self, study) -> None:
         created = make_share(**PHYSICIAN)
         client = signed_in_by_email(created)
         mail.outbox.clear()
@@ -178,7 +178,7 @@ class TestEnrolment:
         assert client.get("/access/passkey")["Location"] == "/viewer/"
         assert PhysicianPasskey.objects.count() == 1
 
-    def test_enrolment_closes_five_minutes_after_the_emailed_code(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_enrolment_closes_five_minutes_after_the_emailed_code(self, study) -> None:
         created = make_share(**PHYSICIAN)
         client = signed_in_by_email(created)
         session = client.session
@@ -189,7 +189,7 @@ class TestEnrolment:
         assert _post_json(client, "/access/passkey/register/options").status_code == 404
         assert client.get("/viewer/").status_code == 200
 
-    def test_options_asked_in_time_do_not_outlive_the_window(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_options_asked_in_time_do_not_outlive_the_window(self, study) -> None:
         created = make_share(**PHYSICIAN)
         client = signed_in_by_email(created)
         options = json.loads(_post_json(client, "/access/passkey/register/options").content)
@@ -200,7 +200,7 @@ class TestEnrolment:
         assert _post_json(client, "/access/passkey/register", credential).status_code == 404
         assert not PhysicianPasskey.objects.exists()
 
-    def test_a_session_opened_with_a_passkey_cannot_enrol_another(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_a_session_opened_with_a_passkey_cannot_enrol_another(self, study) -> None:
         authenticator = SoftAuthenticator()
         first = make_share(**PHYSICIAN)
         assert enrol(signed_in_by_email(first), authenticator).status_code == 200
@@ -215,7 +215,7 @@ class TestEnrolment:
         assert _post_json(client, "/access/passkey/register/options").status_code == 404
         assert client.get("/access/passkey")["Location"] == "/viewer/"
 
-    def test_a_repeated_registration_is_a_clean_error(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_a_repeated_registration_is_a_clean_error(self, study) -> None:
         authenticator = SoftAuthenticator()
         created = make_share(**PHYSICIAN)
         assert enrol(signed_in_by_email(created), authenticator).status_code == 200
@@ -229,14 +229,14 @@ class TestEnrolment:
             share=created.share, action=AuditEvent.Action.PASSKEY_FAILED
         ).exists()
 
-    def test_a_registration_for_another_origin_is_refused(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_a_registration_for_another_origin_is_refused(self, study) -> None:
         created = make_share(**PHYSICIAN)
         client = signed_in_by_email(created)
         response = enrol(client, SoftAuthenticator(), origin="https://portal.evil.example")
         assert response.status_code == 400
         assert not PhysicianPasskey.objects.exists()
 
-    def test_a_registration_without_user_verification_is_refused(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_a_registration_without_user_verification_is_refused(self, study) -> None:
         created = make_share(**PHYSICIAN)
         client = signed_in_by_email(created)
         options = json.loads(_post_json(client, "/access/passkey/register/options").content)
@@ -245,7 +245,7 @@ class TestEnrolment:
         assert _post_json(client, "/access/passkey/register", credential).status_code == 400
         assert not PhysicianPasskey.objects.exists()
 
-    def test_a_registration_challenge_expires_after_five_minutes(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_a_registration_challenge_expires_after_five_minutes(self, study) -> None:
         created = make_share(**PHYSICIAN)
         client = signed_in_by_email(created)
         options = json.loads(_post_json(client, "/access/passkey/register/options").content)
@@ -260,12 +260,12 @@ class TestEnrolment:
 
 class TestSignIn:
     @pytest.fixture
-    def enrolled(self, study):  # type: ignore[no-untyped-def]
+    def enrolled(self, study):
         authenticator = SoftAuthenticator()
         assert enrol(signed_in_by_email(make_share(**PHYSICIAN)), authenticator).status_code == 200
         return authenticator
 
-    def test_a_passkey_opens_a_later_share_without_an_email(self, enrolled) -> None:  # type: ignore[no-untyped-def]
+    def test_a_passkey_opens_a_later_share_without_an_email(self, enrolled) -> None:
         created = make_share(**PHYSICIAN)
         mail.outbox.clear()
         client = Client()
@@ -277,7 +277,7 @@ class TestSignIn:
             share=created.share, action=AuditEvent.Action.PASSKEY_OK
         ).exists()
 
-    def test_an_assertion_for_another_origin_is_refused(self, enrolled) -> None:  # type: ignore[no-untyped-def]
+    def test_an_assertion_for_another_origin_is_refused(self, enrolled) -> None:
         created = make_share(**PHYSICIAN)
         client = Client()
         open_link(client, created)
@@ -285,14 +285,14 @@ class TestSignIn:
         assert response.status_code == 400
         assert client.get("/viewer/")["Location"] == "/access/"
 
-    def test_an_assertion_without_user_verification_is_refused(self, enrolled) -> None:  # type: ignore[no-untyped-def]
+    def test_an_assertion_without_user_verification_is_refused(self, enrolled) -> None:
         created = make_share(**PHYSICIAN)
         client = Client()
         open_link(client, created)
         assert passkey_sign_in(client, enrolled, verified=False).status_code == 400
         assert client.get("/viewer/")["Location"] == "/access/"
 
-    def test_a_sign_in_challenge_expires_after_five_minutes(self, enrolled) -> None:  # type: ignore[no-untyped-def]
+    def test_a_sign_in_challenge_expires_after_five_minutes(self, enrolled) -> None:
         created = make_share(**PHYSICIAN)
         client = Client()
         open_link(client, created)
@@ -305,7 +305,7 @@ class TestSignIn:
         assert client.get("/viewer/")["Location"] == "/access/"
 
 
-def test_patients_get_no_passkey_endpoints(share, sms_dir) -> None:  # type: ignore[no-untyped-def]
+def test_patients_get_no_passkey_endpoints(share, sms_dir) -> None:
     client = Client()
     open_link(client, share)
     assert client.post("/access/passkey/login/options").status_code == 404
@@ -314,7 +314,7 @@ def test_patients_get_no_passkey_endpoints(share, sms_dir) -> None:  # type: ign
     assert client.get("/access/passkey")["Location"] == "/viewer/"
 
 
-def test_enrolment_needs_a_verified_session(study) -> None:  # type: ignore[no-untyped-def]
+def test_enrolment_needs_a_verified_session(study) -> None:
     created = make_share(**PHYSICIAN)
     client = Client()
     open_link(client, created)
@@ -322,7 +322,7 @@ def test_enrolment_needs_a_verified_session(study) -> None:  # type: ignore[no-u
     assert response.status_code == 302 and response["Location"] == "/access/"
 
 
-def test_sign_in_options_list_only_that_physicians_passkeys(study) -> None:  # type: ignore[no-untyped-def]
+def test_sign_in_options_list_only_that_physicians_passkeys(study) -> None:
     created = make_share(**PHYSICIAN)
     _enrolled(created)
     PhysicianPasskey.objects.create(
@@ -340,7 +340,7 @@ def test_sign_in_options_list_only_that_physicians_passkeys(study) -> None:  # t
     assert options["userVerification"] == "required"
 
 
-def test_a_bad_answer_is_refused_and_recorded(study) -> None:  # type: ignore[no-untyped-def]
+def test_a_bad_answer_is_refused_and_recorded(study) -> None:
     created = make_share(**PHYSICIAN)
     _enrolled(created)
     client = Client()
@@ -367,7 +367,7 @@ def test_a_bad_answer_is_refused_and_recorded(study) -> None:  # type: ignore[no
     assert response.status_code == 400
 
 
-def test_a_passkey_enrolled_for_one_address_does_not_open_anothers_share(study) -> None:  # type: ignore[no-untyped-def]
+def test_a_passkey_enrolled_for_one_address_does_not_open_anothers_share(study) -> None:
     created = make_share(**PHYSICIAN)
     _enrolled(created)
     stranger = make_share(recipient="physician", channel="email", contact="x@example.org")

@@ -55,7 +55,7 @@ def _production_env(tmp_path: Path) -> dict[str, str]:
 
 
 class TestSessionFixation:
-    def test_the_session_key_changes_at_every_step(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_the_session_key_changes_at_every_step(self, share, sms_dir):
         # An attacker plants a session of their own in the victim's browser.
         planted = SessionStore()
         planted["planted"] = True
@@ -76,7 +76,7 @@ class TestSessionFixation:
         assert not SessionStore().exists(after_link)
         assert client.get("/viewer/").status_code == 200
 
-    def test_the_code_step_rotates_the_key_too(self, share):  # type: ignore[no-untyped-def]
+    def test_the_code_step_rotates_the_key_too(self, share):
         client = Client()
         before = SessionStore()
         before.create()
@@ -88,13 +88,13 @@ class TestSessionFixation:
 
 class TestBoundToOneShare:
     @pytest.fixture
-    def two_shares(self, study, sms_dir):  # type: ignore[no-untyped-def]
+    def two_shares(self, study, sms_dir):
         make_study(OTHER_STUDY_UID, patient_name="MARTIN^Paul", description="MR GENOU")
         a = make_share(contact="+33611111111")
         b = make_share(OTHER_STUDY_UID, contact="+33622222222")
         return a, b
 
-    def test_the_viewer_shows_only_the_sessions_study(self, two_shares, sms_dir):  # type: ignore[no-untyped-def]
+    def test_the_viewer_shows_only_the_sessions_study(self, two_shares, sms_dir):
         a, _b = two_shares
         client = Client()
         sign_in(client, a, sms_dir)
@@ -102,7 +102,7 @@ class TestBoundToOneShare:
         assert "CT THORAX" in page and "Marie DUPONT" in page
         assert "MR GENOU" not in page and "MARTIN" not in page
 
-    def test_the_history_lists_only_the_sessions_share(self, two_shares, sms_dir):  # type: ignore[no-untyped-def]
+    def test_the_history_lists_only_the_sessions_share(self, two_shares, sms_dir):
         a, b = two_shares
         open_link(Client(), b, REMOTE_ADDR="198.51.100.222")
         client = Client()
@@ -112,7 +112,7 @@ class TestBoundToOneShare:
         assert "One-time code accepted" in page
         assert "198.51.100.222" not in page
 
-    def test_the_history_does_not_show_where_staff_worked_from(self, share, sms_dir, rf):  # type: ignore[no-untyped-def]
+    def test_the_history_does_not_show_where_staff_worked_from(self, share, sms_dir, rf):
         from accounts import services
         from accounts.models import User
 
@@ -134,7 +134,7 @@ class TestBoundToOneShare:
     @pytest.mark.parametrize(
         "path", ["/admin/", "/admin/login/", "/admin/accounts/share/", "/staff/", "/staff/login/"]
     )
-    def test_staff_pages_are_404_to_a_recipient(self, share, sms_dir, path):  # type: ignore[no-untyped-def]
+    def test_staff_pages_are_404_to_a_recipient(self, share, sms_dir, path):
         client = Client()
         sign_in(client, share, sms_dir)
         assert client.get(path).status_code == 404
@@ -142,7 +142,7 @@ class TestBoundToOneShare:
         # The session itself is unharmed.
         assert client.get("/viewer/").status_code == 200
 
-    def test_opening_another_link_drops_the_first_share(self, two_shares, sms_dir):  # type: ignore[no-untyped-def]
+    def test_opening_another_link_drops_the_first_share(self, two_shares, sms_dir):
         a, b = two_shares
         client = Client()
         sign_in(client, a, sms_dir)
@@ -150,13 +150,13 @@ class TestBoundToOneShare:
         assert client.session[access.SHARE] == b.share.pk
         assert client.get("/viewer/")["Location"] == "/access/"
 
-    def test_without_the_one_time_code_nothing_is_shown(self, share):  # type: ignore[no-untyped-def]
+    def test_without_the_one_time_code_nothing_is_shown(self, share):
         client = Client()
         open_link(client, share)
         assert client.get("/viewer/")["Location"] == "/access/"
         assert client.get("/access/history")["Location"] == "/access/"
 
-    def test_revoking_ends_open_sessions(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_revoking_ends_open_sessions(self, share, sms_dir):
         from accounts import services
 
         client = Client()
@@ -172,7 +172,7 @@ class TestTimeLimits:
         session[access.SEEN] -= seen
         session.save()
 
-    def test_it_ends_after_15_minutes_idle(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_it_ends_after_15_minutes_idle(self, share, sms_dir):
         client = Client()
         sign_in(client, share, sms_dir)
         self._age(client, seen=14 * 60)
@@ -184,18 +184,18 @@ class TestTimeLimits:
             share=share.share, action=AuditEvent.Action.SESSION_EXPIRED
         ).exists()
 
-    def test_it_ends_after_2_hours_whatever_the_activity(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_it_ends_after_2_hours_whatever_the_activity(self, share, sms_dir):
         client = Client()
         sign_in(client, share, sms_dir)
         self._age(client, started=2 * 3600 + 1)
         assert client.get("/viewer/")["Location"] == "/access/"
 
-    def test_the_cookie_expires_with_the_idle_limit(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_the_cookie_expires_with_the_idle_limit(self, share, sms_dir):
         client = Client()
         sign_in(client, share, sms_dir)
         assert 0 < client.session.get_expiry_age() <= 15 * 60
 
-    def test_sign_out_ends_the_session(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_sign_out_ends_the_session(self, share, sms_dir):
         client = Client()
         sign_in(client, share, sms_dir)
         key = str(session_key(client))
@@ -210,7 +210,7 @@ class TestTimeLimits:
 
 
 class TestSecretsStayOutOfLogsAndUrls:
-    def test_no_token_code_or_otp_in_any_log_line(self, study, sms_dir, caplog):  # type: ignore[no-untyped-def]
+    def test_no_token_code_or_otp_in_any_log_line(self, study, sms_dir, caplog):
         for name in ("", "django", "django.request", "axes", "accounts"):
             logging.getLogger(name).setLevel(logging.DEBUG)
         try:
@@ -247,7 +247,7 @@ class TestSecretsStayOutOfLogsAndUrls:
         assert wrong.replace("-", "")[4:] not in logged
         assert otp not in logged
 
-    def test_the_development_servers_request_lines_are_redacted(self, tmp_path, settings):  # type: ignore[no-untyped-def]
+    def test_the_development_servers_request_lines_are_redacted(self, tmp_path, settings):
         """runserver prints a line per request, path included: run it, open a link, read what
         it printed."""
         key = secrets.token_urlsafe(64)
@@ -297,7 +297,7 @@ class TestSecretsStayOutOfLogsAndUrls:
 
 class TestHeaders:
     @pytest.mark.parametrize("path", ["/access/", "/access/verify", "/viewer/", "/access/history"])
-    def test_recipient_pages_send_the_security_headers(self, share, sms_dir, path):  # type: ignore[no-untyped-def]
+    def test_recipient_pages_send_the_security_headers(self, share, sms_dir, path):
         client = Client()
         sign_in(client, share, sms_dir)
         if path == "/access/verify":
@@ -316,12 +316,12 @@ class TestHeaders:
         html = response.content.decode()
         assert "<script>" not in html and " style=" not in html and "<style" not in html
 
-    def test_link_redirects_and_lockout_pages_are_not_cached(self, share):  # type: ignore[no-untyped-def]
+    def test_link_redirects_and_lockout_pages_are_not_cached(self, share):
         response = Client().get(link_path(share))
         assert "no-store" in response["Cache-Control"]
         assert "no-store" in Client().get("/access/locked")["Cache-Control"]
 
-    def test_pages_with_patient_data_are_not_cached(self, share, sms_dir):  # type: ignore[no-untyped-def]
+    def test_pages_with_patient_data_are_not_cached(self, share, sms_dir):
         client = Client()
         sign_in(client, share, sms_dir)
         for path in ("/viewer/", "/access/history"):
@@ -330,7 +330,7 @@ class TestHeaders:
             directives = {d.strip() for d in response["Cache-Control"].split(",")}
             assert {"no-store", "no-cache", "private", "max-age=0"} <= directives
 
-    def test_check_deploy_passes_with_production_settings(self, tmp_path):  # type: ignore[no-untyped-def]
+    def test_check_deploy_passes_with_production_settings(self, tmp_path):
         env = _production_env(tmp_path)
         result = subprocess.run(
             [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
@@ -342,7 +342,7 @@ class TestHeaders:
         )
         assert result.returncode == 0, result.stdout + result.stderr
 
-    def test_production_settings_send_hsts_and_host_cookies(self, tmp_path):  # type: ignore[no-untyped-def]
+    def test_production_settings_send_hsts_and_host_cookies(self, tmp_path):
         """The production environment, in a process of its own (nothing of the test settings):
         what does it answer over HTTPS and over plain HTTP?"""
         probe = (
@@ -373,7 +373,7 @@ class TestHeaders:
         assert seen["plain"] == [301, "https://portal.example.org/access/"]
         assert seen["cookies"] == ["__Host-portal_session", "__Host-portal_csrf", True, True]
 
-    def test_check_deploy_refuses_the_demo_key(self, tmp_path):  # type: ignore[no-untyped-def]
+    def test_check_deploy_refuses_the_demo_key(self, tmp_path):
         env = {k: v for k, v in os.environ.items() if k != "PORTAL_SECRET_KEY"} | {
             "PORTAL_BASE_URL": "https://portal.example.org",
             "PORTAL_ALLOWED_HOSTS": "portal.example.org",
@@ -391,7 +391,7 @@ class TestHeaders:
         assert "portal.E001" in result.stderr + result.stdout
 
 
-def test_refreshing_the_idle_clock_never_outlasts_the_limits(share, sms_dir) -> None:  # type: ignore[no-untyped-def]
+def test_refreshing_the_idle_clock_never_outlasts_the_limits(share, sms_dir) -> None:
     from django.contrib.sessions.models import Session
 
     client = Client()
@@ -413,7 +413,7 @@ def test_refreshing_the_idle_clock_never_outlasts_the_limits(share, sms_dir) -> 
     assert not Session.objects.filter(session_key=key, expire_date__gt=timezone.now()).exists()
 
 
-def test_the_idle_refresh_stops_at_the_absolute_limit(share, sms_dir) -> None:  # type: ignore[no-untyped-def]
+def test_the_idle_refresh_stops_at_the_absolute_limit(share, sms_dir) -> None:
     from django.contrib.sessions.models import Session
 
     client = Client()
@@ -442,13 +442,13 @@ class TestCsrfWithNoReferrer:
         html = client.get("/access/").content.decode()
         return html.split('name="csrfmiddlewaretoken" value="', 1)[1].split('"', 1)[0]
 
-    def test_a_null_origin_with_the_token_is_accepted(self, share) -> None:  # type: ignore[no-untyped-def]
+    def test_a_null_origin_with_the_token_is_accepted(self, share) -> None:
         client = Client(enforce_csrf_checks=True)
         data = {"code": share.access_code, "csrfmiddlewaretoken": self._token(client)}
         response = client.post("/access/", data, HTTP_ORIGIN="null", secure=True)
         assert response.status_code == 302
 
-    def test_a_foreign_origin_or_referer_is_refused(self, share) -> None:  # type: ignore[no-untyped-def]
+    def test_a_foreign_origin_or_referer_is_refused(self, share) -> None:
         client = Client(enforce_csrf_checks=True)
         data = {"code": share.access_code, "csrfmiddlewaretoken": self._token(client)}
         assert client.post("/access/", data, HTTP_ORIGIN="https://evil.example").status_code == 403
@@ -458,7 +458,7 @@ class TestCsrfWithNoReferrer:
         assert response.status_code == 403
 
     @pytest.mark.parametrize("site", ["cross-site", "same-site"])
-    def test_a_null_origin_from_elsewhere_is_refused(self, share, site) -> None:  # type: ignore[no-untyped-def]
+    def test_a_null_origin_from_elsewhere_is_refused(self, share, site) -> None:
         # A sandboxed frame or a data: page posts with `Origin: null` too; the browser says
         # where it really comes from.
         client = Client(enforce_csrf_checks=True)
@@ -470,7 +470,7 @@ class TestCsrfWithNoReferrer:
         assert "recipient.share" not in client.session
 
     @pytest.mark.parametrize("site", ["same-origin", "none"])
-    def test_a_null_origin_from_our_own_pages_is_accepted(self, share, site) -> None:  # type: ignore[no-untyped-def]
+    def test_a_null_origin_from_our_own_pages_is_accepted(self, share, site) -> None:
         client = Client(enforce_csrf_checks=True)
         data = {"code": share.access_code, "csrfmiddlewaretoken": self._token(client)}
         response = client.post(
@@ -478,14 +478,14 @@ class TestCsrfWithNoReferrer:
         )
         assert response.status_code == 302
 
-    def test_no_token_no_post(self, share) -> None:  # type: ignore[no-untyped-def]
+    def test_no_token_no_post(self, share) -> None:
         client = Client(enforce_csrf_checks=True)
         self._token(client)
         response = client.post("/access/", {"code": share.access_code}, HTTP_ORIGIN="null")
         assert response.status_code == 403
 
 
-def test_axes_records_keep_no_secret(share) -> None:  # type: ignore[no-untyped-def]
+def test_axes_records_keep_no_secret(share) -> None:
     from axes.models import AccessAttempt
 
     unknown = credentials.sign_link_token(credentials.new_link_token())
@@ -504,7 +504,7 @@ def test_axes_records_keep_no_secret(share) -> None:  # type: ignore[no-untyped-
     assert "/s/[redacted]" in blob
 
 
-def test_the_secrets_are_masked_before_the_failure_signal(share) -> None:  # type: ignore[no-untyped-def]
+def test_the_secrets_are_masked_before_the_failure_signal(share) -> None:
     """Django hands the credentials of a failed authentication to every receiver of
     user_login_failed (axes, and whatever else a site plugs in), masking only names that look
     secret: the typed code and the link token must be among them."""
@@ -512,7 +512,7 @@ def test_the_secrets_are_masked_before_the_failure_signal(share) -> None:  # typ
 
     heard: list[dict[str, str]] = []
 
-    def receiver(sender, credentials, request=None, **kwargs):  # type: ignore[no-untyped-def]
+    def receiver(sender, credentials, request=None, **kwargs):
         heard.append(dict(credentials))
 
     user_login_failed.connect(receiver)

@@ -91,7 +91,7 @@ def gateway() -> Iterator[tuple[str, type[_Gateway]]]:
 
 
 class TestHttpGateway:
-    def test_it_posts_json_with_a_bearer_token(self, gateway) -> None:  # type: ignore[no-untyped-def]
+    def test_it_posts_json_with_a_bearer_token(self, gateway) -> None:
         url, handler = gateway
         sms.HttpGatewayBackend(url=url, token="s3cret", sender="CHU").send("+33612345642", "hi")
         assert handler.received == [
@@ -103,7 +103,7 @@ class TestHttpGateway:
             }
         ]
 
-    def test_a_refusal_is_an_sms_error_without_the_message(self, gateway) -> None:  # type: ignore[no-untyped-def]
+    def test_a_refusal_is_an_sms_error_without_the_message(self, gateway) -> None:
         url, handler = gateway
         handler.status = 500
         with pytest.raises(sms.SmsError) as info:
@@ -111,7 +111,7 @@ class TestHttpGateway:
         assert "500" in str(info.value)
         assert "123456" not in str(info.value)
 
-    def test_a_slow_gateway_times_out(self, gateway) -> None:  # type: ignore[no-untyped-def]
+    def test_a_slow_gateway_times_out(self, gateway) -> None:
         url, handler = gateway
         handler.delay = 2.0
         with pytest.raises(sms.SmsError, match="in time"):
@@ -128,7 +128,7 @@ class TestHttpGateway:
                 "+33612345642", "x"
             )
 
-    def test_it_is_used_for_one_time_codes(self, gateway, settings, db) -> None:  # type: ignore[no-untyped-def]
+    def test_it_is_used_for_one_time_codes(self, gateway, settings, db) -> None:
         url, handler = gateway
         settings.SMS_BACKEND = "http"
         settings.SMS_GATEWAY_URL = url

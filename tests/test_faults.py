@@ -82,7 +82,7 @@ def test_it_fails_clearly_when_the_pacs_rejects_the_association(
 
 def test_it_fails_clearly_when_the_pacs_does_not_know_the_portal(
     settings, pacs_studies: PacsStudies, orthanc_node: PacsNode
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     # The portal calls itself by an AE title Orthanc has never heard of: Orthanc refuses to
     # move the study there.
     settings.DICOM_AE_TITLE = "STRANGER"
@@ -197,7 +197,7 @@ def test_it_keeps_nothing_half_written_when_the_pacs_dies_mid_retrieval(
 
 
 @pytest.fixture
-def small_disk(settings, tmp_path: Path) -> Iterator[Path]:  # type: ignore[no-untyped-def]
+def small_disk(settings, tmp_path: Path) -> Iterator[Path]:
     """The store on a 32 KiB file system: room for a few small instances, not a study."""
     if os.geteuid() != 0:
         # An environment limit, not a missing feature: `make test` runs as root in CI (it
@@ -242,7 +242,7 @@ def test_it_fails_without_damage_when_the_disk_is_full(
 
 
 def test_it_fails_the_job_when_the_index_loses_what_the_scp_accepted(
-    settings,  # type: ignore[no-untyped-def]
+    settings,
     orthanc: OrthancServer,
     orthanc_node: PacsNode,
     pacs_studies: PacsStudies,

@@ -338,7 +338,7 @@ ATTACKS: dict[str, tuple[Behaviour, str]] = {
 @pytest.mark.parametrize("attack", list(ATTACKS))
 def test_a_pacs_breaking_the_protocol_is_cut_off_at_once(
     attack: str,
-    settings,  # type: ignore[no-untyped-def]
+    settings,
 ) -> None:
     settings.DICOM_RETRIEVE_TIMEOUT = 30.0
     behave, expected = ATTACKS[attack]
@@ -355,7 +355,7 @@ def test_a_pacs_breaking_the_protocol_is_cut_off_at_once(
 
 
 def test_a_pacs_trickling_its_answer_is_cut_off_at_the_retrieve_timeout(
-    settings,  # type: ignore[no-untyped-def]
+    settings,
 ) -> None:
     """A byte every 50 ms keeps every single read alive; the whole answer has a deadline."""
     settings.DICOM_RETRIEVE_TIMEOUT = 1.0

@@ -96,7 +96,7 @@ def test_it_retrieves_every_instance_byte_for_byte(
 
 def test_a_study_the_archive_held_before_its_retrieval_stays_in_the_archive(
     tmp_path, pacs_studies: PacsStudies, orthanc_node: PacsNode
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     study = pacs_studies.utf8
     for number, data in enumerate(study.files.values()):
         (tmp_path / f"{number}.dcm").write_bytes(data)
@@ -347,7 +347,7 @@ def test_instances_in_study_lists_every_instance_with_its_class(
 
 
 def test_a_c_move_slower_than_the_dimse_timeout_between_answers_completes(
-    settings,  # type: ignore[no-untyped-def]
+    settings,
     storage_scp: StorageServer,
     portal_ae_title: str,
 ) -> None:

@@ -45,7 +45,7 @@ def job_with(node: PacsNode, **fields: object) -> RetrievalJob:
     return job
 
 
-def seconds_ago(seconds: float):  # type: ignore[no-untyped-def]
+def seconds_ago(seconds: float):
     return timezone.now() - timedelta(seconds=seconds)
 
 

@@ -37,7 +37,7 @@ def _raw_token(url: str) -> str:
 
 
 class TestSecretsAtRest:
-    def test_it_stores_neither_the_token_nor_the_code(self, share):  # type: ignore[no-untyped-def]
+    def test_it_stores_neither_the_token_nor_the_code(self, share):
         row = Share.objects.get(pk=share.share.pk)
         token = _raw_token(share.url)
         code = share.access_code.replace("-", "")
@@ -50,7 +50,7 @@ class TestSecretsAtRest:
         # Salted: the same secret hashes differently each time.
         assert credentials.AccessCodeHasher().encode(code[4:], "a" * 22) != row.code_hash
 
-    def test_it_draws_128_bit_tokens_and_60_bit_code_secrets(self, study):  # type: ignore[no-untyped-def]
+    def test_it_draws_128_bit_tokens_and_60_bit_code_secrets(self, study):
         created = [make_share() for _ in range(40)]
         tokens = [base64.urlsafe_b64decode(_raw_token(c.url) + "==") for c in created]
         assert {len(t) for t in tokens} == {16}  # 128 bits
@@ -62,7 +62,7 @@ class TestSecretsAtRest:
         assert set("".join(secrets_)) == set(credentials.CROCKFORD)
         assert len(set(secrets_)) == len(secrets_)
 
-    def test_it_audits_the_creation_without_the_secrets(self, share):  # type: ignore[no-untyped-def]
+    def test_it_audits_the_creation_without_the_secrets(self, share):
         event = AuditEvent.objects.get(share=share.share, action=AuditEvent.Action.SHARE_CREATED)
         blob = json.dumps(event.detail)
         assert share.access_code not in blob and _raw_token(share.url) not in blob
@@ -83,7 +83,7 @@ class TestCodeReading:
 
 
 class TestLinkSignature:
-    def test_it_refuses_a_forged_link_before_any_lookup(self, share, django_assert_num_queries):  # type: ignore[no-untyped-def]
+    def test_it_refuses_a_forged_link_before_any_lookup(self, share, django_assert_num_queries):
         forged = credentials.new_link_token() + ".abcdef.forgedsignature"
         with django_assert_num_queries(0):
             check = selectors.share_check_link(forged)
@@ -91,14 +91,14 @@ class TestLinkSignature:
 
     def test_it_refuses_a_link_signed_longer_ago_than_a_share_can_live(
         self, share, django_assert_num_queries, monkeypatch
-    ):  # type: ignore[no-untyped-def]
+    ):
         signed = share.url.rsplit("/s/", 1)[1]
         later = timezone.now().timestamp() + (settings.SHARE_MAX_DAYS + 1) * 86400
         monkeypatch.setattr("django.core.signing.time.time", lambda: later)
         with django_assert_num_queries(0):
             assert selectors.share_check_link(signed).share is None
 
-    def test_it_reads_links_as_long_as_the_longest_share_lives(self, study, settings, monkeypatch):  # type: ignore[no-untyped-def]
+    def test_it_reads_links_as_long_as_the_longest_share_lives(self, study, settings, monkeypatch):
         # One ceiling: raising it lets links live as long as the shares they open.
         settings.SHARE_MAX_DAYS = 120
         created = make_share(days=120)
@@ -107,13 +107,13 @@ class TestLinkSignature:
         monkeypatch.setattr("django.core.signing.time.time", lambda: later)
         assert selectors.share_check_link(signed).share == created.share
 
-    def test_it_accepts_its_own_link(self, share):  # type: ignore[no-untyped-def]
+    def test_it_accepts_its_own_link(self, share):
         signed = share.url.rsplit("/s/", 1)[1]
         assert selectors.share_check_link(signed).share == share.share
 
 
 class TestExpiry:
-    def test_it_gives_patients_30_days_and_physicians_14(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_it_gives_patients_30_days_and_physicians_14(self, study) -> None:
         patient = make_share().share
         physician = make_share(
             recipient="physician", channel="email", contact="dr@example.org"
@@ -125,14 +125,14 @@ class TestExpiry:
             seconds=1
         )
 
-    def test_it_never_allows_more_than_90_days(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_it_never_allows_more_than_90_days(self, study) -> None:
         with pytest.raises(ValidationError):
             make_share(days=91)
         with pytest.raises(ValidationError):
             make_share(days=0)
         assert make_share(days=90).share
 
-    def test_it_refuses_bad_contacts(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_it_refuses_bad_contacts(self, study) -> None:
         with pytest.raises(ValidationError):
             make_share(contact="0612345642")  # not international
         with pytest.raises(ValidationError):
@@ -140,7 +140,7 @@ class TestExpiry:
         with pytest.raises(ValidationError):
             make_share(recipient="physician", channel="sms")
 
-    def test_it_refuses_an_address_too_long_to_store(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_it_refuses_an_address_too_long_to_store(self, study) -> None:
         # Valid for Django (up to 320 characters), longer than the column: a clear error, not
         # a database failure (PostgreSQL) or a silently cut address.
         address = "a" * 64 + "@" + ".".join(label * 63 for label in "cde") + ".org"
@@ -156,7 +156,7 @@ class TestCodePrefixes:
     be opened gives its prefix back, and its old code then matches nothing."""
 
     @pytest.fixture
-    def prefixes(self, monkeypatch):  # type: ignore[no-untyped-def]
+    def prefixes(self, monkeypatch):
         """The prefixes the next codes will be drawn with, in order; what was drawn."""
         planned: list[str] = []
         drawn: list[str] = []
@@ -177,14 +177,14 @@ class TestCodePrefixes:
             response.status_code == 200 and b"This link or code does not work" in response.content
         )
 
-    def test_revoking_gives_the_prefix_back(self, share) -> None:  # type: ignore[no-untyped-def]
+    def test_revoking_gives_the_prefix_back(self, share) -> None:
         prefix = share.access_code[:4]
         services.share_revoke(share=share.share)
         assert Share.objects.get(pk=share.share.pk).code_prefix is None
         assert not Share.objects.filter(code_prefix=prefix).exists()
         self._refused_alike(share.access_code)
 
-    def test_a_new_share_takes_the_prefix_of_an_expired_one(self, study, prefixes) -> None:  # type: ignore[no-untyped-def]
+    def test_a_new_share_takes_the_prefix_of_an_expired_one(self, study, prefixes) -> None:
         planned, drawn = prefixes
         planned += ["K7RM", "K7RM"]
         old = make_share()
@@ -198,7 +198,7 @@ class TestCodePrefixes:
         self._refused_alike(old.access_code)
         assert selectors.share_check_code(new.access_code).share == new.share
 
-    def test_a_live_share_keeps_its_prefix(self, study, prefixes) -> None:  # type: ignore[no-untyped-def]
+    def test_a_live_share_keeps_its_prefix(self, study, prefixes) -> None:
         planned, drawn = prefixes
         planned += ["K7RM", "K7RM", "Q2HT"]
         live = make_share()
@@ -209,7 +209,7 @@ class TestCodePrefixes:
         assert Share.objects.get(pk=live.share.pk).code_prefix == "K7RM"
         assert selectors.share_check_code(live.access_code).share == live.share
 
-    def test_failures_typed_at_a_free_prefix_do_not_burden_its_next_share(  # type: ignore[no-untyped-def]
+    def test_failures_typed_at_a_free_prefix_do_not_burden_its_next_share(
         self, study, prefixes
     ) -> None:
         from axes.models import AccessAttempt
@@ -225,7 +225,7 @@ class TestCodePrefixes:
         response = Client().post("/access/", {"code": created.access_code})
         assert response["Location"] == "/access/verify"
 
-    def test_scheduled_work_releases_every_dead_prefix(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_scheduled_work_releases_every_dead_prefix(self, study) -> None:
         live = make_share()
         expired = make_share()
         used = make_share(single_use=True)
@@ -241,7 +241,7 @@ class TestCodePrefixes:
 
 
 class TestStatus:
-    def test_it_is_pending_until_the_study_is_in_the_store(self, db) -> None:  # type: ignore[no-untyped-def]
+    def test_it_is_pending_until_the_study_is_in_the_store(self, db) -> None:
         created = make_share(OTHER_STUDY_UID)
         assert created.share.study is None
         assert selectors.share_status(created.share) == "pending"
@@ -250,7 +250,7 @@ class TestStatus:
         services.share_attach_study(created.share)
         assert Share.objects.get(pk=created.share.pk).study is not None
 
-    def test_it_says_revoked_expired_and_used(self, share) -> None:  # type: ignore[no-untyped-def]
+    def test_it_says_revoked_expired_and_used(self, share) -> None:
         row = share.share
         row.single_use = True
         row.used_at = timezone.now()
@@ -267,7 +267,7 @@ class TestShareCommand:
         call_command("share", *args, stdout=out)
         return out.getvalue()
 
-    def test_it_prints_exactly_the_contract_fields_as_json(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_it_prints_exactly_the_contract_fields_as_json(self, study) -> None:
         data = json.loads(
             self._run("create", STUDY_UID, "--patient-phone", "+33612345642", "--json")
         )
@@ -279,7 +279,7 @@ class TestShareCommand:
         assert share.recipient == "patient" and share.channel == "sms"
         assert selectors.share_check_code(data["access_code"]).share == share
 
-    def test_it_creates_physician_shares_for_14_days_with_options(self, study) -> None:  # type: ignore[no-untyped-def]
+    def test_it_creates_physician_shares_for_14_days_with_options(self, study) -> None:
         data = json.loads(
             self._run(
                 "create",
@@ -297,7 +297,7 @@ class TestShareCommand:
         assert not share.allow_download
         assert timedelta(days=6, hours=23) < share.expires_at - timezone.now() <= timedelta(days=7)
 
-    def test_it_queues_a_retrieval_for_a_study_the_store_lacks(self, db) -> None:  # type: ignore[no-untyped-def]
+    def test_it_queues_a_retrieval_for_a_study_the_store_lacks(self, db) -> None:
         PacsNode.objects.create(name="pacs1", ae_title="PACS1", host="127.0.0.1", port=4242)
         data = json.loads(
             self._run(
@@ -314,7 +314,7 @@ class TestShareCommand:
         job = RetrievalJob.objects.get(study_instance_uid=OTHER_STUDY_UID)
         assert job.pacs is not None and job.pacs.name == "pacs1"
 
-    def test_it_refuses_an_unknown_node_and_bad_input(self, db) -> None:  # type: ignore[no-untyped-def]
+    def test_it_refuses_an_unknown_node_and_bad_input(self, db) -> None:
         with pytest.raises(CommandError):
             self._run("create", STUDY_UID, "--pacs", "nope", "--patient-phone", "+33612345642")
         with pytest.raises(CommandError):
@@ -327,14 +327,14 @@ class TestShareCommand:
         "uid",
         ["1.2.<script>", STUDY_UID + "\n", "1.2..3", "1." + "2" * 64, "../1.2", ""],
     )
-    def test_it_refuses_a_bad_study_uid(self, db, uid: str) -> None:  # type: ignore[no-untyped-def]
+    def test_it_refuses_a_bad_study_uid(self, db, uid: str) -> None:
         # UIDs become folder and file names in the store: a trailing newline or a path
         # separator must not slip through.
         with pytest.raises(CommandError):
             self._run("create", uid, "--patient-phone", "+33612345642")
         assert not Share.objects.exists()
 
-    def test_it_revokes_unlocks_and_lists(self, share) -> None:  # type: ignore[no-untyped-def]
+    def test_it_revokes_unlocks_and_lists(self, share) -> None:
         pk = share.share.pk
         Share.objects.filter(pk=pk).update(locked_until=timezone.now() + timedelta(minutes=10))
         listing = json.loads(self._run("list", "--json"))
@@ -354,7 +354,7 @@ class TestShareCommand:
 
 
 class TestCreateStaff:
-    def test_it_creates_staff_with_a_totp_device(self, db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def test_it_creates_staff_with_a_totp_device(self, db, monkeypatch) -> None:
         from django_otp.plugins.otp_totp.models import TOTPDevice
 
         from accounts.models import User
@@ -379,14 +379,14 @@ class TestCreateStaff:
         assert TOTPDevice.objects.filter(user=user, confirmed=True).count() == 1
         assert re.search(r"^otpauth://totp/", out.getvalue(), re.M)
 
-    def test_it_refuses_weak_passwords(self, db, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def test_it_refuses_weak_passwords(self, db, monkeypatch) -> None:
         monkeypatch.setattr("sys.stdin", io.StringIO("123\n"))
         with pytest.raises(CommandError):
             call_command("createstaff", "bob", "--email", "bob@example.org", "--password-stdin")
 
 
 class TestAuditLog:
-    def test_the_admin_shows_it_read_only(self, share, rf) -> None:  # type: ignore[no-untyped-def]
+    def test_the_admin_shows_it_read_only(self, share, rf) -> None:
         from django.contrib import admin
 
         model_admin = admin.site._registry[AuditEvent]
@@ -396,7 +396,7 @@ class TestAuditLog:
         assert not model_admin.has_change_permission(request, event)
         assert not model_admin.has_delete_permission(request, event)
 
-    def test_a_shares_whole_life_only_ever_adds_events(self, share, sms_dir) -> None:  # type: ignore[no-untyped-def]
+    def test_a_shares_whole_life_only_ever_adds_events(self, share, sms_dir) -> None:
         from django.test import Client
 
         def snapshot() -> dict[int, tuple[Any, ...]]:
@@ -429,7 +429,7 @@ class TestAuditLog:
             AuditEvent.Action.LINK_FAILED,
         }
 
-    def test_a_share_with_events_cannot_be_deleted(self, share) -> None:  # type: ignore[no-untyped-def]
+    def test_a_share_with_events_cannot_be_deleted(self, share) -> None:
         from django.db.models import ProtectedError
 
         with pytest.raises(ProtectedError):

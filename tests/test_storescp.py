@@ -460,7 +460,7 @@ def test_strangers_hold_no_slot(small_scp: StorageServer, modality_node: PacsNod
 def test_a_peer_trickling_its_request_is_cut_off(
     small_scp: StorageServer,
     modality_node: PacsNode,
-    settings,  # type: ignore[no-untyped-def]
+    settings,
 ) -> None:
     """A byte now and then keeps every single read alive; the whole request has a deadline."""
     settings.DICOM_CONNECT_TIMEOUT = 1.0
@@ -594,7 +594,7 @@ def test_it_refuses_instances_below_the_free_space_floor(
     storage_scp: StorageServer,
     modality_node: PacsNode,
     tmp_path: Path,
-    settings,  # type: ignore[no-untyped-def]
+    settings,
 ) -> None:
     """A full disk stops the database and the logs too: the store keeps a margin, and a
     sender learns at once that it should try later."""

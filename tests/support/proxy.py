@@ -73,7 +73,7 @@ class TcpRelay(Service):
         for thread in list(self._threads):
             thread.join(timeout=5)
 
-    def _spawn(self, target, *args) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, target, *args) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
         self._threads.append(thread)
         thread.start()
