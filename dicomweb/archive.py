@@ -35,7 +35,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.fileset import DIRECTORY_RECORDERS
-from pydicom.filewriter import dcmwrite, write_dataset
+from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 from pydicom.valuerep import PersonName
 from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, MemberFile, Method, stream_zip
@@ -333,7 +333,10 @@ def _leaf_record(instance: ArchiveInstance, position: int) -> Dataset | None:
 
 def _encode_dicomdir(roots: list[_Node]) -> bytes:
     """The DICOMDIR file (PS3.10 §7, PS3.3 F.3) with its records in depth-first order and their
-    offsets (PS3.3 F.3.2.1: from the first byte of the file, preamble included) filled in."""
+    offsets (PS3.3 F.3.2.1: from the first byte of the file, preamble included) filled in.
+
+    pydicom encodes it once with the offsets at zero; the offsets, fixed-size UL values, are
+    then written into the encoded bytes (encoding each record twice would double the cost)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -343,52 +346,53 @@ def _encode_dicomdir(roots: list[_Node]) -> bytes:
     ds.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = 0
     ds.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = 0
     ds.FileSetConsistencyFlag = 0
+    nodes = list(_walk(roots))
+    ds.DirectoryRecordSequence = [node.record for node in nodes]
+    fp = DicomBytesIO()
+    dcmwrite(fp, ds, enforce_file_format=True)
+    encoded = bytearray(fp.getvalue())
 
-    head = DicomBytesIO()
-    dcmwrite(head, ds, enforce_file_format=True)
-    # The Directory Record Sequence is the data set's last element; its items start after its
-    # explicit VR header: tag, VR, 2 reserved bytes, length (PS3.5 §7.1.2).
-    offset = len(head.getvalue()) + 12
-    records: list[Dataset] = []
+    # The Directory Record Sequence is the data set's last element: its items follow its explicit
+    # VR header (tag, VR, 2 reserved bytes, length: PS3.5 §7.1.2), each an item tag and a defined
+    # length (PS3.5 §7.5) before its record.
+    position = _value_position(encoded, 0, 0x00041220, b"SQ", 6)
+    for node in nodes:
+        if encoded[position : position + 4] != _ITEM_TAG:
+            raise RuntimeError("unexpected DICOMDIR encoding: no item where a record starts")
+        node.offset = position
+        position += 8 + int.from_bytes(encoded[position + 4 : position + 8], "little")
 
-    def lay_out(nodes: list[_Node]) -> None:
-        nonlocal offset
-        for node in nodes:
-            node.offset = offset
-            records.append(node.record)
-            # Each item: its tag and defined length (8 bytes), then the record.
-            offset += 8 + _encoded_length(node.record)
-            lay_out(node.children)
-
-    def link(nodes: list[_Node]) -> None:
-        for position, node in enumerate(nodes):
-            following = nodes[position + 1] if position + 1 < len(nodes) else None
-            node.record.OffsetOfTheNextDirectoryRecord = following.offset if following else 0
-            node.record.OffsetOfReferencedLowerLevelDirectoryEntity = (
-                node.children[0].offset if node.children else 0
-            )
+    def link(siblings: list[_Node]) -> None:
+        for index, node in enumerate(siblings):
+            following = siblings[index + 1].offset if index + 1 < len(siblings) else 0
+            lower = node.children[0].offset if node.children else 0
+            _put_ul(encoded, node.offset + 8, 0x00041400, following)
+            _put_ul(encoded, node.offset + 8, 0x00041420, lower)
             link(node.children)
 
-    lay_out(roots)
     link(roots)
-    ds.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = roots[0].offset
-    ds.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = roots[-1].offset
-    ds.DirectoryRecordSequence = records
-    out = DicomBytesIO()
-    dcmwrite(out, ds, enforce_file_format=True)
-    encoded = out.getvalue()
-    item_tag = b"\xfe\xff\x00\xe0"
-    if any(encoded[r.offset : r.offset + 4] != item_tag for r in _walk(roots)):
-        raise RuntimeError("DICOMDIR record offsets do not match pydicom's encoding")
-    return encoded
+    _put_ul(encoded, 0, 0x00041200, roots[0].offset)
+    _put_ul(encoded, 0, 0x00041202, roots[-1].offset)
+    return bytes(encoded)
 
 
-def _encoded_length(record: Dataset) -> int:
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
-    write_dataset(fp, record)
-    return len(fp.getvalue())
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+
+
+def _value_position(encoded: bytearray, start: int, tag: int, vr: bytes, header: int) -> int:
+    """Where the value of the first element `tag` at or after `start` begins (explicit VR
+    little endian: the tag, the VR, then `header` bytes of reserved bytes and length)."""
+    key = tag.to_bytes(4, "big")
+    marker = key[1::-1] + key[:1:-1] + vr
+    found = encoded.find(marker, start)
+    if found < 0:
+        raise RuntimeError(f"unexpected DICOMDIR encoding: ({tag:08X}) not found")
+    return found + 6 + header
+
+
+def _put_ul(encoded: bytearray, start: int, tag: int, value: int) -> None:
+    position = _value_position(encoded, start, tag, b"UL", 2)
+    encoded[position : position + 4] = value.to_bytes(4, "little")
 
 
 def _walk(nodes: list[_Node]) -> Iterator[_Node]:
