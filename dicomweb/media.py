@@ -84,3 +84,13 @@ def accepts_multipart(header: str | None, part_type: str) -> MediaRange | None:
             if wanted == part_type:
                 return media_range
     return None
+
+
+def accepts_image(header: str | None, *, only_jpeg: bool = False) -> str | None:
+    """The consumer image type to render in (PS3.18 §8.7.4): JPEG unless PNG is preferred."""
+    offered = ("image/jpeg",) if only_jpeg else ("image/jpeg", "image/png")
+    for media_range in parse_accept(header):
+        for media_type in offered:
+            if media_range.matches(media_type):
+                return media_type
+    return None

@@ -81,15 +81,15 @@ def dicom_parts(instances: list[Instance], *, transfer_syntax: str | None) -> Pa
     )
 
 
-def octet_parts(values: list[bytes]) -> Parts:
+def octet_parts(values: list[bytes], *, transfer_syntax: str | None = None) -> Parts:
+    """Bulk data or frames, one part each (PS3.18 §8.7.3.3.2: a frame part names its syntax)."""
+    content_type = "application/octet-stream"
+    if transfer_syntax is not None:
+        content_type += f"; transfer-syntax={transfer_syntax}"
     return Parts(
         boundary=secrets.token_hex(16),
         part_type="application/octet-stream",
         items=(
-            (
-                {"Content-Type": "application/octet-stream", "Content-Length": str(len(v))},
-                [v],
-            )
-            for v in values
+            ({"Content-Type": content_type, "Content-Length": str(len(v))}, [v]) for v in values
         ),
     )

@@ -23,6 +23,7 @@ register_converter(UidConverter, "uid")
 _STUDY = "dicomweb/studies/<uid:study>"
 _SERIES = _STUDY + "/series/<uid:series>"
 _INSTANCE = _SERIES + "/instances/<uid:instance>"
+_FRAME = _INSTANCE + "/frames/<int:number>"
 
 urlpatterns = [
     path("viewer/", views.viewer, name="viewer"),
@@ -41,4 +42,12 @@ urlpatterns = [
     path(_SERIES + "/metadata", views.metadata_series, name="rs-series-metadata"),
     path(_INSTANCE + "/metadata", views.metadata_instance, name="rs-instance-metadata"),
     path(_INSTANCE + "/bulk/<path:path>", views.bulkdata, name="rs-bulkdata"),
+    path(_INSTANCE + "/frames/<str:numbers>", views.frames, name="rs-frames"),
+    path(_INSTANCE + "/rendered", views.rendered_instance, name="rs-rendered"),
+    path(
+        _INSTANCE + "/frames/<int:number>/rendered", views.rendered_frame, name="rs-rendered-frame"
+    ),
+    path(_STUDY + "/thumbnail", views.thumbnail, name="rs-study-thumbnail"),
+    path(_SERIES + "/thumbnail", views.thumbnail, name="rs-series-thumbnail"),
+    path(_INSTANCE + "/thumbnail", views.thumbnail, name="rs-thumbnail"),
 ]

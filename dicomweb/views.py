@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from accounts import access, services
 from accounts.models import AuditEvent, Share
-from dicomweb import media, multipart, qido, selectors
+from dicomweb import media, multipart, qido, rendering, selectors
 from studies import metadata
 from studies.models import Instance
 from studies.store import instance_file
@@ -247,3 +247,107 @@ def bulkdata(
         raise Http404
     parts = multipart.octet_parts([value])
     return HttpResponse(b"".join(parts.chunks()), content_type=parts.content_type)
+
+
+def _frame_numbers(text: str) -> list[int]:
+    numbers = text.split(",")
+    if not all(n.isdigit() and len(n) <= 9 for n in numbers):
+        raise rendering.InvalidParameterError("frames: expected frame numbers separated by commas.")
+    return [int(n) for n in numbers]
+
+
+@require_GET
+def frames(
+    request: HttpRequest, study: str, series: str, instance: str, numbers: str
+) -> HttpResponse:
+    """WADO-RS frames (PS3.18 §10.4.1.1.3): pixel data as application/octet-stream parts,
+    uncompressed little endian unless `transfer-syntax=*` asks for the stored encoding."""
+    share = _granted_share(request)
+    stored = _scope(share, study=study, series=series, instance=instance).get()
+    accepted = media.accepts_multipart(request.headers.get("Accept"), media.OCTET_STREAM)
+    if accepted is None:
+        return _not_acceptable()
+    wanted = accepted.params.get("transfer-syntax", str(ExplicitVRLittleEndian))
+    as_stored = wanted in {"*", stored.transfer_syntax_uid}
+    if not as_stored and wanted != ExplicitVRLittleEndian:
+        return _not_acceptable()
+    path = instance_file(stored)
+    try:
+        wanted_frames = _frame_numbers(numbers)
+        if as_stored:
+            values, syntax = metadata.stored_frames(path, wanted_frames), stored.transfer_syntax_uid
+        else:
+            values = [rendering.uncompressed_frame_bytes(path, n) for n in wanted_frames]
+            syntax = str(ExplicitVRLittleEndian)
+    except rendering.InvalidParameterError as exc:
+        return _bad_request(str(exc))
+    except (rendering.NotAnImageError, rendering.NoSuchFrameError, metadata.NoSuchFrame):
+        raise Http404 from None
+    parts = multipart.octet_parts(values, transfer_syntax=syntax)
+    return HttpResponse(b"".join(parts.chunks()), content_type=parts.content_type)
+
+
+def _rendered(request: HttpRequest, stored: Instance, frame_number: int) -> HttpResponse:
+    """PS3.18 §10.4.1.1.4: one frame as a consumer image, with the window and viewport asked."""
+    media_type = media.accepts_image(request.headers.get("Accept"))
+    if media_type is None:
+        return _not_acceptable()
+    params = request.GET
+    try:
+        window = rendering.parse_window(params["window"]) if "window" in params else None
+        viewport = rendering.parse_viewport(params["viewport"]) if "viewport" in params else None
+        quality = (
+            rendering.parse_quality(params["quality"])
+            if "quality" in params
+            else rendering.DEFAULT_QUALITY
+        )
+        image = rendering.render(
+            instance_file(stored),
+            frame_number,
+            media_type=rendering.MediaType(media_type),
+            window=window,
+            viewport=viewport,
+            quality=quality,
+        )
+    except rendering.InvalidParameterError as exc:
+        return _bad_request(str(exc))
+    except (rendering.NotAnImageError, rendering.NoSuchFrameError):
+        raise Http404 from None
+    return HttpResponse(image, content_type=media_type)
+
+
+@require_GET
+def rendered_instance(request: HttpRequest, study: str, series: str, instance: str) -> HttpResponse:
+    share = _granted_share(request)
+    return _rendered(request, _scope(share, study, series, instance).get(), 1)
+
+
+@require_GET
+def rendered_frame(
+    request: HttpRequest, study: str, series: str, instance: str, number: int
+) -> HttpResponse:
+    share = _granted_share(request)
+    return _rendered(request, _scope(share, study, series, instance).get(), number)
+
+
+@require_GET
+def thumbnail(
+    request: HttpRequest, study: str, series: str | None = None, instance: str | None = None
+) -> HttpResponse:
+    """PS3.18 §10.4.1.1.5: a small image that stands for the instance, series or study (its
+    middle image)."""
+    share = _granted_share(request)
+    if media.accepts_image(request.headers.get("Accept"), only_jpeg=True) is None:
+        return _not_acceptable()
+    candidates = list(
+        _scope(share, study, series, instance)
+        .filter(rows__isnull=False)
+        .order_by("series__series_number", "series_id", "instance_number", "pk")
+    )
+    if not candidates:
+        raise Http404
+    try:
+        image = rendering.thumbnail(instance_file(candidates[len(candidates) // 2]))
+    except (rendering.NotAnImageError, rendering.NoSuchFrameError):
+        raise Http404 from None
+    return HttpResponse(image, content_type="image/jpeg")

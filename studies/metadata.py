@@ -15,6 +15,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.valuerep import VR
 
 from studies.models import Instance
@@ -99,6 +100,26 @@ def bulk_value(path: Path, bulk_path: str) -> bytes | None:
         return None
     value = element.value
     return bytes(value) if isinstance(value, bytes | bytearray) else None
+
+
+class NoSuchFrame(LookupError):
+    pass
+
+
+def stored_frames(path: Path, numbers: list[int]) -> list[bytes]:
+    """Frames (1-based) of a stored instance in its stored encoding: slices of native pixel
+    data, or the fragments of encapsulated pixel data (PS3.5 A.4)."""
+    ds = dcmread(path)
+    if "PixelData" not in ds:
+        raise NoSuchFrame("no pixel data")
+    count = int(ds.get("NumberOfFrames") or 1)
+    if any(not 1 <= n <= count for n in numbers):
+        raise NoSuchFrame(f"frames are numbered 1 to {count}")
+    data = ds.PixelData
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        return [get_frame(data, n - 1, number_of_frames=count) for n in numbers]
+    size = len(data) // count
+    return [data[(n - 1) * size : n * size] for n in numbers]
 
 
 def instances_metadata(instances: list[Instance]) -> list[str]:

@@ -7,6 +7,7 @@ Orthanc.
 """
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from django.test import Client
+from PIL import Image
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
@@ -356,6 +358,12 @@ def _paths(study: str, series: str, instance: str) -> list[str]:
         f"{base}/series/{series}/instances/{instance}",
         f"{base}/series/{series}/instances/{instance}/metadata",
         f"{base}/series/{series}/instances/{instance}/bulk/7FE00010",
+        f"{base}/series/{series}/instances/{instance}/frames/1",
+        f"{base}/series/{series}/instances/{instance}/rendered",
+        f"{base}/series/{series}/instances/{instance}/frames/1/rendered",
+        f"{base}/series/{series}/instances/{instance}/thumbnail",
+        f"{base}/series/{series}/thumbnail",
+        base + "/thumbnail",
     ]
 
 
@@ -380,8 +388,8 @@ def test_a_made_up_or_malformed_uid_is_the_same_404(alice: Client, loaded: PacsS
     series, sop = mine.series.series_instance_uid, mine.sop_instance_uid
     cases = [
         *_paths(MADE_UP_UID, series, sop),
-        *_paths(loaded.latin1.uid, MADE_UP_UID, sop)[4:],
-        *_paths(loaded.latin1.uid, series, MADE_UP_UID)[7:],
+        *[p for p in _paths(loaded.latin1.uid, MADE_UP_UID, sop) if "/series/" in p],
+        *[p for p in _paths(loaded.latin1.uid, series, MADE_UP_UID) if "/instances/" in p],
         f"/dicomweb/studies/{loaded.latin1.uid}x",
         "/dicomweb/studies/' OR 1=1 --",
         f"/dicomweb/studies/{loaded.latin1.uid}/series/{series}/instances/{sop}/bulk/7FE0",
@@ -403,7 +411,7 @@ def test_a_share_of_one_series_hides_the_others(
     assert listed == {shown}
     hidden_instance = Instance.objects.filter(series__series_instance_uid=hidden).first()
     assert hidden_instance is not None
-    for path in _paths(uid, hidden, hidden_instance.sop_instance_uid)[4:]:
+    for path in [p for p in _paths(uid, hidden, hidden_instance.sop_instance_uid) if hidden in p]:
         assert bob.get(path).status_code == 404, path
     study = _json(bob.get("/dicomweb/studies"))[0]
     assert _value(study["00201206"]) == 1
@@ -452,3 +460,116 @@ def test_dicomweb_client_gets_from_the_portal_what_it_gets_from_orthanc(
         assert ds.PatientName == theirs[sop_uid].PatientName
     metadata = portal.retrieve_study_metadata(uid)
     assert {m["00080018"]["Value"][0] for m in metadata} == ours.keys()
+
+
+# --- Frames, rendered images, thumbnails --------------------------------------------------------
+
+
+def _instance_path(instance: Instance) -> str:
+    return (
+        f"/dicomweb/studies/{instance.series.study.study_instance_uid}"
+        f"/series/{instance.series.series_instance_uid}/instances/{instance.sop_instance_uid}"
+    )
+
+
+def _instances_of(study_uid: str) -> list[Instance]:
+    return list(
+        Instance.objects.filter(series__study__study_instance_uid=study_uid).select_related(
+            "series__study"
+        )
+    )
+
+
+def test_frames_come_uncompressed_or_as_stored(alice: Client, loaded: PacsStudies) -> None:
+    for instance in _instances_of(loaded.latin1.uid):
+        original = dcmread(instance_file(instance))
+        path = _instance_path(instance) + "/frames/1"
+
+        ((headers, pixels),) = _static_parts(alice.get(path))
+        assert headers["Content-Type"].startswith("application/octet-stream")
+        assert (
+            pixels
+            == original.pixel_array.astype(original.pixel_array.dtype.newbyteorder("<")).tobytes()
+        )
+
+        stored_syntax = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+        ((headers, raw),) = _static_parts(alice.get(path, HTTP_ACCEPT=stored_syntax))
+        assert headers["Content-Type"] == (
+            f"application/octet-stream; transfer-syntax={instance.transfer_syntax_uid}"
+        )
+        if original.file_meta.TransferSyntaxUID.is_compressed:
+            assert raw != pixels and raw in original.PixelData
+        else:
+            assert raw == pixels
+
+        assert alice.get(_instance_path(instance) + "/frames/2").status_code == 404
+        assert alice.get(_instance_path(instance) + "/frames/1,x").status_code == 400
+        assert alice.get(path, HTTP_ACCEPT="image/png").status_code == 406
+
+
+def test_a_rendered_frame_follows_the_window_asked(alice: Client, loaded: PacsStudies) -> None:
+    instance = next(i for i in _instances_of(loaded.latin1.uid) if i.series.modality == "CT")
+    path = _instance_path(instance) + "/rendered"
+
+    jpeg = alice.get(path)
+    assert jpeg.status_code == 200 and jpeg["Content-Type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(jpeg.content)).size == (instance.columns, instance.rows)
+
+    png = alice.get(path, {"viewport": "32,32"}, HTTP_ACCEPT="image/png")
+    assert png["Content-Type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size == (32, 32)
+
+    # A window far below every value paints the image white, one far above paints it black.
+    low = Image.open(
+        io.BytesIO(alice.get(path, {"window": "-5000,10"}, HTTP_ACCEPT="image/png").content)
+    )
+    high = Image.open(
+        io.BytesIO(alice.get(path, {"window": "50000,10"}, HTTP_ACCEPT="image/png").content)
+    )
+    assert low.getextrema() == (255, 255)
+    assert high.getextrema() == (0, 0)
+
+    frame = alice.get(_instance_path(instance) + "/frames/1/rendered")
+    assert frame.status_code == 200 and frame.content == jpeg.content
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ({"window": "40"}, "window"),
+        ({"viewport": "0,0"}, "viewport"),
+        ({"quality": "101"}, "quality"),
+    ],
+)
+def test_a_malformed_rendering_parameter_gets_400(
+    alice: Client, loaded: PacsStudies, query: dict[str, str], reason: str
+) -> None:
+    instance = _instances_of(loaded.latin1.uid)[0]
+    response = alice.get(_instance_path(instance) + "/rendered", query)
+
+    assert response.status_code == 400
+    assert reason in response.content.decode().lower()
+
+
+def test_rendering_refuses_a_media_type_it_cannot_give(alice: Client, loaded: PacsStudies) -> None:
+    instance = _instances_of(loaded.latin1.uid)[0]
+    assert (
+        alice.get(_instance_path(instance) + "/rendered", HTTP_ACCEPT="image/gif").status_code
+        == 406
+    )
+    assert (
+        alice.get(_instance_path(instance) + "/thumbnail", HTTP_ACCEPT="image/png").status_code
+        == 406
+    )
+
+
+def test_thumbnails_stand_for_an_instance_a_series_and_a_study(
+    alice: Client, loaded: PacsStudies
+) -> None:
+    instance = _instances_of(loaded.latin1.uid)[0]
+    series_path = _instance_path(instance).rsplit("/instances/", 1)[0]
+    for path in (_instance_path(instance), series_path, f"/dicomweb/studies/{loaded.latin1.uid}"):
+        response = alice.get(path + "/thumbnail")
+        assert response.status_code == 200, path
+        image = Image.open(io.BytesIO(response.content))
+        assert image.format == "JPEG" and max(image.size) <= 128
