@@ -9,22 +9,19 @@ stage is "verified" and the recipient may see the study. Endpoints with patient 
 import time
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import Concatenate, ParamSpec, cast
 
 from django.conf import settings
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
-from django.utils import timezone
-from django.utils.cache import add_never_cache_headers
 
-from accounts import services
-from accounts.models import AuditEvent, Share
+from accounts import selectors, services
+from accounts.models import AuditEvent, Refusal, Share
 
 SHARE = "recipient.share"
 STAGE = "recipient.stage"
 STARTED = "recipient.started"
 SEEN = "recipient.seen"
-VIA = "recipient.via"
 # How and when the second factor was proved ("otp" or "passkey"), and whether this session
 # already enrolled a passkey: enrolment is allowed once, soon after an emailed code.
 VERIFIED_BY = "recipient.verified_by"
@@ -38,6 +35,8 @@ VERIFIED = "verified"
 # How often the idle clock is written back to the session (seconds): often enough for the
 # 15-minute idle limit, rarely enough not to write the session on every image request.
 _SEEN_RESOLUTION = 30
+
+_P = ParamSpec("_P")
 
 # The only URLs a recipient session may reach; anything else answers 404.
 RECIPIENT_PATHS = (
@@ -54,7 +53,7 @@ RECIPIENT_PATHS = (
 )
 
 
-def bind(request: HttpRequest, share: Share, *, via: str) -> None:
+def bind(request: HttpRequest, share: Share) -> None:
     """Start a recipient session for this share after a valid link or code.
 
     Whatever the session held before (another share, a staff login) is dropped, and the key
@@ -64,7 +63,6 @@ def bind(request: HttpRequest, share: Share, *, via: str) -> None:
     now = int(time.time())
     request.session[SHARE] = share.pk
     request.session[STAGE] = PENDING
-    request.session[VIA] = via
     request.session[STARTED] = now
     request.session[SEEN] = now
     request.session.set_expiry(settings.RECIPIENT_SESSION_IDLE)
@@ -107,13 +105,12 @@ def _bound_share(request: HttpRequest, stage: str) -> Share | None:
     if share_id is None or request.session.get(STAGE) != stage:
         return None
     share = Share.objects.filter(pk=share_id).first()
-    if share is None or services.share_is_locked(share):
+    if share is None or selectors.share_is_locked(share):
         return None
-    if share.revoked_at is not None or share.expires_at <= timezone.now():
-        return None
+    refusal = share.refusal()
     # A single-use share is used up by the one-time code of the session that then keeps it
     # open until it ends; no other session gets that far.
-    if stage == PENDING and share.single_use and share.used_at is not None:
+    if refusal is not None and not (stage == VERIFIED and refusal == Refusal.USED):
         return None
     return share
 
@@ -122,7 +119,7 @@ def bound_locked_share(request: HttpRequest) -> Share | None:
     """This session's share (at any stage) if it is locked after too many wrong codes."""
     share_id = request.session.get(SHARE)
     share = Share.objects.filter(pk=share_id).first() if share_id is not None else None
-    return share if share is not None and services.share_is_locked(share) else None
+    return share if share is not None and selectors.share_is_locked(share) else None
 
 
 def pending_share(request: HttpRequest) -> Share | None:
@@ -135,35 +132,28 @@ def recipient_share(request: HttpRequest) -> Share | None:
     return _bound_share(request, VERIFIED)
 
 
-def recipient_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+class RecipientRequest(HttpRequest):
+    """The request a `recipient_required` view receives: its session's verified share."""
+
+    share: Share
+
+
+def recipient_required(
+    view: Callable[Concatenate[RecipientRequest, _P], HttpResponse],
+) -> Callable[Concatenate[HttpRequest, _P], HttpResponse]:
     """For recipient pages: the verified share as `request.share`, else back to the code page.
-    The answer is never cached."""
+    (Never cached: RecipientSessionMiddleware marks every recipient URL.)"""
 
     @wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    def wrapper(request: HttpRequest, *args: _P.args, **kwargs: _P.kwargs) -> HttpResponse:
         share = recipient_share(request)
         if share is None:
-            response: HttpResponse = redirect("accounts:access")
-        else:
-            request.share = share  # type: ignore[attr-defined]
-            response = view(request, *args, **kwargs)
-        add_never_cache_headers(response)
-        return response
+            return redirect("accounts:access")
+        recipient_request = cast(RecipientRequest, request)
+        recipient_request.share = share
+        return view(recipient_request, *args, **kwargs)
 
     return wrapper
-
-
-def study_uid_or_404(request: HttpRequest, study_instance_uid: str) -> Share:
-    """For endpoints that carry a UID: the session's share if it covers this study, else 404,
-    the same 404 as for a study that does not exist."""
-    share = recipient_share(request)
-    if share is None or share.study_instance_uid != study_instance_uid:
-        raise Http404
-    return share
-
-
-def series_allowed(share: Share, series_instance_uid: str) -> bool:
-    return not share.series_instance_uids or series_instance_uid in share.series_instance_uids
 
 
 def check_session_age(request: HttpRequest) -> bool:
@@ -187,9 +177,3 @@ def check_session_age(request: HttpRequest) -> bool:
         remaining = settings.RECIPIENT_SESSION_MAX - (now - started)
         request.session.set_expiry(min(settings.RECIPIENT_SESSION_IDLE, max(1, remaining)))
     return True
-
-
-def no_store(response: HttpResponse) -> HttpResponse:
-    add_never_cache_headers(response)
-    response["Cache-Control"] = "no-store, no-cache, must-revalidate, private, max-age=0"
-    return response

@@ -29,7 +29,7 @@ class ShareAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("status"))
     def status(self, obj: Share) -> str:
-        locked = _(" (locked)") if services.share_is_locked(obj) else ""
+        locked = _(" (locked)") if selectors.share_is_locked(obj) else ""
         return f"{selectors.share_status(obj)}{locked}"
 
     def has_add_permission(self, request: HttpRequest) -> bool:

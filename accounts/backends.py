@@ -14,7 +14,7 @@ from typing import Any
 
 from django.http import HttpRequest
 
-from accounts import services
+from accounts import selectors
 from accounts.models import Share
 
 
@@ -30,9 +30,9 @@ class ShareBackend:
         if request is None or (link_token is None and access_code_secret is None):
             return None
         if link_token is not None:
-            check = services.share_check_link(link_token)
+            check = selectors.share_check_link(link_token)
         else:
-            check = services.share_check_code(access_code_secret or "")
+            check = selectors.share_check_code(access_code_secret or "")
         # The view reads the outcome for its audit event; the answer never depends on it.
         request.share_check = check  # type: ignore[attr-defined]
         return check.share

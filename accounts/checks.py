@@ -1,9 +1,11 @@
 """Configuration errors of recipient access fail at start-up."""
 
 import ipaddress
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+from axes.helpers import get_cool_off
 from django.conf import settings
 from django.core.checks import Error, Tags, register
 
@@ -56,7 +58,9 @@ def check_lockout_settings(app_configs: Any, **kwargs: Any) -> list[Error]:
     errors = []
     if settings.AXES_FAILURE_LIMIT > 5:
         errors.append(Error("AXES_FAILURE_LIMIT must be 5 or less.", id="accounts.E003"))
-    if settings.AXES_COOLOFF_TIME.total_seconds() < 15 * 60:
+    # Read as axes reads it; None would lock for ever, and the one-time code lock needs an end.
+    cool_off = get_cool_off()
+    if cool_off is None or cool_off < timedelta(minutes=15):
         errors.append(Error("PORTAL_LOCKOUT_MINUTES must be 15 or more.", id="accounts.E004"))
     return errors
 

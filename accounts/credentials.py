@@ -12,7 +12,9 @@ the other three groups are the secret, 60 bits, stored as a salted Argon2 hash.
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 
+from django.conf import settings
 from django.contrib.auth.hashers import Argon2PasswordHasher
 from django.core import signing
 
@@ -24,8 +26,6 @@ SECRET_LENGTH = 12  # 12 × 5 bits = 60 bits
 CODE_LENGTH = PREFIX_LENGTH + SECRET_LENGTH
 TOKEN_BYTES = 16  # 128 bits
 _LINK_SALT = "accounts.share-link"
-# Longest a share can live: a link signed earlier than this is refused unread.
-LINK_MAX_AGE_DAYS = 90
 
 
 class AccessCodeHasher(Argon2PasswordHasher):
@@ -63,7 +63,7 @@ def format_code(code: str) -> str:
 
 
 def new_access_code(prefix: str | None = None) -> NewAccessCode:
-    prefix = prefix or _random_crockford(PREFIX_LENGTH)
+    prefix = prefix or new_prefix()
     secret = _random_crockford(SECRET_LENGTH)
     return NewAccessCode(prefix, secret, _hasher.encode(secret, _hasher.salt()))
 
@@ -107,12 +107,13 @@ def sign_link_token(token: str) -> str:
 
 
 def unsign_link_token(signed: str) -> str | None:
-    """The raw token of a link we issued less than LINK_MAX_AGE_DAYS ago, else None."""
+    """The raw token of a link we issued less than settings.SHARE_MAX_DAYS ago (the longest a
+    share can live, so such a link is refused unread), else None."""
     if len(signed) > 200:
         return None
     try:
         return signing.TimestampSigner(salt=_LINK_SALT, sep=".").unsign(
-            signed, max_age=LINK_MAX_AGE_DAYS * 86400
+            signed, max_age=timedelta(days=settings.SHARE_MAX_DAYS)
         )
     except signing.BadSignature:
         return None

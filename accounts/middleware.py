@@ -3,6 +3,7 @@
 from collections.abc import Callable
 
 from django.http import Http404, HttpRequest, HttpResponse
+from django.utils.cache import add_never_cache_headers
 
 from accounts import access
 
@@ -15,7 +16,8 @@ class RecipientSessionMiddleware:
     - A recipient session past its idle (15 min) or absolute (2 h) limit is ended here.
     - A recipient session asking for anything but recipient URLs (staff pages, the admin…)
       gets 404: it is bound to one share and can reach nothing else.
-    - Every recipient URL answers with `Cache-Control: no-store`.
+    - Every recipient URL but static files answers with `Cache-Control: no-store`
+      (Django's never-cache headers); views do not set it themselves.
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
@@ -31,5 +33,6 @@ class RecipientSessionMiddleware:
                 raise Http404
         response = self.get_response(request)
         if recipient_url and not path.startswith("/static/"):
-            access.no_store(response)
+            # The one place recipient answers are marked: patient data, codes, lock pages.
+            add_never_cache_headers(response)
         return response

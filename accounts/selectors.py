@@ -1,14 +1,17 @@
 """Reads of the accounts domain."""
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from axes.helpers import get_cool_off
 from axes.models import AccessAttempt
+from django.conf import settings
 from django.db.models import QuerySet, Sum
 from django.utils import timezone
 
-from accounts.models import AuditEvent, Share
+from accounts import credentials
+from accounts.models import AuditEvent, Refusal, Share
 
 
 def share_study_ready(share: Share) -> bool:
@@ -39,6 +42,52 @@ def share_list(*, live_only: bool = False) -> QuerySet[Share]:
     if live_only:
         shares = shares.live()
     return shares
+
+
+def share_lock_is_final(share: Share) -> bool:
+    """Too many wrong one-time codes over the share's life: only staff unlock it."""
+    return share.otp_failures >= settings.OTP_LIFETIME_MAX_FAILURES
+
+
+def share_is_locked(share: Share) -> bool:
+    if share_lock_is_final(share):
+        return True
+    return share.locked_until is not None and share.locked_until > timezone.now()
+
+
+@dataclass(frozen=True)
+class AccessCheck:
+    """The outcome of a link or code: `share` when it opens one; `matched` is the share the
+    credential pointed at even when refused (for the audit log only, never for the answer)."""
+
+    share: Share | None
+    matched: Share | None
+    reason: Refusal | None
+
+
+def share_check_link(signed: str) -> AccessCheck:
+    token = credentials.unsign_link_token(signed)
+    if token is None:
+        # Forged or older than any share can live: refused before any lookup.
+        return AccessCheck(None, None, Refusal.UNKNOWN)
+    share = Share.objects.filter(token_hash=credentials.hash_link_token(token)).first()
+    if share is None:
+        return AccessCheck(None, None, Refusal.UNKNOWN)
+    reason = share.refusal()
+    return AccessCheck(None if reason else share, share, reason)
+
+
+def share_check_code(typed: str) -> AccessCheck:
+    """The same work whatever the code: one lookup by prefix and one hash verification, so an
+    unknown code takes as long as an expired, revoked or right one."""
+    code = credentials.normalize_code(typed)
+    prefix, secret = credentials.split_code(code or "0" * credentials.CODE_LENGTH)
+    share = Share.objects.filter(code_prefix=prefix).first()
+    matches = credentials.code_secret_matches(secret, share.code_hash if share else None)
+    if code is None or share is None or not matches:
+        return AccessCheck(None, share if code else None, Refusal.UNKNOWN)
+    reason = share.refusal()
+    return AccessCheck(None if reason else share, share, reason)
 
 
 def share_events(share: Share) -> QuerySet[AuditEvent]:

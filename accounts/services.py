@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 from axes.handlers.proxy import AxesProxyHandler
+from axes.helpers import get_cool_off
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
@@ -17,16 +19,16 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.http import HttpRequest
 from django.template.loader import render_to_string
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from accounts import credentials, net, sms
-from accounts.models import AuditEvent, Refusal, Share, ShareOTPDevice, User
+from accounts import credentials, net, selectors, sms
+from accounts.models import AuditEvent, Share, ShareOTPDevice, User
 
 logger = logging.getLogger(__name__)
 
 E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 # --- audit ----------------------------------------------------------------------------------
@@ -66,7 +68,7 @@ class CreatedShare:
 
 
 def share_link_url(signed_token: str) -> str:
-    return f"{settings.BASE_URL}/s/{signed_token}"
+    return settings.BASE_URL + reverse("accounts:link", kwargs={"token": signed_token})
 
 
 def _validate_contact(channel: str, contact: str) -> str:
@@ -110,7 +112,10 @@ def share_create(
     created_by: User | None = None,
     request: HttpRequest | None = None,
 ) -> CreatedShare:
-    """A new share with its link and access code: the only moment they exist in clear."""
+    """A new share with its link and access code: the only moment they exist in clear.
+
+    The caller (the studies app's sharing service) has validated `study_instance_uid`: what a
+    valid UID is is defined once, in the studies app, which accounts does not import."""
     errors: dict[str, list[str]] = {}
     if recipient not in Share.Recipient.values:
         errors["recipient"] = [_("Unknown kind of recipient.")]
@@ -118,8 +123,6 @@ def share_create(
         errors["channel"] = [_("Unknown way of sending codes.")]
     if recipient == Share.Recipient.PHYSICIAN and channel != Share.Channel.EMAIL:
         errors["channel"] = [_("Physicians receive their codes by email.")]
-    if not _UID.match(study_instance_uid) or len(study_instance_uid) > 64:
-        errors["study_instance_uid"] = [_("This is not a valid Study Instance UID.")]
     days = _default_days(recipient) if days is None else days
     if not 1 <= days <= settings.SHARE_MAX_DAYS:
         errors["days"] = [
@@ -231,7 +234,7 @@ def shares_release_dead_codes(*, now: datetime | None = None) -> int:
 
 def _release_prefix_if_dead(prefix: str) -> None:
     holder = Share.objects.filter(code_prefix=prefix).first()
-    if holder is not None and share_refusal(holder) is not None:
+    if holder is not None and holder.refusal() is not None:
         share_release_code(holder)
 
 
@@ -261,56 +264,6 @@ def _lockout_keys(share: Share) -> list[str]:
 
 
 # --- recipient authentication ----------------------------------------------------------------
-
-
-def share_refusal(share: Share) -> Refusal | None:
-    return share.refusal()
-
-
-def share_lock_is_final(share: Share) -> bool:
-    """Too many wrong one-time codes over the share's life: only staff unlock it."""
-    return share.otp_failures >= settings.OTP_LIFETIME_MAX_FAILURES
-
-
-def share_is_locked(share: Share) -> bool:
-    if share_lock_is_final(share):
-        return True
-    return share.locked_until is not None and share.locked_until > timezone.now()
-
-
-@dataclass(frozen=True)
-class AccessCheck:
-    """The outcome of a link or code: `share` when it opens one; `matched` is the share the
-    credential pointed at even when refused (for the audit log only, never for the answer)."""
-
-    share: Share | None
-    matched: Share | None
-    reason: Refusal | None
-
-
-def share_check_link(signed: str) -> AccessCheck:
-    token = credentials.unsign_link_token(signed)
-    if token is None:
-        # Forged or older than any share can live: refused before any lookup.
-        return AccessCheck(None, None, Refusal.UNKNOWN)
-    share = Share.objects.filter(token_hash=credentials.hash_link_token(token)).first()
-    if share is None:
-        return AccessCheck(None, None, Refusal.UNKNOWN)
-    reason = share_refusal(share)
-    return AccessCheck(None if reason else share, share, reason)
-
-
-def share_check_code(typed: str) -> AccessCheck:
-    """The same work whatever the code: one lookup by prefix and one hash verification, so an
-    unknown code takes as long as an expired, revoked or right one."""
-    code = credentials.normalize_code(typed)
-    prefix, secret = credentials.split_code(code or "0" * credentials.CODE_LENGTH)
-    share = Share.objects.filter(code_prefix=prefix).first()
-    matches = credentials.code_secret_matches(secret, share.code_hash if share else None)
-    if code is None or share is None or not matches:
-        return AccessCheck(None, share if code else None, Refusal.UNKNOWN)
-    reason = share_refusal(share)
-    return AccessCheck(None if reason else share, share, reason)
 
 
 # --- one-time codes -----------------------------------------------------------------------------
@@ -368,7 +321,7 @@ def otp_send(*, share: Share, request: HttpRequest) -> OtpSendResult:
         share = _locked_row(share)
         device = _device(share, for_update=True)
         _expire_lock(share, device)
-        if share_is_locked(share):
+        if selectors.share_is_locked(share):
             return OtpSendResult(OtpSend.LOCKED)
         limited = _sends_today(share) >= settings.OTP_MAX_SENDS_PER_DAY
         if not limited:
@@ -409,7 +362,7 @@ def _deliver(share: Share, token: str, request: HttpRequest) -> None:
     minutes = max(1, settings.OTP_VALIDITY // 60)
     context = {"code": token, "minutes": minutes, "site": settings.BASE_URL}
     if share.channel == Share.Channel.SMS:
-        host = settings.BASE_URL.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+        host = urlsplit(settings.BASE_URL).hostname
         body = render_to_string("accounts/otp_sms.txt", context).strip()
         # The last line lets phones offer the code for this site only (WebOTP / iOS autofill).
         sms.send_sms(share.contact, f"{body}\n\n@{host} #{token}")
@@ -449,11 +402,14 @@ def otp_verify(*, share: Share, otp: str, request: HttpRequest) -> OtpVerifyResu
     locked_now = False
     with transaction.atomic():
         share = _locked_row(share)
-        if share_refusal(share) is not None:
+        if share.refusal() is not None:
             return OtpVerifyResult(OtpVerify.REFUSED)
         device = _device(share, for_update=True)
         _expire_lock(share, device)
-        if share_is_locked(share) or device.throttling_failure_count >= settings.OTP_MAX_FAILURES:
+        if (
+            selectors.share_is_locked(share)
+            or device.throttling_failure_count >= settings.OTP_MAX_FAILURES
+        ):
             return OtpVerifyResult(OtpVerify.LOCKED)
         allowed, data = device.verify_is_allowed()
         if not allowed:
@@ -470,8 +426,11 @@ def otp_verify(*, share: Share, otp: str, request: HttpRequest) -> OtpVerifyResu
         if not ok:
             share.otp_failures += 1
             update: dict[str, Any] = {"otp_failures": F("otp_failures") + 1}
-            if failures >= settings.OTP_MAX_FAILURES or share_lock_is_final(share):
-                share.locked_until = timezone.now() + _cool_off()
+            if failures >= settings.OTP_MAX_FAILURES or selectors.share_lock_is_final(share):
+                # The same cool-off as axes' lockouts; accounts.E004 makes sure there is one.
+                cool_off = get_cool_off(request)
+                assert cool_off is not None
+                share.locked_until = timezone.now() + cool_off
                 update["locked_until"] = share.locked_until
                 locked_now = True
             Share.objects.filter(pk=share.pk).update(**update)
@@ -480,7 +439,7 @@ def otp_verify(*, share: Share, otp: str, request: HttpRequest) -> OtpVerifyResu
         return OtpVerifyResult(OtpVerify.OK)
     audit(AuditEvent.Action.OTP_FAILED, request=request, share=share, failures=failures)
     if locked_now:
-        final = share_lock_is_final(share)
+        final = selectors.share_lock_is_final(share)
         audit(AuditEvent.Action.LOCKOUT, request=request, share=share, step="otp", final=final)
         return OtpVerifyResult(OtpVerify.LOCKED)
     remaining = min(
@@ -524,8 +483,3 @@ def share_consume(share: Share) -> bool:
     if used:
         share.used_at = now
     return bool(used)
-
-
-def _cool_off() -> timedelta:
-    value = settings.AXES_COOLOFF_TIME
-    return value if isinstance(value, timedelta) else timedelta(minutes=15)

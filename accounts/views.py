@@ -9,7 +9,6 @@ import statistics
 import threading
 import time
 from collections import deque
-from datetime import timedelta
 from typing import Any
 
 from axes.handlers.proxy import AxesProxyHandler
@@ -42,8 +41,10 @@ def _notice(request: HttpRequest) -> str | None:
 def _locked_response(request: HttpRequest, share: Share | None = None) -> HttpResponse:
     """The 429 page. `share`: the share whose one-time codes locked it, when that lock only
     ends with staff (the page then says to call them rather than to wait)."""
-    cool_off = get_cool_off(request) or timedelta(minutes=15)
-    final = share is not None and services.share_lock_is_final(share)
+    cool_off = get_cool_off(request)
+    # accounts.E004 makes sure there is a cool-off.
+    assert cool_off is not None
+    final = share is not None and selectors.share_lock_is_final(share)
     response = render(
         request,
         "accounts/locked.html",
@@ -56,7 +57,7 @@ def _locked_response(request: HttpRequest, share: Share | None = None) -> HttpRe
     )
     if not final:
         response["Retry-After"] = str(int(cool_off.total_seconds()))
-    return access.no_store(response)
+    return response
 
 
 def lockout(
@@ -87,7 +88,7 @@ def _hide_path_from_axes(request: HttpRequest) -> None:
 
 
 def _audit_failure(request: HttpRequest, action: str) -> None:
-    check: services.AccessCheck | None = getattr(request, "share_check", None)
+    check: selectors.AccessCheck | None = getattr(request, "share_check", None)
     matched = check.matched if check else None
     reason = check.reason.value if check and check.reason else "locked-out"
     services.audit(action, request=request, share=matched, reason=reason)
@@ -96,9 +97,9 @@ def _audit_failure(request: HttpRequest, action: str) -> None:
 
 
 def _opened(request: HttpRequest, share: Share, *, via: str) -> HttpResponse:
-    if services.share_is_locked(share):
+    if selectors.share_is_locked(share):
         return _locked_response(request, share)
-    access.bind(request, share, via=via)
+    access.bind(request, share)
     services.share_attach_study(share)
     action = AuditEvent.Action.LINK_OPENED if via == "link" else AuditEvent.Action.CODE_OK
     services.audit(action, request=request, share=share)
@@ -157,7 +158,7 @@ def link(request: HttpRequest, token: str) -> HttpResponse:
         request, link_token=token, lockout_scope=credentials.lockout_key_for_link(raw)
     )
     if isinstance(share, Share):
-        if services.share_is_locked(share):
+        if selectors.share_is_locked(share):
             request.session[_LOCKED_SHARE] = share.pk
             return redirect("accounts:locked")
         return _opened(request, share, via="link")
@@ -194,12 +195,10 @@ def access_code(request: HttpRequest) -> HttpResponse:
             form = AccessCodeForm(captcha=needs_captcha)
     else:
         form = AccessCodeForm(captcha=needs_captcha)
-    return access.no_store(
-        render(
-            request,
-            "accounts/access.html",
-            {"form": form, "invalid": invalid, "notice": notice},
-        )
+    return render(
+        request,
+        "accounts/access.html",
+        {"form": form, "invalid": invalid, "notice": notice},
     )
 
 
@@ -288,7 +287,7 @@ def verify(request: HttpRequest) -> HttpResponse:
         "passkey": passkeys.can_sign_in(share),
         "minutes": settings.OTP_VALIDITY // 60,
     }
-    return access.no_store(render(request, "accounts/verify.html", context))
+    return render(request, "accounts/verify.html", context)
 
 
 def _limit_message() -> str:
@@ -316,8 +315,8 @@ def logout(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @access.recipient_required
-def history(request: HttpRequest) -> HttpResponse:
-    share: Share = request.share  # type: ignore[attr-defined]
+def history(request: access.RecipientRequest) -> HttpResponse:
+    share = request.share
     events = selectors.share_events(share)[:500]
     return render(
         request,
@@ -330,7 +329,7 @@ def history(request: HttpRequest) -> HttpResponse:
 
 
 def _json(data: dict[str, Any], status: int = 200) -> HttpResponse:
-    return access.no_store(JsonResponse(data, status=status))
+    return JsonResponse(data, status=status)
 
 
 def _may_enrol(request: HttpRequest, share: Share) -> bool:
@@ -339,8 +338,8 @@ def _may_enrol(request: HttpRequest, share: Share) -> bool:
 
 @require_GET
 @access.recipient_required
-def passkey_offer(request: HttpRequest) -> HttpResponse:
-    share: Share = request.share  # type: ignore[attr-defined]
+def passkey_offer(request: access.RecipientRequest) -> HttpResponse:
+    share = request.share
     if not _may_enrol(request, share):
         return redirect("dicomweb:viewer")
     return render(request, "accounts/passkey_offer.html", {"share": share})
@@ -348,22 +347,20 @@ def passkey_offer(request: HttpRequest) -> HttpResponse:
 
 @require_POST
 @access.recipient_required
-def passkey_register_options(request: HttpRequest) -> HttpResponse:
-    share: Share = request.share  # type: ignore[attr-defined]
+def passkey_register_options(request: access.RecipientRequest) -> HttpResponse:
+    share = request.share
     if not _may_enrol(request, share):
         return _json({"error": "not allowed"}, status=404)
-    return access.no_store(
-        HttpResponse(
-            passkeys.registration_options(share, request.session),
-            content_type="application/json",
-        )
+    return HttpResponse(
+        passkeys.registration_options(share, request.session),
+        content_type="application/json",
     )
 
 
 @require_POST
 @access.recipient_required
-def passkey_register(request: HttpRequest) -> HttpResponse:
-    share: Share = request.share  # type: ignore[attr-defined]
+def passkey_register(request: access.RecipientRequest) -> HttpResponse:
+    share = request.share
     if not _may_enrol(request, share):
         return _json({"error": "not allowed"}, status=404)
     try:
@@ -381,11 +378,9 @@ def passkey_login_options(request: HttpRequest) -> HttpResponse:
     share = access.pending_share(request)
     if share is None or not passkeys.can_sign_in(share):
         return _json({"error": "not found"}, status=404)
-    return access.no_store(
-        HttpResponse(
-            passkeys.authentication_options(share, request.session),
-            content_type="application/json",
-        )
+    return HttpResponse(
+        passkeys.authentication_options(share, request.session),
+        content_type="application/json",
     )
 
 

@@ -42,8 +42,8 @@ def _person_name(value: str) -> str:
 
 @require_GET
 @access.recipient_required
-def viewer(request: HttpRequest) -> HttpResponse:
-    share: Share = request.share  # type: ignore[attr-defined]
+def viewer(request: access.RecipientRequest) -> HttpResponse:
+    share = request.share
     study = selectors.viewer_study(share)
     if study is not None and not request.session.get("recipient.viewed"):
         # One event per session, not one per page load.

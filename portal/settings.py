@@ -264,7 +264,8 @@ SMS_SENDER = env.str("PORTAL_SMS_SENDER", default="Portal")
 SMS_TIMEOUT = env.float("PORTAL_SMS_TIMEOUT", default=10.0)
 
 # --- Recipient access (accounts) -----------------------------------------------------------
-# Days a share lives unless staff choose otherwise, and the most they may choose.
+# Days a share lives unless staff choose otherwise, and the most they may choose (also how
+# long a signed link is read at all: accounts.credentials.unsign_link_token).
 SHARE_DAYS_PATIENT = env.int("PORTAL_SHARE_DAYS_PATIENT", default=30)
 SHARE_DAYS_PHYSICIAN = env.int("PORTAL_SHARE_DAYS_PHYSICIAN", default=14)
 SHARE_MAX_DAYS = 90

@@ -25,8 +25,9 @@ from studies.storescp import StorageServer
 from tests.support import free_port
 from tests.support.orthanc import OrthancServer
 
-# The recipient-access fixtures (shares, codes, sessions), for every test module.
-pytest_plugins = ["tests.access_fixtures"]
+# Fixtures of the recipient-access tests (shares, one-time codes); their helpers are imported
+# by name from the module.
+pytest_plugins = ["tests.support.access"]
 
 # Who the tests' dcmtk peers claim to be when they send to the portal's storage SCP.
 MODALITY_AE = "MODALITY"

@@ -7,14 +7,14 @@ from datetime import timedelta
 import pytest
 from axes.models import AccessAttempt
 from captcha.models import CaptchaStore
+from django.conf import settings
 from django.db.models import F
 from django.test import Client
 from django.utils import timezone
 
 from accounts import credentials, net, selectors
 from accounts.models import AuditEvent, Share
-from tests.access_fixtures import *  # noqa: F403
-from tests.access_fixtures import link_path, make_share, share_of
+from tests.support.access import link_path, make_share, share_of
 
 pytestmark = pytest.mark.django_db
 
@@ -56,7 +56,7 @@ class TestCodesFromOneAddress:
         assert response.status_code == 429
         assert b"15 minutes" in response.content
         assert response["Retry-After"] == "900"
-        assert AuditEvent.objects.filter(action="lockout").exists()
+        assert AuditEvent.objects.filter(action=AuditEvent.Action.LOCKOUT).exists()
 
     def test_it_refuses_even_the_right_code_during_the_cool_off(self, share, captcha_passes):  # type: ignore[no-untyped-def]
         client = Client()
@@ -128,11 +128,13 @@ class TestCodesFromManyAddresses:
         services.share_unlock(share=share_of(share))
         response = post_code(Client(), share.access_code, "192.0.2.200")
         assert response.status_code == 302
-        assert AuditEvent.objects.filter(share=share.share, action="share_unlocked").exists()
+        assert AuditEvent.objects.filter(
+            share=share.share, action=AuditEvent.Action.SHARE_UNLOCKED
+        ).exists()
 
     def test_failures_on_a_share_are_in_its_history(self, share, captcha_passes):  # type: ignore[no-untyped-def]
         post_code(Client(), wrong_code_for(share), "198.51.100.9")
-        event = AuditEvent.objects.get(share=share.share, action="code_failed")
+        event = AuditEvent.objects.get(share=share.share, action=AuditEvent.Action.CODE_FAILED)
         assert event.ip_address == "198.51.100.9"
         assert share.access_code.replace("-", "")[4:] not in str(event.detail)
 
@@ -149,7 +151,7 @@ def forged_link() -> str:
 def stale_link(monkeypatch) -> str:  # type: ignore[no-untyped-def]
     """Correctly signed, but longer ago than any share can live."""
     with monkeypatch.context() as m:
-        past = time.time() - (credentials.LINK_MAX_AGE_DAYS + 1) * 86400
+        past = time.time() - (settings.SHARE_MAX_DAYS + 1) * 86400
         m.setattr("django.core.signing.time.time", lambda: past)
         return signed_unknown_link()
 

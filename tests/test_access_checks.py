@@ -4,6 +4,7 @@ start with them (`manage.py check`, and every command that runs the checks)."""
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,21 @@ def test_the_limits_themselves_are_accepted(settings) -> None:  # type: ignore[n
     settings.OTP_RESEND_COOLDOWN = 60
     settings.OTP_THROTTLE_FACTOR = 1
     assert not {"accounts.E006", "accounts.E007", "accounts.E008"} & _ids()
+
+
+@pytest.mark.parametrize(
+    ("cool_off", "refused"),
+    [
+        (None, True),  # axes would lock for ever, and the one-time code lock needs an end
+        (timedelta(minutes=14), True),
+        (0.2, True),  # axes reads a float as hours: 12 minutes
+        (timedelta(minutes=15), False),
+        (1, False),  # an int is hours
+    ],
+)
+def test_the_cool_off_is_read_as_axes_reads_it(settings, cool_off, refused) -> None:  # type: ignore[no-untyped-def]
+    settings.AXES_COOLOFF_TIME = cool_off
+    assert ("accounts.E004" in _ids()) is refused
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,9 @@ from axes.models import AccessAttempt
 from django.test import Client
 from django.utils import timezone
 
-from accounts import credentials, services
+from accounts import credentials, selectors, services
 from accounts.models import Share
-from tests.access_fixtures import *  # noqa: F403
-from tests.access_fixtures import link_path, make_share
+from tests.support.access import link_path, make_share
 
 pytestmark = pytest.mark.django_db
 
@@ -121,7 +120,7 @@ class TestCodes:
             assert response.status_code == 200, kind
             assert len(calls) == 1, kind
         calls.clear()
-        assert services.share_check_code(codes["unknown"]).share is None
+        assert selectors.share_check_code(codes["unknown"]).share is None
         assert len(calls) == 1
 
     def test_the_right_code_still_works(self, kinds, share):  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from django.test import Client
 
-from tests.access_fixtures import *  # noqa: F403
+from tests.support.access import open_link, sms_messages
 
 LOCALE = Path(__file__).resolve().parent.parent / "locale"
 
@@ -74,8 +74,6 @@ def test_the_language_switch_sticks() -> None:
 
 @pytest.mark.django_db
 def test_the_one_time_code_message_is_translated(share, sms_dir) -> None:  # type: ignore[no-untyped-def]
-    from tests.access_fixtures import open_link, sms_messages
-
     client = Client(HTTP_ACCEPT_LANGUAGE="fr")
     open_link(client, share)
     client.post("/access/verify", {"action": "send"})

@@ -12,9 +12,9 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
+from accounts import selectors, services
 from accounts.models import AuditEvent, Share, ShareOTPDevice
-from tests.access_fixtures import *  # noqa: F403
-from tests.access_fixtures import (
+from tests.support.access import (
     last_code,
     make_share,
     make_study,
@@ -75,8 +75,18 @@ class TestSending:
         code = last_code(sms_dir)
         assert len(code) == 6 and code.isdigit()
         assert messages[0]["body"].endswith(f"@127.0.0.1 #{code}")
-        event = AuditEvent.objects.get(share=share.share, action="otp_sent")
+        event = AuditEvent.objects.get(share=share.share, action=AuditEvent.Action.OTP_SENT)
         assert code not in str(event.detail)
+
+    def test_the_sms_binds_the_code_to_the_site_host_alone(self, share, sms_dir, settings):  # type: ignore[no-untyped-def]
+        # WebOTP wants the bare host: no scheme, port, path or credentials.
+        settings.BASE_URL = "https://staff@Portal.example.org:8443/images"
+        client = Client()
+        open_link(client, share)
+        send(client)
+        assert sms_messages(sms_dir)[0]["body"].endswith(
+            f"\n\n@portal.example.org #{last_code(sms_dir)}"
+        )
 
     def test_email_recipients_get_the_code_by_email(self, study):  # type: ignore[no-untyped-def]
         created = make_share(
@@ -115,7 +125,9 @@ class TestSending:
         open_link(client, share)
         response = send(client)
         assert b"could not send the code" in response.content
-        assert AuditEvent.objects.filter(share=share.share, action="otp_send_failed").exists()
+        assert AuditEvent.objects.filter(
+            share=share.share, action=AuditEvent.Action.OTP_SEND_FAILED
+        ).exists()
         device = ShareOTPDevice.objects.get(share=share.share)
         assert device.generate_is_allowed()[0]
 
@@ -173,7 +185,10 @@ class TestChecking:
         # A fresh session from elsewhere, with the link: still locked.
         response = open_link(Client(), share, REMOTE_ADDR="198.51.100.4")
         assert response["Location"] == "/access/locked"
-        assert AuditEvent.objects.filter(share=share.share, action="lockout").count() == 1
+        assert (
+            AuditEvent.objects.filter(share=share.share, action=AuditEvent.Action.LOCKOUT).count()
+            == 1
+        )
 
     def test_many_sessions_from_many_addresses_share_one_count(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
         first = Client()
@@ -218,14 +233,12 @@ class TestChecking:
         assert type_otp(client, code)["Location"] == "/viewer/"
 
     def test_the_lock_ends_with_the_cool_off_or_a_staff_unlock(self, share, sms_dir, fast_otp):  # type: ignore[no-untyped-def]
-        from accounts import services
-
         client = Client()
         open_link(client, share)
         send(client)
         for _ in range(5):
             type_otp(client, "000000" if last_code(sms_dir) != "000000" else "111111")
-        assert services.share_is_locked(share_of(share))
+        assert selectors.share_is_locked(share_of(share))
         Share.objects.filter(pk=share.share.pk).update(
             locked_until=timezone.now() - timedelta(seconds=1)
         )
@@ -242,7 +255,7 @@ class TestChecking:
         send(client)
         for _ in range(5):
             type_otp(client, wrong(last_code(sms_dir)))
-        assert services.share_is_locked(share_of(share))
+        assert selectors.share_is_locked(share_of(share))
         services.share_unlock(share=share_of(share))
         client = Client()
         open_link(client, share)
@@ -287,15 +300,13 @@ class TestOverTheShareLifetime:
     def test_after_one_cool_off_five_more_wrong_codes_lock_it_for_staff(  # type: ignore[no-untyped-def]
         self, share, sms_dir, fast_otp
     ):
-        from accounts import services
-
         client = Client()
         open_link(client, share)
         send(client)
         code = last_code(sms_dir)
         for _ in range(5):
             type_otp(client, wrong(code))
-        assert services.share_is_locked(share_of(share))
+        assert selectors.share_is_locked(share_of(share))
         # The cool-off passes: five more tries, no more.
         Share.objects.filter(pk=share.share.pk).update(
             locked_until=timezone.now() - timedelta(seconds=1)
@@ -318,7 +329,7 @@ class TestOverTheShareLifetime:
         page = with_link.get("/access/locked")
         assert page.status_code == 429 and b"The hospital can open it again" in page.content
         assert share_of(share).otp_failures == 10
-        lockouts = AuditEvent.objects.filter(share=share.share, action="lockout")
+        lockouts = AuditEvent.objects.filter(share=share.share, action=AuditEvent.Action.LOCKOUT)
         assert [e.detail["final"] for e in lockouts.order_by("pk")] == [False, True]
         # Staff unlock it, and the recipient starts afresh.
         services.share_unlock(share=share_of(share))
@@ -358,11 +369,16 @@ class TestOverTheShareLifetime:
         response = send(client)
         assert b"You have asked for many codes today" in response.content
         assert len(sms_messages(sms_dir)) == 10
-        assert AuditEvent.objects.filter(share=share.share, action="otp_send_limit").count() == 1
+        assert (
+            AuditEvent.objects.filter(
+                share=share.share, action=AuditEvent.Action.OTP_SEND_LIMIT
+            ).count()
+            == 1
+        )
         # The code already sent still works…
         assert share_of(share).otp_device.token == last_code(sms_dir)
         # …and a day later codes can be sent again.
-        AuditEvent.objects.filter(share=share.share, action="otp_sent").update(
+        AuditEvent.objects.filter(share=share.share, action=AuditEvent.Action.OTP_SENT).update(
             at=timezone.now() - timedelta(hours=24, minutes=1)
         )
         send(client)
@@ -381,7 +397,7 @@ class TestOverTheShareLifetime:
         assert "SMTPRecipientsRefused" in caplog.text
         assert "dr.secret" not in caplog.text
         assert "dr.secret" not in str(
-            list(AuditEvent.objects.filter(action="otp_send_failed").values())
+            list(AuditEvent.objects.filter(action=AuditEvent.Action.OTP_SEND_FAILED).values())
         )
 
 
@@ -431,7 +447,9 @@ def test_parallel_wrong_codes_cannot_pass_the_limit(  # type: ignore[no-untyped-
     assert len(statuses) == 12
     row = share_of(created)
     device = ShareOTPDevice.objects.get(share=created.share)
-    counted = AuditEvent.objects.filter(share=created.share, action="otp_failed").count()
+    counted = AuditEvent.objects.filter(
+        share=created.share, action=AuditEvent.Action.OTP_FAILED
+    ).count()
     assert row.otp_failures == device.throttling_failure_count == counted
     assert counted <= 5
     if throttle_factor == 0:

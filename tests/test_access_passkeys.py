@@ -20,8 +20,7 @@ from webauthn.helpers import bytes_to_base64url
 
 from accounts import access, passkeys
 from accounts.models import AuditEvent, PhysicianPasskey, ShareOTPDevice
-from tests.access_fixtures import *  # noqa: F403
-from tests.access_fixtures import make_share, open_link, sign_in
+from tests.support.access import make_share, open_link, sign_in
 
 pytestmark = pytest.mark.django_db
 
@@ -168,7 +167,9 @@ class TestEnrolment:
         assert response.status_code == 200 and json.loads(response.content)["ok"] is True
         passkey = PhysicianPasskey.objects.get()
         assert passkey.email == ADDRESS and passkey.enrolled_with_id == created.share.pk
-        assert AuditEvent.objects.filter(share=created.share, action="passkey_enrolled").exists()
+        assert AuditEvent.objects.filter(
+            share=created.share, action=AuditEvent.Action.PASSKEY_ENROLLED
+        ).exists()
         # The owner of the mailbox hears of it at once.
         assert [m.to for m in mail.outbox] == [[ADDRESS]]
         assert "passkey" in mail.outbox[0].subject.lower()
@@ -224,7 +225,9 @@ class TestEnrolment:
         assert response.status_code == 400
         assert json.loads(response.content)["error"] == "Your passkey could not be saved."
         assert PhysicianPasskey.objects.count() == 1
-        assert AuditEvent.objects.filter(share=created.share, action="passkey_failed").exists()
+        assert AuditEvent.objects.filter(
+            share=created.share, action=AuditEvent.Action.PASSKEY_FAILED
+        ).exists()
 
     def test_a_registration_for_another_origin_is_refused(self, study) -> None:  # type: ignore[no-untyped-def]
         created = make_share(**PHYSICIAN)
@@ -270,7 +273,9 @@ class TestSignIn:
         assert passkey_sign_in(client, enrolled).status_code == 200
         assert client.get("/viewer/").status_code == 200
         assert mail.outbox == []
-        assert AuditEvent.objects.filter(share=created.share, action="passkey_ok").exists()
+        assert AuditEvent.objects.filter(
+            share=created.share, action=AuditEvent.Action.PASSKEY_OK
+        ).exists()
 
     def test_an_assertion_for_another_origin_is_refused(self, enrolled) -> None:  # type: ignore[no-untyped-def]
         created = make_share(**PHYSICIAN)
@@ -352,7 +357,9 @@ def test_a_bad_answer_is_refused_and_recorded(study) -> None:  # type: ignore[no
     )
     assert response.status_code == 400
     assert client.get("/viewer/")["Location"] == "/access/"
-    assert AuditEvent.objects.filter(share=created.share, action="passkey_failed").exists()
+    assert AuditEvent.objects.filter(
+        share=created.share, action=AuditEvent.Action.PASSKEY_FAILED
+    ).exists()
     # The challenge served once: a replay finds none.
     response = client.post(
         "/access/passkey/login", json.dumps(forged), content_type="application/json"

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.test import Client
 
 from accounts import sms
+from tests.support.access import make_share, make_study, open_link
 
 
 class TestFileBackend:
@@ -127,10 +129,6 @@ class TestHttpGateway:
             )
 
     def test_it_is_used_for_one_time_codes(self, gateway, settings, db) -> None:  # type: ignore[no-untyped-def]
-        from django.test import Client
-
-        from tests.access_fixtures import make_share, make_study, open_link
-
         url, handler = gateway
         settings.SMS_BACKEND = "http"
         settings.SMS_GATEWAY_URL = url

@@ -25,8 +25,8 @@ from accounts.models import Share
 from studies import services
 from studies.models import Instance
 from studies.store import instance_file
-from tests.access_fixtures import make_share, sign_in
 from tests.conftest import PacsStudies, SyntheticStudy
+from tests.support.access import make_share, sign_in
 from tests.support.orthanc import OrthancServer
 
 pytestmark = pytest.mark.dicom

@@ -13,7 +13,7 @@ from pytest_django.fixtures import Settings
 from accounts.models import Share
 from studies import services, synthetic
 from studies.models import Instance, RetrievalJob, Study
-from tests.access_fixtures import make_share
+from tests.support.access import make_share
 
 pytestmark = pytest.mark.django_db
 

@@ -19,8 +19,7 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from tests.access_fixtures import *  # noqa: F403
-from tests.access_fixtures import last_code, link_path, make_share, make_study, sms_messages
+from tests.support.access import last_code, link_path, make_share, make_study, sms_messages
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -230,7 +229,9 @@ def test_physician_enrols_a_passkey_then_signs_in_with_it(
     from accounts.models import AuditEvent, PhysicianPasskey
 
     assert PhysicianPasskey.objects.filter(email="dr.martin@example.org").count() == 1
-    assert AuditEvent.objects.filter(share=second.share, action="passkey_ok").exists()
+    assert AuditEvent.objects.filter(
+        share=second.share, action=AuditEvent.Action.PASSKEY_OK
+    ).exists()
     assert csp_violations == []
 
 

@@ -16,6 +16,7 @@ from accounts import selectors as account_selectors
 from accounts import services as account_services
 from accounts.models import Share
 from studies import services
+from studies.dicom import is_valid_uid
 from studies.models import PacsNode
 from studies.selectors import study_in_store
 
@@ -28,7 +29,7 @@ def share_as_dict(share: Share) -> dict[str, Any]:
         "channel": share.channel,
         "expires_at": share.expires_at.isoformat(),
         "status": account_selectors.share_status(share),
-        "locked": account_services.share_is_locked(share),
+        "locked": account_selectors.share_is_locked(share),
         "single_use": share.single_use,
         "download": share.allow_download,
     }
@@ -101,6 +102,9 @@ class Command(BaseCommand):
 
     def _create(self, options: dict[str, Any]) -> None:
         study_uid = options["study_uid"]
+        if not is_valid_uid(study_uid):
+            # accounts.services.share_create leaves the UID to its caller.
+            raise CommandError(f"Not a valid Study Instance UID: {study_uid[:80]!r}.")
         node = None
         if options["pacs"]:
             try:

@@ -1,13 +1,15 @@
 """Fixtures and helpers for the recipient-access tests (shares, codes, sessions).
 
-Studies are written straight into the index through the ORM: these tests need no PACS.
+A pytest plugin (tests/conftest.py lists it in `pytest_plugins`): the fixtures are there for
+every test module; the helpers are imported by name. Studies are written straight into the
+index through the ORM: these tests need no PACS.
 """
 
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from django.test import Client
@@ -70,7 +72,7 @@ def make_share(
 
 
 def link_path(created: services.CreatedShare) -> str:
-    return "/s/" + created.url.rsplit("/s/", 1)[1]
+    return urlsplit(created.url).path
 
 
 def sms_messages(folder: Path) -> list[dict[str, str]]:
@@ -141,6 +143,3 @@ def sign_in(client: Client, created: services.CreatedShare, sms_folder: Path, **
 
 def share_of(created: services.CreatedShare) -> Share:
     return Share.objects.get(pk=created.share.pk)
-
-
-AnyCallable = Callable[..., Any]
