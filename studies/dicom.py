@@ -18,7 +18,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
 from pydicom.values import convert_string
 
 # UIDs become directory and file names in the store: only this shape is ever accepted, which
@@ -33,6 +38,11 @@ IMPLEMENTATION_VERSION_NAME = "IMAGE_PORTAL_01"
 
 class InvalidDicom(ValueError):
     """A dataset that the portal refuses to store or index."""
+
+
+class DatasetMismatch(InvalidDicom):
+    """A data set that contradicts what came with it or what the store holds: a SOP Instance
+    or Class UID other than its C-STORE request's, or an instance UID of another study."""
 
 
 def is_valid_uid(value: object) -> bool:
@@ -171,7 +181,7 @@ class Header:
             try:
                 ds = read_dataset(
                     BytesIO(self._raw),
-                    is_implicit_VR=syntax == _IMPLICIT_VR_LITTLE_ENDIAN,
+                    is_implicit_VR=syntax == ImplicitVRLittleEndian,
                     is_little_endian=True,
                     stop_when=_stops_at_pixels,
                 )
@@ -203,10 +213,10 @@ def read_leading_header(data: bytes, transfer_syntax_uid: str) -> tuple[Header, 
     into the file meta), undefined lengths on anything but a sequence, an encoding that looks
     like the other VR mode (pydicom switches), keys in other than their standard VR or form.
     """
-    if transfer_syntax_uid in {_EXPLICIT_VR_BIG_ENDIAN, _DEFLATED}:
+    if transfer_syntax_uid in {ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}:
         return None
     values: dict[int, bytes] = {}
-    implicit = transfer_syntax_uid == _IMPLICIT_VR_LITTLE_ENDIAN
+    implicit = transfer_syntax_uid == ImplicitVRLittleEndian
     try:
         position = _walk(data, 0, implicit, depth=0, values=values)
     except (struct.error, RecursionError):
@@ -431,9 +441,6 @@ def integer(ds: Dataset, keyword: str, minimum: int = -(2**31)) -> int | None:
 # its pixel data, and pydicom reads a short last value without complaint: only walking the
 # element headers to the end of the file tells a whole data set from a truncated one.
 
-_IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-_EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
 # Explicit VRs whose length is a 32-bit field after two reserved bytes (PS3.5 7.1.2).
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -541,9 +548,9 @@ def pixel_data_ends_data_set(element: bytes, *, transfer_syntax_uid: str, remain
     The quick form of `check_complete` for the usual layout of uncompressed images, pixel
     data last. False means "not shown": the caller runs the full check.
     """
-    if transfer_syntax_uid in {_EXPLICIT_VR_BIG_ENDIAN, _DEFLATED}:
+    if transfer_syntax_uid in {ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}:
         return False
-    if transfer_syntax_uid == _IMPLICIT_VR_LITTLE_ENDIAN:
+    if transfer_syntax_uid == ImplicitVRLittleEndian:
         if len(element) < 8:
             return False
         header, length = 8, struct.unpack_from("<I", element, 4)[0]
@@ -560,7 +567,7 @@ def check_complete(handle: BinaryIO, transfer_syntax_uid: str) -> None:
     """Raise InvalidDicom unless the Part 10 file in `handle` holds a whole data set: every
     element fits in the file and the last one ends where the file ends. Reads element headers
     only (values are skipped), so it costs little even for large images."""
-    if transfer_syntax_uid == _DEFLATED:
+    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         return  # the data set is a zlib stream: pydicom's inflate would notice a cut
     end = handle.seek(0, 2)
     handle.seek(0)
@@ -568,10 +575,8 @@ def check_complete(handle: BinaryIO, transfer_syntax_uid: str) -> None:
     if offset > end:
         raise InvalidDicom("the file is truncated inside its file meta information")
     handle.seek(offset)
-    walker = _ElementWalker(
-        handle, end, little_endian=transfer_syntax_uid != _EXPLICIT_VR_BIG_ENDIAN
-    )
-    walker.data_set(implicit=transfer_syntax_uid == _IMPLICIT_VR_LITTLE_ENDIAN, stop=end, top=True)
+    walker = _ElementWalker(handle, end, little_endian=transfer_syntax_uid != ExplicitVRBigEndian)
+    walker.data_set(implicit=transfer_syntax_uid == ImplicitVRLittleEndian, stop=end, top=True)
     # A cut that falls exactly between two elements leaves a well-formed data set: an image
     # whose pixel data went missing is how such a cut shows.
     tags = set(walker.top_level_tags)

@@ -156,7 +156,3 @@ class RetrievalJob(models.Model):
 
     def __str__(self) -> str:
         return f"job {self.pk} {self.study_instance_uid} {self.status}"
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status in {self.Status.DONE, self.Status.FAILED}

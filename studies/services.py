@@ -1,34 +1,20 @@
-"""Writes to the studies domain: PACS nodes, retrieval jobs, imports."""
+"""Writes of the studies domain: PACS nodes, and sharing a study (retrieving it if need be).
 
-import logging
-import os
-import threading
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from pathlib import Path
+Retrieval jobs are studies.retrieval's, imports studies.imports'.
+"""
 
-from django.conf import settings
+from dataclasses import dataclass
+
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
-from django.utils import timezone
+from django.http import HttpRequest
+from django.utils.translation import gettext as _
 
+from accounts import services as account_services
 from accounts.models import User
-from studies import dicom, pacs, wado
-from studies.models import Instance, PacsNode, RetrievalJob, Study
-from studies.store import Indexer, StoreError
-
-logger = logging.getLogger(__name__)
-
-# Minimum seconds between two progress writes of one job: enough for a live progress bar,
-# few enough that a 300-slice retrieval does not spend its time updating one row.
-_PROGRESS_INTERVAL = 0.5
-# The SOP class of a DICOMDIR, which describes a CD rather than being an image.
-_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
-# How often a C-MOVE job looks at the index while the storage SCP finishes indexing.
-_INDEX_POLL_INTERVAL = 0.1
+from accounts.services import CreatedShare
+from studies import dicom, retrieval, tasks
+from studies.models import PacsNode, RetrievalJob
+from studies.selectors import study_in_store
 
 
 def pacs_node_create(
@@ -69,489 +55,54 @@ def pacs_node_create(
     return node
 
 
-def peer_for(node: PacsNode) -> pacs.Peer:
-    return pacs.Peer(ae_title=node.ae_title, host=node.host, port=node.port)
+@dataclass(frozen=True)
+class SharedStudy:
+    """What `study_share` made: the share with its link and access code (shown once), the
+    retrieval job it queued if the store lacked the study, and whether the store held it."""
+
+    created: CreatedShare
+    job: RetrievalJob | None
+    in_store: bool
 
 
-def retrieval_job_create(
-    *, node: PacsNode, study_uid: str, requested_by: object | None = None
-) -> RetrievalJob:
-    """A job to bring a study into the store; an unfinished job for the same study is reused.
+def study_share(
+    *,
+    study_instance_uid: str,
+    node: PacsNode | None = None,
+    recipient: str,
+    channel: str,
+    contact: str,
+    days: int | None = None,
+    allow_download: bool = True,
+    single_use: bool = False,
+    created_by: User | None = None,
+    request: HttpRequest | None = None,
+) -> SharedStudy:
+    """Share a study with a recipient and, if the store lacks it and a node is given, queue
+    its retrieval from that node.
 
-    A job still marked running past its lease lost its worker (killed, machine restarted): it is
-    queued again rather than handed back as if someone were working on it.
+    Until the study is in the store the share is "pending" (accounts.selectors.share_status):
+    the recipient can already open it, and sees "being prepared".
     """
-    if not dicom.is_valid_uid(study_uid):
-        raise ValidationError({"study_uid": ["This is not a valid Study Instance UID."]})
-    # An anonymous user (or none) is recorded as nobody.
-    user = requested_by if isinstance(requested_by, User) and requested_by.pk else None
-    with transaction.atomic():
-        existing = (
-            RetrievalJob.objects.select_for_update()
-            .filter(
-                pacs=node,
-                study_instance_uid=study_uid,
-                status__in=[RetrievalJob.Status.QUEUED, RetrievalJob.Status.RUNNING],
-            )
-            .first()
-        )
-        if existing is None:
-            return RetrievalJob.objects.create(
-                pacs=node,
-                study_instance_uid=study_uid,
-                method=node.retrieve_method,
-                requested_by=user,
-            )
-        if existing.status == RetrievalJob.Status.RUNNING and _lease_expired(
-            existing, timezone.now()
-        ):
-            logger.warning("retrieval job %s lost its worker: queued again", existing.pk)
-            existing.status = RetrievalJob.Status.QUEUED
-            existing.error = "The worker retrieving this study stopped; it is queued again."
-            existing.save(update_fields=["status", "error"])
-        return existing
-
-
-def retrieval_jobs_unfinished() -> list[int]:
-    """The ids of jobs queued or running: what a worker that starts sends itself again."""
-    return list(
-        RetrievalJob.objects.filter(
-            status__in=[RetrievalJob.Status.QUEUED, RetrievalJob.Status.RUNNING]
-        ).values_list("pk", flat=True)
+    # The one definition of a valid UID is here, in studies: accounts may not import it.
+    if not dicom.is_valid_uid(study_instance_uid):
+        raise ValidationError({"study_uid": [_("This is not a valid Study Instance UID.")]})
+    created = account_services.share_create(
+        study_instance_uid=study_instance_uid,
+        recipient=recipient,
+        channel=channel,
+        contact=contact,
+        days=days,
+        allow_download=allow_download,
+        single_use=single_use,
+        created_by=created_by,
+        request=request,
     )
-
-
-def retrieval_job_enqueue(job: RetrievalJob) -> None:
-    from studies.tasks import retrieve_study
-
-    transaction.on_commit(lambda: retrieve_study.delay(job.pk))
-
-
-def retrieval_job_lease_left(job: RetrievalJob) -> float:
-    """Seconds until a running job's lease runs out and another worker may take it over."""
-    lease_end = _lease_end(job)
-    if lease_end is None:
-        return 0.0
-    return max(0.0, (lease_end - timezone.now()).total_seconds())
-
-
-def retrieval_job_may_retry(job: RetrievalJob) -> bool:
-    return job.attempts < _max_attempts()
-
-
-def _max_attempts() -> int:
-    return settings.RETRIEVAL_MAX_RETRIES + 1
-
-
-def _lease_end(job: RetrievalJob) -> datetime | None:
-    if job.lease_until is not None:
-        return job.lease_until
-    if job.started_at is None:
-        return None
-    return job.started_at + timedelta(seconds=settings.RETRIEVAL_LEASE)
-
-
-def _lease_expired(job: RetrievalJob, now: datetime) -> bool:
-    lease_end = _lease_end(job)
-    return lease_end is None or lease_end <= now
-
-
-def _new_lease(now: datetime) -> datetime:
-    return now + timedelta(seconds=settings.RETRIEVAL_LEASE)
-
-
-def _claim(job_id: int) -> tuple[RetrievalJob, bool]:
-    """Take a job to run it: returns the job and whether this caller is to run it.
-
-    The UPDATE is a compare-and-set on what was read (status, attempts, start): of two workers
-    that read the same job, only one UPDATE matches, so a job never runs twice at once. A
-    running job is taken over only once its lease is over: its worker is presumed dead.
-    """
-    job = RetrievalJob.objects.select_related("pacs").get(pk=job_id)
-    now = timezone.now()
-    Status = RetrievalJob.Status
-    if not (
-        job.status == Status.QUEUED or (job.status == Status.RUNNING and _lease_expired(job, now))
-    ):
-        return job, False
-    unchanged = RetrievalJob.objects.filter(
-        pk=job.pk,
-        status=job.status,
-        attempts=job.attempts,
-        started_at=job.started_at,
-        lease_until=job.lease_until,
-    )
-    if job.attempts >= _max_attempts():
-        # Counted before a run rather than after: an attempt that kills its worker (out of
-        # memory, a crash in a C library) never reaches its end, and with acks_late and
-        # reject_on_worker_lost its message would come back for ever.
-        unchanged.update(
-            status=Status.FAILED,
-            error=(
-                f"Gave up after {job.attempts} attempts: the last one did not finish "
-                "(the worker running it stopped)."
-            ),
-            finished_at=now,
+    in_store = study_in_store(study_instance_uid)
+    job = None
+    if node is not None and not in_store:
+        job = retrieval.retrieval_job_create(
+            node=node, study_uid=study_instance_uid, requested_by=created_by
         )
-        return RetrievalJob.objects.select_related("pacs").get(pk=job.pk), False
-    claimed = unchanged.update(
-        status=Status.RUNNING,
-        started_at=now,
-        lease_until=_new_lease(now),
-        attempts=job.attempts + 1,
-        error="",
-        finished_at=None,
-    )
-    if not claimed:
-        return RetrievalJob.objects.select_related("pacs").get(pk=job.pk), False
-    job.status, job.started_at, job.attempts = Status.RUNNING, now, job.attempts + 1
-    job.lease_until = _new_lease(now)
-    job.error, job.finished_at = "", None
-    return job, True
-
-
-@dataclass
-class _Progress:
-    job_id: int
-    # The start of the attempt reporting: a job taken over by another worker (this one's
-    # lease ran out) is not written to by both.
-    started_at: datetime | None
-    last_write: float = 0.0
-
-    def report(
-        self, *, received: int, failed: int, expected: int | None, force: bool = False
-    ) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_write < _PROGRESS_INTERVAL:
-            return
-        values: dict[str, int | None] = {"received": received, "failed": failed}
-        if expected is not None:
-            values["expected"] = expected
-        RetrievalJob.objects.filter(
-            pk=self.job_id, status=RetrievalJob.Status.RUNNING, started_at=self.started_at
-        ).update(**values)
-        self.last_write = now
-
-
-@contextmanager
-def _lease_renewed(job: RetrievalJob) -> Iterator[None]:
-    """Renew the job's lease every third of it while this attempt runs.
-
-    The worker is alive as long as this process is, whatever the PACS says or does not say
-    meanwhile (pending C-MOVE responses are optional): a lease renewed only on progress would
-    let another worker take over a job whose PACS is merely slow to answer.
-    """
-    stop = threading.Event()
-
-    def renew() -> None:
-        try:
-            while not stop.wait(settings.RETRIEVAL_LEASE / 3):
-                RetrievalJob.objects.filter(
-                    pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
-                ).update(lease_until=_new_lease(timezone.now()))
-        except Exception:
-            logger.exception("cannot renew the lease of retrieval job %s", job.pk)
-        finally:
-            connection.close()  # this thread's own
-
-    thread = threading.Thread(target=renew, name=f"lease-{job.pk}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def retrieval_job_run(job_id: int) -> RetrievalJob:
-    """Run one attempt of a job and record its outcome, whatever goes wrong.
-
-    Safe to call again, and from several workers at once: a job that is finished, or that
-    another worker is running (within its lease), is returned as it is; instances already in
-    the store are not indexed twice.
-    """
-    job, ours = _claim(job_id)
-    if not ours:
-        return job
-    progress = _Progress(job.pk, job.started_at)
-    try:
-        with _lease_renewed(job):
-            status, error = _attempt(job, progress)
-    except (pacs.PacsError, wado.DicomwebError, StoreError) as exc:
-        logger.warning("retrieval job %s failed: %s", job.pk, exc)
-        status, error = RetrievalJob.Status.FAILED, str(exc)
-    except Exception as exc:
-        # A bug, the database going away, a library choking on a data set: the job must still
-        # end (and be retried), not stay "running" for ever.
-        logger.exception("retrieval job %s stopped on an unexpected error", job.pk)
-        status = RetrievalJob.Status.FAILED
-        error = (
-            f"The retrieval stopped on an unexpected error ({type(exc).__name__}: "
-            f"{str(exc)[:300]}); the worker's log has the details."
-        )
-    _finish(job, status, error)
-    if status == RetrievalJob.Status.DONE:
-        # Only a study this job brought: one that was there before is the local archive's.
-        Study.objects.filter(
-            study_instance_uid=job.study_instance_uid, created_at__gte=job.created_at
-        ).update(retrieved_copy=True)
-    return RetrievalJob.objects.select_related("pacs").get(pk=job.pk)
-
-
-def _attempt(job: RetrievalJob, progress: _Progress) -> tuple[str, str]:
-    """Retrieve the study once; returns the job's outcome (status, error)."""
-    node = job.pacs
-    if node is None:
-        raise pacs.PacsError("the PACS node of this job has been removed")
-    study_uid = job.study_instance_uid
-    since = timezone.now()
-    if job.method == PacsNode.Retrieve.WADO:
-        received, failed = _retrieve_wado(node, study_uid, progress)
-    else:
-        received, failed = _retrieve_dimse(node, job, progress)
-    if failed:
-        return RetrievalJob.Status.FAILED, (
-            f"{failed} of {received + failed} instances could not be retrieved."
-        )
-    in_study = Instance.objects.filter(series__study__study_instance_uid=study_uid)
-    if received == 0:
-        if in_study.exists():
-            return RetrievalJob.Status.DONE, ""
-        return RetrievalJob.Status.FAILED, "The PACS sent no instance for this study."
-    if job.method == PacsNode.Retrieve.MOVE:
-        # The storage SCP, not this process, indexed what the PACS sent.
-        missing = _await_indexing(node, study_uid, since=since, received=received)
-        where = " (the storage SCP's log says why)"
-    else:
-        missing, where = max(0, received - in_study.count()), ""
-    if missing:
-        return RetrievalJob.Status.FAILED, (
-            f"The PACS sent {received} instances but only {received - missing} are in the "
-            f"index{where}."
-        )
-    return RetrievalJob.Status.DONE, ""
-
-
-def _await_indexing(node: PacsNode, study_uid: str, *, since: datetime, received: int) -> int:
-    """How many of the instances a C-MOVE sent are missing from the index, once the storage
-    SCP has indexed them all or RETRIEVAL_INDEX_WAIT seconds have passed.
-
-    The PACS's final answer may come before the storage SCP has written its last index rows:
-    the SCP answers each C-STORE once the file is in place and writes rows in batches, and
-    PS3.4 lets the PACS answer before it releases the association that carried them.
-    """
-    in_study = Instance.objects.filter(series__study__study_instance_uid=study_uid)
-    expected: set[str] | None = None
-    asked = False
-    deadline = time.monotonic() + settings.RETRIEVAL_INDEX_WAIT
-    while True:
-        # The usual case, one cheap count: a row for every instance sent since the move began.
-        if in_study.filter(created_at__gte=since).count() >= received:
-            return 0
-        if not asked:
-            # Instances the store already held get no new row when they come again: only
-            # their UIDs tell whether they are all there.
-            asked, expected = True, _instances_on_pacs(node, study_uid)
-        indexed = set(in_study.values_list("sop_instance_uid", flat=True))
-        if expected:
-            missing = min(received, len(expected - indexed))
-        else:
-            missing = max(0, received - len(indexed))
-        if not missing or time.monotonic() >= deadline:
-            return missing
-        time.sleep(_INDEX_POLL_INTERVAL)
-
-
-def _instances_on_pacs(node: PacsNode, study_uid: str) -> set[str] | None:
-    """The SOP Instance UIDs of a study on the PACS, or None if it cannot say."""
-    try:
-        return set(pacs.instances_in_study(peer_for(node), study_uid))
-    except pacs.PacsError as exc:
-        logger.warning("cannot list the instances of %s on %s: %s", study_uid, node.name, exc)
-        return None
-
-
-def _finish(job: RetrievalJob, status: str, error: str) -> None:
-    finished = RetrievalJob.objects.filter(
-        pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
-    ).update(status=status, error=error, finished_at=timezone.now())
-    if not finished:
-        logger.warning(
-            "retrieval job %s was taken over by another worker; this attempt ended %s",
-            job.pk,
-            status,
-        )
-
-
-def _retrieve_dimse(node: PacsNode, job: RetrievalJob, progress: _Progress) -> tuple[int, int]:
-    peer = peer_for(node)
-
-    def report(counts: pacs.SubOperations) -> None:
-        progress.report(
-            received=counts.completed + counts.warning,
-            failed=counts.failed,
-            expected=counts.expected,
-            force=counts.remaining == 0,
-        )
-
-    if job.method == PacsNode.Retrieve.GET:
-        indexer = Indexer(source=node)
-        counts = pacs.get_study(
-            peer, job.study_instance_uid, _dimse_store_callback(indexer), report
-        )
-    else:
-        counts = pacs.move_study(peer, job.study_instance_uid, settings.DICOM_AE_TITLE, report)
-    return counts.completed + counts.warning, counts.failed
-
-
-def _dimse_store_callback(indexer: Indexer) -> pacs.StoreCallback:
-    def on_store(data: bytes, sop_class: str, sop_uid: str, syntax: str, source_ae: str) -> int:
-        try:
-            indexer.add_dataset(
-                data,
-                sop_class_uid=sop_class,
-                sop_instance_uid=sop_uid,
-                transfer_syntax_uid=syntax,
-                source_ae=source_ae,
-            )
-        except dicom.InvalidDicom as exc:
-            logger.warning("refused instance %s: %s", sop_uid, exc)
-            return pacs.STATUS_CANNOT_UNDERSTAND
-        except StoreError as exc:
-            logger.error("could not store instance %s: %s", sop_uid, exc)
-            return pacs.STATUS_OUT_OF_RESOURCES
-        return pacs.STATUS_SUCCESS
-
-    return on_store
-
-
-def _retrieve_wado(node: PacsNode, study_uid: str, progress: _Progress) -> tuple[int, int]:
-    if not node.dicomweb_url:
-        raise wado.DicomwebError(f"{node.name} has no DICOMweb URL")
-    expected = _expected_instances(node, study_uid)
-    indexer = Indexer(source=node)
-    counts = {"received": 0, "failed": 0}
-
-    def on_instance(data: bytes) -> None:
-        try:
-            indexer.add_file_bytes(data)
-            counts["received"] += 1
-        except dicom.InvalidDicom as exc:
-            logger.warning("refused a WADO-RS part from %s: %s", node.name, exc)
-            counts["failed"] += 1
-        progress.report(expected=expected, received=counts["received"], failed=counts["failed"])
-
-    wado.retrieve_study(node.dicomweb_url, study_uid, on_instance)
-    progress.report(
-        expected=expected, received=counts["received"], failed=counts["failed"], force=True
-    )
-    return counts["received"], counts["failed"]
-
-
-def _expected_instances(node: PacsNode, study_uid: str) -> int | None:
-    try:
-        matches = wado.search_studies(node.dicomweb_url, {"StudyInstanceUID": study_uid}, limit=1)
-    except wado.DicomwebError:
-        return None
-    if not matches:
-        raise wado.DicomwebError(f"{node.name} does not have study {study_uid}")
-    value = matches[0].get("00201208", {}).get("Value", [None])[0]
-    return int(value) if value is not None else None
-
-
-@dataclass
-class ImportReport:
-    imported: int = 0
-    already_present: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    studies: set[str] = field(default_factory=set)
-    # Why the import stopped before the end (the store cannot take more files), or "".
-    error: str = ""
-
-
-def dicom_import(paths: Iterable[Path]) -> ImportReport:
-    """Import files and folders (a CD, or its DICOMDIR) into the local archive.
-
-    Every file is tried; what cannot be imported is listed with its reason and nothing else
-    is affected. Only a store that cannot take more files (a full disk…) stops the import,
-    with `error` set: every further file would fail the same way.
-    """
-    report = ImportReport()
-    indexer = Indexer(source=None)
-    for path in _walk(paths, report):
-        try:
-            data = _read_part10(path)
-            if _is_dicomdir(data):
-                continue
-            instance, changed = indexer.add_file_bytes(data)
-        except OSError as exc:
-            report.skipped.append((str(path), f"cannot read: {exc.strerror or exc}"))
-            continue
-        except dicom.InvalidDicom as exc:
-            report.skipped.append((str(path), str(exc)))
-            continue
-        except StoreError as exc:
-            report.error = str(exc)
-            break
-        except Exception as exc:
-            # The database refusing a row, say: this file is not imported, the others may be.
-            logger.exception("could not import %s", path)
-            report.skipped.append(
-                (str(path), f"could not be imported: {type(exc).__name__}: {str(exc)[:300]}")
-            )
-            continue
-        if changed:
-            report.imported += 1
-        else:
-            report.already_present += 1
-        report.studies.add(instance.series.study.study_instance_uid)
-    # Staff imported these: they are the local archive now, whatever brought them first.
-    Study.objects.filter(study_instance_uid__in=report.studies).update(retrieved_copy=False)
-    return report
-
-
-def _read_part10(path: Path) -> bytes:
-    """A file's bytes, if it starts as a DICOM Part 10 file does: CDs carry viewers and
-    installers of hundreds of megabytes, which are refused from their first 132 bytes."""
-    with path.open("rb") as handle:
-        head = handle.read(132)
-        if len(head) < 132 or head[128:132] != b"DICM":
-            raise dicom.InvalidDicom(
-                "not a readable DICOM file: no DICOM File Meta Information ('DICM' at byte 128)"
-            )
-        return head + handle.read()
-
-
-def _walk(paths: Iterable[Path], report: ImportReport) -> Iterator[Path]:
-    def unreadable(exc: OSError) -> None:
-        report.skipped.append((str(exc.filename), f"cannot read: {exc.strerror or exc}"))
-
-    for path in paths:
-        if path.is_dir():
-            folder = path
-        elif path.is_file() and _is_dicomdir_file(path):
-            # A CD given by its DICOMDIR: what it describes is the folder it sits in.
-            folder = path.parent
-        elif path.is_file():
-            yield path
-            continue
-        else:
-            report.skipped.append((str(path), "no such file or folder"))
-            continue
-        for root, dirs, files in os.walk(folder, onerror=unreadable):
-            dirs.sort()
-            for name in sorted(files):
-                yield Path(root) / name
-
-
-def _is_dicomdir(data: bytes) -> bool:
-    # Cheap test before a parse: the SOP class UID appears in the file meta of a DICOMDIR.
-    return _MEDIA_STORAGE_DIRECTORY.encode() in data[:512] and (data[128:132] == b"DICM")
-
-
-def _is_dicomdir_file(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            return _is_dicomdir(handle.read(512))
-    except OSError:
-        return False
+        tasks.retrieval_job_enqueue(job)
+    return SharedStudy(created=created, job=job, in_store=in_store)

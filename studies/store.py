@@ -81,7 +81,7 @@ def _refuse_move_to_another_study(keys: dicom.InstanceKeys, indexer: "Indexer") 
     if owner is None:
         owner = _indexed_study_of(sop_uid)
     if owner is not None and owner != study_uid:
-        raise dicom.InvalidDicom(
+        raise dicom.DatasetMismatch(
             "the SOP Instance UID already belongs to another study in the store"
         )
     indexer.placed[sop_uid] = study_uid
@@ -341,11 +341,13 @@ class IncomingInstance:
                     dicom.check_complete(handle, header.keys.transfer_syntax_uid)
             keys = header.keys
             if self.expected_sop_uid and keys.sop_instance_uid != self.expected_sop_uid:
-                raise dicom.InvalidDicom(
+                raise dicom.DatasetMismatch(
                     "the data set's SOP Instance UID differs from the request's"
                 )
             if self.expected_sop_class_uid and keys.sop_class_uid != self.expected_sop_class_uid:
-                raise dicom.InvalidDicom("the data set's SOP Class UID differs from the request's")
+                raise dicom.DatasetMismatch(
+                    "the data set's SOP Class UID differs from the request's"
+                )
             _refuse_move_to_another_study(keys, self.indexer)
             relative = instance_path(keys.study_uid, keys.series_uid, keys.sop_instance_uid)
             final = store_dir() / relative
@@ -593,18 +595,6 @@ def _unlink_quietly(path: Path) -> None:
         pass
     except OSError:
         logger.warning("could not remove %s", path)
-
-
-def study_delete(study: Study) -> None:
-    """Remove a study's files and its index rows."""
-    uid = study.study_instance_uid
-    study.delete()
-    if dicom.is_valid_uid(uid):
-        shutil.rmtree(store_dir() / uid, ignore_errors=True)
-
-
-def instance_file(instance: Instance) -> Path:
-    return store_dir() / instance.file_path
 
 
 # Temporary files older than this in the store's incoming folder were left by a crash.

@@ -1,14 +1,18 @@
-"""Celery tasks. Each is idempotent: a redelivered message (acks_late) repeats no harm."""
+"""Celery tasks. Each is idempotent: a redelivered message (acks_late) repeats no harm.
+
+A task is one more way in: what a job does, and when it is tried again, is studies.retrieval's.
+"""
 
 import logging
 from typing import Any
 
 from celery import shared_task
 from celery.signals import worker_ready
-from django.conf import settings
+from django.db import transaction
 
-from studies import services
+from studies import retrieval
 from studies.models import RetrievalJob
+from studies.selectors import retrieval_jobs_unfinished
 from studies.store import STALE_INCOMING_SECONDS, sweep_incoming
 
 logger = logging.getLogger(__name__)
@@ -16,24 +20,22 @@ logger = logging.getLogger(__name__)
 
 @shared_task(bind=True, acks_late=True, max_retries=None)
 def retrieve_study(self, job_id: int) -> str:  # type: ignore[no-untyped-def]
-    job = services.retrieval_job_run(job_id)
+    job = retrieval.retrieval_job_run(job_id)
     if job.status == RetrievalJob.Status.RUNNING and not self.request.is_eager:
         # Another worker has it. Should that worker die, this message may be all that brings
         # the job back (the file system broker forgets a message once a worker took it):
         # look again when its lease is over. (Run eagerly, in the caller's process, a retry
         # would come at once and again and again: the caller just gets the job as it is.)
-        raise self.retry(countdown=int(services.retrieval_job_lease_left(job)) + 1)
-    if job.status == RetrievalJob.Status.FAILED and services.retrieval_job_may_retry(job):
-        delay = settings.RETRIEVAL_RETRY_BACKOFF * 2 ** (job.attempts - 1)
-        queued = RetrievalJob.objects.filter(
-            pk=job.pk, status=RetrievalJob.Status.FAILED, attempts=job.attempts
-        ).update(
-            status=RetrievalJob.Status.QUEUED,
-            error=f"{job.error} (attempt {job.attempts}; trying again in {delay} s)",
-        )
-        if queued:
-            raise self.retry(countdown=delay)
+        raise self.retry(countdown=int(retrieval.retrieval_job_lease_left(job)) + 1)
+    delay = retrieval.retrieval_job_requeue_after_failure(job)
+    if delay is not None:
+        raise self.retry(countdown=delay)
     return job.status
+
+
+def retrieval_job_enqueue(job: RetrievalJob) -> None:
+    """Have a worker run the job once the current transaction (if any) commits."""
+    transaction.on_commit(lambda: retrieve_study.delay(job.pk))
 
 
 @worker_ready.connect
@@ -45,6 +47,6 @@ def resume_unfinished_jobs(sender: Any, **kwargs: Any) -> None:
     # A killed worker also leaves the temporary file of the instance it was writing.
     sweep_incoming(older_than=STALE_INCOMING_SECONDS)
     queues = list(sender.app.amqp.queues.consume_from) or [None]
-    for job_id in services.retrieval_jobs_unfinished():
+    for job_id in retrieval_jobs_unfinished():
         logger.info("resuming retrieval job %s", job_id)
         retrieve_study.apply_async((job_id,), queue=queues[0])

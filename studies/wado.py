@@ -53,13 +53,6 @@ def search_studies(base_url: str, query: dict[str, str], limit: int = 200) -> li
         raise DicomwebError(f"cannot search {base_url}: {exc}") from exc
 
 
-def search_series(base_url: str, study_uid: str) -> list[dict[str, Any]]:
-    try:
-        return list(_client(base_url).search_for_series(study_instance_uid=study_uid))
-    except requests.RequestException as exc:
-        raise DicomwebError(f"cannot search {base_url}: {exc}") from exc
-
-
 def retrieve_study(
     base_url: str,
     study_uid: str,

@@ -1,8 +1,8 @@
 """Fixtures shared by the whole suite.
 
 The DICOM backbone: one Orthanc per test session, loaded with synthetic studies, and one portal
-storage SCP (the real `studies.storescp.StorageServer`, in this process) that Orthanc knows as a
-C-MOVE destination. Orthanc reads its configuration once, so the SCP's port is chosen first.
+storage SCP (the real `studies.dimse.storescp.StorageServer`, in this process) that Orthanc knows
+as a C-MOVE destination. Orthanc reads its configuration once, so the SCP's port is chosen first.
 
 Tests that let the storage SCP write (C-MOVE, storescu) need
 `@pytest.mark.django_db(transaction=True)`: the SCP's threads have their own database
@@ -19,9 +19,10 @@ import pytest
 from django.conf import settings
 from pydicom.uid import JPEGLSLossless
 
-from studies import services, synthetic
+from studies import services
+from studies.demo import synthetic
+from studies.dimse.storescp import StorageServer
 from studies.models import PacsNode
-from studies.storescp import StorageServer
 from tests.support import free_port
 from tests.support.orthanc import OrthancServer
 

@@ -12,7 +12,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 
-from studies import dicom, synthetic
+from studies import dicom
+from studies.demo import synthetic
 
 
 def _one_instance(transfer_syntax: str = ExplicitVRLittleEndian, **kwargs: object) -> Dataset:

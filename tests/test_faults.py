@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 from django.db import DatabaseError, connection
 
-from studies import pacs, services, synthetic
+from studies import retrieval, services
+from studies.demo import synthetic
+from studies.dimse import pacs
+from studies.dimse.storescp import StorageServer
 from studies.models import Instance, PacsNode, RetrievalJob, Study
-from studies.storescp import StorageServer
 from tests.conftest import PacsStudies, assert_store_consistent, scp_port, store_problems
 from tests.support import free_port
 from tests.support.orthanc import OrthancServer
@@ -28,8 +30,8 @@ METHODS = [PacsNode.Retrieve.MOVE, PacsNode.Retrieve.GET, PacsNode.Retrieve.WADO
 def retrieve(node: PacsNode, method: str, study_uid: str) -> RetrievalJob:
     node.retrieve_method = method
     node.save(update_fields=["retrieve_method"])
-    job = services.retrieval_job_create(node=node, study_uid=study_uid)
-    return services.retrieval_job_run(job.pk)
+    job = retrieval.retrieval_job_create(node=node, study_uid=study_uid)
+    return retrieval.retrieval_job_run(job.pk)
 
 
 def assert_failed(job: RetrievalJob, *phrases: str) -> None:
@@ -248,12 +250,12 @@ def test_it_fails_the_job_when_the_index_loses_what_the_scp_accepted(
 ) -> None:
     """The storage SCP answers a C-STORE once the file is in place and writes index rows in
     batches; a database that refuses those rows must not end in a job reported done."""
-    import studies.storescp
+    import studies.dimse.storescp
 
     def refuse(instances: list[Instance]) -> None:
         raise DatabaseError("the database is read-only")
 
-    monkeypatch.setattr(studies.storescp, "upsert_instances", refuse)
+    monkeypatch.setattr(studies.dimse.storescp, "upsert_instances", refuse)
     settings.RETRIEVAL_INDEX_WAIT = 1.0
     study = pacs_studies.utf8
 
@@ -281,9 +283,9 @@ def test_it_waits_for_index_rows_that_come_after_the_pacs_final_answer(
 ) -> None:
     """PS3.4 lets a PACS send its final C-MOVE answer before the storage SCP has written its
     last index rows: the job waits for them rather than fail a complete retrieval."""
-    import studies.storescp
+    import studies.dimse.storescp
 
-    real_upsert = studies.storescp.upsert_instances
+    real_upsert = studies.dimse.storescp.upsert_instances
     writers: list[threading.Thread] = []
 
     def late(instances: list[Instance]) -> None:
@@ -297,7 +299,7 @@ def test_it_waits_for_index_rows_that_come_after_the_pacs_final_answer(
         writers.append(threading.Thread(target=write))
         writers[-1].start()
 
-    monkeypatch.setattr(studies.storescp, "upsert_instances", late)
+    monkeypatch.setattr(studies.dimse.storescp, "upsert_instances", late)
     study = pacs_studies.latin1
     try:
         job = retrieve(orthanc_node, PacsNode.Retrieve.MOVE, study.uid)

@@ -16,7 +16,7 @@ from pydicom.fileset import FileSet
 from pydicom.uid import UID, JPEGLSLossless
 from pytest_django.fixtures import Settings
 
-from studies import synthetic
+from studies.demo import synthetic
 from studies.models import Instance, Series, Study
 
 pytestmark = pytest.mark.django_db

@@ -1,4 +1,4 @@
-"""The C-MOVE client (studies.dimse_client under pacs.move_study) against a second PACS,
+"""The C-MOVE client (studies.dimse.move_scu under pacs.move_study) against a second PACS,
 dcmtk's dcmqrscp, whose answers Orthanc never gives, and against PACSs gone bad: a peer that
 breaks the protocol, announces more than we accept or trickles its answers is cut off quickly,
 with an A-ABORT, whatever it tries. (Orthanc, and a PACS dying mid-move, are in test_retrieval
@@ -17,9 +17,10 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
-from studies import pacs, synthetic
+from studies.demo import synthetic
+from studies.dimse import pacs
+from studies.dimse.storescp import StorageServer
 from studies.models import PacsNode
-from studies.storescp import StorageServer
 from tests.conftest import scp_port
 from tests.support import Service, dcmtk, free_port
 

@@ -11,7 +11,8 @@ from django.utils import timezone
 from pytest_django.fixtures import Settings
 
 from accounts.models import Share
-from studies import services, synthetic
+from studies import imports
+from studies.demo import synthetic
 from studies.models import Instance, RetrievalJob, Study
 from tests.support.access import make_share
 
@@ -23,7 +24,7 @@ def stored_study(tmp_path: Path, name: str) -> str:
     datasets = synthetic.make_study(
         patient_name=f"{name}^Test", patient_id=name, modalities=(("CT", 2),), rows=8, columns=8
     )
-    services.dicom_import(synthetic.write_study(datasets, tmp_path / name))
+    imports.dicom_import(synthetic.write_study(datasets, tmp_path / name))
     return str(datasets[0].StudyInstanceUID)
 
 
@@ -161,7 +162,7 @@ def test_an_import_makes_a_retrieved_copy_part_of_the_archive(
     retrieved(uid)
     assert Study.objects.get(study_instance_uid=uid).retrieved_copy
 
-    services.dicom_import([tmp_path / "COPY"])  # staff import the same study from a CD
+    imports.dicom_import([tmp_path / "COPY"])  # staff import the same study from a CD
 
     assert not Study.objects.get(study_instance_uid=uid).retrieved_copy
     assert purge()["studies"] == []

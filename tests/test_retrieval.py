@@ -13,10 +13,12 @@ from django.db import connection
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 
-from studies import dicom, pacs, services, synthetic
+from studies import dicom, imports, retrieval, services
+from studies.demo import synthetic
+from studies.dimse import pacs
+from studies.dimse.storescp import StorageServer
 from studies.models import Instance, PacsNode, RetrievalJob, Series, Study
 from studies.store import store_dir
-from studies.storescp import StorageServer
 from tests.conftest import PacsStudies, SyntheticStudy, scp_port
 from tests.support import free_port
 from tests.support.orthanc import OrthancServer
@@ -34,8 +36,8 @@ def dataset_sha256(part10: bytes) -> str:
 def retrieve(node: PacsNode, method: str, study_uid: str) -> RetrievalJob:
     node.retrieve_method = method
     node.save(update_fields=["retrieve_method"])
-    job = services.retrieval_job_create(node=node, study_uid=study_uid)
-    return services.retrieval_job_run(job.pk)
+    job = retrieval.retrieval_job_create(node=node, study_uid=study_uid)
+    return retrieval.retrieval_job_run(job.pk)
 
 
 def peer(orthanc: OrthancServer) -> pacs.Peer:
@@ -98,7 +100,7 @@ def test_a_study_the_archive_held_before_its_retrieval_stays_in_the_archive(
     study = pacs_studies.utf8
     for number, data in enumerate(study.files.values()):
         (tmp_path / f"{number}.dcm").write_bytes(data)
-    services.dicom_import([tmp_path])
+    imports.dicom_import([tmp_path])
 
     job = retrieve(orthanc_node, PacsNode.Retrieve.MOVE, study.uid)
 
@@ -117,7 +119,7 @@ def test_it_retrieves_again_without_duplicating_or_rewriting(
     files = {path: (store_dir() / path).read_bytes() for path, _, _ in rows.values()}
 
     # Running a finished job again changes nothing.
-    again = services.retrieval_job_run(first.pk)
+    again = retrieval.retrieval_job_run(first.pk)
     assert (again.status, again.attempts, again.received) == ("done", 1, study.instance_count)
 
     # A new job for the same study is served from what the store already holds.
@@ -138,10 +140,10 @@ def test_it_retrieves_again_without_duplicating_or_rewriting(
 def test_it_reuses_an_unfinished_job_for_the_same_study(
     pacs_studies: PacsStudies, orthanc_node: PacsNode
 ) -> None:
-    first = services.retrieval_job_create(node=orthanc_node, study_uid=pacs_studies.utf8.uid)
-    second = services.retrieval_job_create(node=orthanc_node, study_uid=pacs_studies.utf8.uid)
+    first = retrieval.retrieval_job_create(node=orthanc_node, study_uid=pacs_studies.utf8.uid)
+    second = retrieval.retrieval_job_create(node=orthanc_node, study_uid=pacs_studies.utf8.uid)
     assert first.pk == second.pk
-    other = services.retrieval_job_create(node=orthanc_node, study_uid=pacs_studies.latin1.uid)
+    other = retrieval.retrieval_job_create(node=orthanc_node, study_uid=pacs_studies.latin1.uid)
     assert other.pk != first.pk
 
 
@@ -149,7 +151,7 @@ def test_it_refuses_a_study_uid_that_is_not_a_uid(orthanc_node: PacsNode) -> Non
     from django.core.exceptions import ValidationError
 
     with pytest.raises(ValidationError):
-        services.retrieval_job_create(node=orthanc_node, study_uid="../../etc/passwd")
+        retrieval.retrieval_job_create(node=orthanc_node, study_uid="../../etc/passwd")
     assert RetrievalJob.objects.count() == 0
 
 
@@ -261,16 +263,6 @@ def test_find_studies_stops_at_the_limit(orthanc: OrthancServer, pacs_studies: P
     assert len(pacs.find_studies(peer(orthanc), {"PatientID": "PAT-UTF8"})) == 1
 
 
-def test_find_series_lists_each_series(orthanc: OrthancServer, pacs_studies: PacsStudies) -> None:
-    study = pacs_studies.latin1
-    matches = pacs.find_series(peer(orthanc), study.uid)
-    found = {
-        str(m.SeriesInstanceUID): (str(m.Modality), int(m.NumberOfSeriesRelatedInstances))
-        for m in matches
-    }
-    assert found == {uid: (modality, count) for uid, (modality, count, _) in study.series.items()}
-
-
 # --- One job, two runs at once --------------------------------------------------------------
 
 
@@ -280,7 +272,7 @@ def test_two_runs_of_one_job_at_once_ask_the_pacs_once(
     """Two workers given the same job (a redelivered message, a job queued twice) at the same
     moment: one retrieves the study, the other gets the job as it is."""
     study = pacs_studies.latin1
-    job = services.retrieval_job_create(node=orthanc_node, study_uid=study.uid)
+    job = retrieval.retrieval_job_create(node=orthanc_node, study_uid=study.uid)
     real_move = pacs.move_study
     moves: list[str] = []
     start = threading.Barrier(2)
@@ -298,7 +290,7 @@ def test_two_runs_of_one_job_at_once_ask_the_pacs_once(
     def run(name: str) -> None:
         start.wait()
         try:
-            outcomes[name] = services.retrieval_job_run(job.pk)
+            outcomes[name] = retrieval.retrieval_job_run(job.pk)
         finally:
             one_returned.set()
             connection.close()

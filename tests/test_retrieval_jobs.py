@@ -10,7 +10,8 @@ import pytest
 from django.utils import timezone
 from pytest_django.fixtures import Settings
 
-from studies import pacs, services
+from studies import retrieval, services
+from studies.dimse import pacs
 from studies.models import PacsNode, RetrievalJob
 from tests.support import free_port
 
@@ -38,7 +39,7 @@ def pacs_must_not_be_asked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def job_with(node: PacsNode, **fields: object) -> RetrievalJob:
-    job = services.retrieval_job_create(node=node, study_uid=STUDY_UID)
+    job = retrieval.retrieval_job_create(node=node, study_uid=STUDY_UID)
     RetrievalJob.objects.filter(pk=job.pk).update(**fields)
     job.refresh_from_db()
     return job
@@ -53,8 +54,8 @@ def test_a_job_another_worker_runs_within_its_lease_is_handed_back_as_it_is(
 ) -> None:
     job = job_with(node, status=RetrievalJob.Status.RUNNING, started_at=seconds_ago(30), attempts=1)
 
-    asked_again = services.retrieval_job_create(node=node, study_uid=STUDY_UID)
-    ran = services.retrieval_job_run(job.pk)
+    asked_again = retrieval.retrieval_job_create(node=node, study_uid=STUDY_UID)
+    ran = retrieval.retrieval_job_run(job.pk)
 
     assert asked_again.pk == job.pk
     assert asked_again.status == RetrievalJob.Status.RUNNING
@@ -68,7 +69,7 @@ def test_a_running_job_past_its_lease_is_queued_again_when_the_study_is_asked_fo
         node, status=RetrievalJob.Status.RUNNING, started_at=seconds_ago(LEASE + 1), attempts=1
     )
 
-    asked_again = services.retrieval_job_create(node=node, study_uid=STUDY_UID)
+    asked_again = retrieval.retrieval_job_create(node=node, study_uid=STUDY_UID)
 
     assert asked_again.pk == job.pk
     assert asked_again.status == RetrievalJob.Status.QUEUED
@@ -88,12 +89,12 @@ def test_a_long_job_that_reports_progress_keeps_its_lease(
         attempts=1,
     )
 
-    asked_again = services.retrieval_job_create(node=node, study_uid=STUDY_UID)
-    ran = services.retrieval_job_run(job.pk)
+    asked_again = retrieval.retrieval_job_create(node=node, study_uid=STUDY_UID)
+    ran = retrieval.retrieval_job_run(job.pk)
 
     assert asked_again.status == RetrievalJob.Status.RUNNING
     assert (ran.status, ran.attempts, ran.started_at) == ("running", 1, job.started_at)
-    assert LEASE - 10 < services.retrieval_job_lease_left(ran) <= LEASE - 5
+    assert LEASE - 10 < retrieval.retrieval_job_lease_left(ran) <= LEASE - 5
 
 
 def test_a_job_whose_worker_fell_silent_is_taken_over_once_its_lease_ran_out(
@@ -108,7 +109,7 @@ def test_a_job_whose_worker_fell_silent_is_taken_over_once_its_lease_ran_out(
         attempts=1,
     )
 
-    ran = services.retrieval_job_run(job.pk)
+    ran = retrieval.retrieval_job_run(job.pk)
 
     assert ran.attempts == 2
     assert ran.error.startswith("cannot reach DOWN@")
@@ -122,7 +123,7 @@ def test_a_running_job_past_its_lease_is_taken_over_by_the_next_run(
         node, status=RetrievalJob.Status.RUNNING, started_at=seconds_ago(LEASE + 1), attempts=1
     )
 
-    ran = services.retrieval_job_run(job.pk)
+    ran = retrieval.retrieval_job_run(job.pk)
 
     # This run really went to the PACS, as a second attempt.
     assert ran.attempts == 2
@@ -142,7 +143,7 @@ def test_a_job_whose_attempts_are_used_up_is_given_up_before_it_runs(
     settings.RETRIEVAL_MAX_RETRIES = 2
     job = job_with(node, status=status, started_at=seconds_ago(LEASE + 1), attempts=3)
 
-    ran = services.retrieval_job_run(job.pk)
+    ran = retrieval.retrieval_job_run(job.pk)
 
     assert ran.status == RetrievalJob.Status.FAILED
     assert ran.error == (
@@ -151,13 +152,13 @@ def test_a_job_whose_attempts_are_used_up_is_given_up_before_it_runs(
     assert ran.attempts == 3
     assert ran.finished_at is not None
     # Given up is finished: a later delivery of its message leaves it alone.
-    assert services.retrieval_job_run(job.pk).finished_at == ran.finished_at
+    assert retrieval.retrieval_job_run(job.pk).finished_at == ran.finished_at
 
 
 def test_a_finished_job_is_never_run_again(node: PacsNode, pacs_must_not_be_asked: None) -> None:
     for status in (RetrievalJob.Status.DONE, RetrievalJob.Status.FAILED):
         job = job_with(node, status=status, started_at=seconds_ago(LEASE * 10), attempts=1)
-        ran = services.retrieval_job_run(job.pk)
+        ran = retrieval.retrieval_job_run(job.pk)
         assert (ran.status, ran.attempts, ran.started_at) == (status, 1, job.started_at)
         job.delete()
 
@@ -172,7 +173,7 @@ def test_a_pacs_slow_to_answer_does_not_cost_its_worker_the_job(settings: Settin
         node = services.pacs_node_create(
             name="silent", ae_title="SILENT", host="127.0.0.1", port=silent.getsockname()[1]
         )
-        job = services.retrieval_job_create(node=node, study_uid=STUDY_UID)
+        job = retrieval.retrieval_job_create(node=node, study_uid=STUDY_UID)
         leases: list[datetime | None] = []
 
         def watch() -> None:
@@ -182,7 +183,7 @@ def test_a_pacs_slow_to_answer_does_not_cost_its_worker_the_job(settings: Settin
 
         watcher = threading.Thread(target=watch)
         watcher.start()
-        ran = services.retrieval_job_run(job.pk)
+        ran = retrieval.retrieval_job_run(job.pk)
         watcher.join()
 
     assert ran.status == RetrievalJob.Status.FAILED  # the PACS never answered

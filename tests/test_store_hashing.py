@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from studies import dicom, synthetic
+from studies import dicom
+from studies.demo import synthetic
 from studies.store import HashingThread, Indexer
 
 

@@ -23,10 +23,11 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from studies import dicom, services, synthetic
+from studies import dicom, services
+from studies.demo import synthetic
+from studies.dimse.storescp import StorageServer
 from studies.models import Instance, PacsNode, Study
 from studies.store import store_dir
-from studies.storescp import StorageServer
 from tests.conftest import MODALITY_AE, assert_store_consistent, scp_port, wait_until
 from tests.support import dcmtk
 
@@ -223,7 +224,7 @@ def test_it_stops_accepting_a_node_once_it_is_removed(
     # (a connection from an address without any node is dropped unread).
     services.pacs_node_create(name="neighbour", ae_title="NEIGHBOUR", host="127.0.0.1", port=104)
     modality_node.delete()
-    storage_scp.nodes.invalidate()
+    storage_scp.nodes.load()
     result = dcmtk.echoscu("127.0.0.1", port, aet=MODALITY_AE, aec=storage_scp.ae_title)
     assert result.returncode != 0
     # Refused at association time, and told why: not a connection that merely broke.
@@ -279,7 +280,7 @@ def test_it_refuses_a_data_set_it_cannot_index_and_goes_on(
 
 def _part10_with(data_set: bytes, *, sop_uid: str) -> bytes:
     meta = dicom.encode_file_meta(
-        sop_class_uid=synthetic.CT_IMAGE_STORAGE,
+        sop_class_uid=CTImageStorage,
         sop_instance_uid=sop_uid,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
@@ -338,7 +339,7 @@ def test_it_refuses_truncated_and_garbage_data_sets_and_goes_on(
 def _command_set(sop_uid: str) -> bytes:
     """A C-STORE-RQ command set, implicit VR little endian with its group length."""
     command = Dataset()
-    command.AffectedSOPClassUID = synthetic.CT_IMAGE_STORAGE
+    command.AffectedSOPClassUID = CTImageStorage
     command.CommandField = 0x0001
     command.MessageID = 7
     command.Priority = 0
@@ -634,16 +635,14 @@ def test_an_instance_cannot_be_moved_into_another_study(
 
 def test_an_error_comment_stays_within_its_value_representation() -> None:
     """An exception's text may hold anything; the Error Comment (LO) sent back must not."""
-    from studies import dimse_wire, storescp
+    from studies.dimse import storescp, wire
 
     request = storescp._decode_command(_command_set("1.2.826.0.1.3680043.8.498.79"), 1)
     comment = "bad value\\second\nline\x00 é " + "x" * 80
     response = storescp._encode_response(0x8001, request, 0xC000, comment, True)
-    elements = dimse_wire.command_elements(response)
-    text = elements[dimse_wire.ERROR_COMMENT]
+    elements = wire.command_elements(response)
+    text = elements[wire.ERROR_COMMENT]
     assert len(text) % 2 == 0 and len(text) <= 64
     assert all(0x20 <= byte <= 0x7E and byte != 0x5C for byte in text)
     assert text.startswith(b"bad value?second?line? ? ")
-    assert dimse_wire.uid(elements, dimse_wire.AFFECTED_SOP_INSTANCE_UID) == (
-        "1.2.826.0.1.3680043.8.498.79"
-    )
+    assert wire.uid(elements, wire.AFFECTED_SOP_INSTANCE_UID) == ("1.2.826.0.1.3680043.8.498.79")

@@ -16,7 +16,8 @@ import pytest
 from django.db.models import QuerySet
 from pytest_django.fixtures import Settings
 
-from studies import dicom, services, synthetic
+from studies import dicom, retrieval, services, tasks
+from studies.demo import synthetic
 from studies.models import Instance, PacsNode, RetrievalJob, Series, Study
 from studies.tasks import retrieve_study
 from tests.conftest import store_problems
@@ -67,6 +68,10 @@ def wait_for_job(
     )
 
 
+def finished(job: RetrievalJob) -> bool:
+    return job.status in {RetrievalJob.Status.DONE, RetrievalJob.Status.FAILED}
+
+
 def finished_runs(worker: CeleryWorker, outcome: str) -> int:
     """How many times the worker's retrieve_study returned `outcome` (Celery logs each)."""
     pattern = rf"Task studies\.tasks\.retrieve_study\[[^\]]+\] succeeded in [0-9.]+s: '{outcome}'"
@@ -95,11 +100,11 @@ def test_it_retries_an_unreachable_pacs_then_fails_the_job_with_a_clear_error(
     node = services.pacs_node_create(
         name="closed", ae_title="CLOSEDPACS", host="127.0.0.1", port=closed_port
     )
-    job = services.retrieval_job_create(node=node, study_uid="1.2.826.0.1.3680043.8.498.4242")
+    job = retrieval.retrieval_job_create(node=node, study_uid="1.2.826.0.1.3680043.8.498.4242")
     failures_before = finished_runs(worker, "failed")
 
     with worker.producer_app():
-        services.retrieval_job_enqueue(job)
+        tasks.retrieval_job_enqueue(job)
 
     # The task returns (rather than retrying) only once it has given up.
     wait_for_runs(worker, "failed", failures_before + 1)
@@ -132,12 +137,12 @@ def test_it_retrieves_a_study_by_c_get_in_the_worker_and_a_second_run_changes_no
     orthanc_node.refresh_from_db()
     study = pacs_studies.latin1
     pacs_copies = orthanc.study_files(study.uid)
-    job = services.retrieval_job_create(node=orthanc_node, study_uid=study.uid)
+    job = retrieval.retrieval_job_create(node=orthanc_node, study_uid=study.uid)
     assert job.method == PacsNode.Retrieve.GET
 
     with worker.producer_app():
-        services.retrieval_job_enqueue(job)
-    job = wait_for_job(job, lambda j: j.is_finished, worker)
+        tasks.retrieval_job_enqueue(job)
+    job = wait_for_job(job, finished, worker)
 
     assert job.status == RetrievalJob.Status.DONE, job.error
     assert job.attempts == 1
@@ -179,7 +184,7 @@ def test_it_retrieves_a_study_by_c_get_in_the_worker_and_a_second_run_changes_no
     )
     with worker.producer_app():
         retrieve_study.delay(job.pk)
-    job = wait_for_job(job, lambda j: j.is_finished, worker)
+    job = wait_for_job(job, finished, worker)
 
     assert job.status == RetrievalJob.Status.DONE, job.error
     assert job.attempts == 2
@@ -275,12 +280,12 @@ def test_a_job_whose_worker_is_killed_mid_retrieval_is_taken_over_and_finished(
                 port=link.port,
                 retrieve_method=PacsNode.Retrieve.GET,
             )
-            job = services.retrieval_job_create(node=node, study_uid=study_uid)
+            job = retrieval.retrieval_job_create(node=node, study_uid=study_uid)
             first = CeleryWorker(workdir=tmp_path / "worker", env=environment).start()
             settings.STORE_DIR = first.store_dir
             try:
                 with first.producer_app():
-                    services.retrieval_job_enqueue(job)
+                    tasks.retrieval_job_enqueue(job)
                 assert meter.wait_for(KILL_AFTER_BYTES, timeout=60), first.log_tail()
                 assert first.process is not None
                 first.process.kill()
@@ -296,7 +301,7 @@ def test_a_job_whose_worker_is_killed_mid_retrieval_is_taken_over_and_finished(
             second = CeleryWorker(workdir=tmp_path / "worker", env=environment)
             second.queue = first.queue
             with second:
-                job = wait_for_job(job, lambda j: j.is_finished, second)
+                job = wait_for_job(job, finished, second)
 
     assert job.status == RetrievalJob.Status.DONE, job.error
     assert job.attempts == 2

@@ -122,9 +122,10 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
     django.setup()
     from django.core.management import call_command
 
-    from studies import services, synthetic
+    from studies import retrieval, services
+    from studies.demo import synthetic
     from studies.models import Instance, RetrievalJob, Study
-    from studies.store import study_delete
+    from studies.store import store_dir
 
     call_command("migrate", verbosity=0)
     portal_port, dcmtk_port = free_port(), free_port()
@@ -186,12 +187,13 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
             orthanc_pid = orthanc.process.pid  # type: ignore[union-attr]
             for index in range(runs + 1):  # the first round warms caches and is not counted
                 for study in Study.objects.filter(study_instance_uid=study_uid):
-                    study_delete(study)
+                    study.delete()
+                    shutil.rmtree(store_dir() / study.study_instance_uid, ignore_errors=True)
                 _settle()
                 cpu = (_cpu_seconds(storescp.pid), _own_cpu_seconds(), _cpu_seconds(orthanc_pid))
                 started = time.perf_counter()
-                job = services.retrieval_job_create(node=node, study_uid=study_uid)
-                job = services.retrieval_job_run(job.pk)
+                job = retrieval.retrieval_job_create(node=node, study_uid=study_uid)
+                job = retrieval.retrieval_job_run(job.pk)
                 elapsed = time.perf_counter() - started
                 spent = (
                     _cpu_seconds(storescp.pid) - cpu[0],

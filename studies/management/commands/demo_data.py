@@ -19,7 +19,8 @@ from pydicom.uid import generate_uid
 
 from accounts import services as account_services
 from accounts.models import Share, User
-from studies import services, synthetic
+from studies import imports
+from studies.demo import synthetic
 from studies.models import Study
 
 DEMO_USERNAME = "demo"
@@ -99,7 +100,7 @@ class Command(BaseCommand):
         )
         with tempfile.TemporaryDirectory(prefix="portal-demo-") as folder:
             synthetic.write_study(datasets, Path(folder))
-            report = services.dicom_import([Path(folder)])
+            report = imports.dicom_import([Path(folder)])
         if report.error:
             raise CommandError(f"The demo study could not be imported: {report.error}")
         if report.skipped:

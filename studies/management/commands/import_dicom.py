@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from studies import services
+from studies import imports
 
 
 class Command(BaseCommand):
@@ -17,7 +17,7 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        report = services.dicom_import(options["paths"])
+        report = imports.dicom_import(options["paths"])
         error = ""
         if report.error:
             error = f"The import stopped: the store cannot take more files ({report.error})."

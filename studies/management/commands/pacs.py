@@ -4,7 +4,8 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from studies import pacs, services
+from studies import services
+from studies.dimse import pacs
 from studies.models import PacsNode
 
 
@@ -87,7 +88,7 @@ class Command(BaseCommand):
     def handle_echo(self, **options: Any) -> None:
         node = self._node(options["name"])
         try:
-            pacs.echo(services.peer_for(node))
+            pacs.echo(pacs.Peer.of(node))
         except pacs.PacsError as exc:
             if options["json"]:
                 self.stdout.write(json.dumps({"name": node.name, "ok": False, "error": str(exc)}))

@@ -4,7 +4,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from studies import services
+from studies import retrieval, tasks
 from studies.models import PacsNode, RetrievalJob
 
 
@@ -42,13 +42,13 @@ class Command(BaseCommand):
         except PacsNode.DoesNotExist:
             raise CommandError(f"No PACS node named {options['name']!r}.") from None
         try:
-            job = services.retrieval_job_create(node=node, study_uid=options["study_uid"])
+            job = retrieval.retrieval_job_create(node=node, study_uid=options["study_uid"])
         except ValidationError as exc:
             raise CommandError(" ".join(exc.messages)) from exc
         if options["wait"]:
-            job = services.retrieval_job_run(job.pk)
+            job = retrieval.retrieval_job_run(job.pk)
         else:
-            services.retrieval_job_enqueue(job)
+            tasks.retrieval_job_enqueue(job)
         if options["json"]:
             self.stdout.write(json.dumps(job_as_dict(job)))
         elif job.status == RetrievalJob.Status.DONE:

@@ -7,7 +7,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from studies.dicom import is_valid_ae_title
-from studies.storescp import StorageServer
+from studies.dimse.storescp import StorageServer
 
 
 class Command(BaseCommand):

@@ -1,8 +1,8 @@
 """`share create|revoke|unlock|list`: shares from the command line.
 
-The share itself is accounts' (accounts.services); this command lives in studies because, with
-`--pacs`, it also queues the retrieval of a study the store lacks. Such a share is "pending"
-until the study is in the store (accounts.selectors.share_status), then "active": the
+The share itself is accounts' (accounts.services); `create` calls studies.services.study_share,
+which with `--pacs` also queues the retrieval of a study the store lacks. Such a share is
+"pending" until the study is in the store (accounts.selectors.share_status), then "active": the
 recipient can open it at any time, and sees "being prepared" until then.
 """
 
@@ -16,9 +16,7 @@ from accounts import selectors as account_selectors
 from accounts import services as account_services
 from accounts.models import Share
 from studies import services
-from studies.dicom import is_valid_uid
 from studies.models import PacsNode
-from studies.selectors import study_in_store
 
 
 def share_as_dict(share: Share) -> dict[str, Any]:
@@ -102,9 +100,6 @@ class Command(BaseCommand):
 
     def _create(self, options: dict[str, Any]) -> None:
         study_uid = options["study_uid"]
-        if not is_valid_uid(study_uid):
-            # accounts.services.share_create leaves the UID to its caller.
-            raise CommandError(f"Not a valid Study Instance UID: {study_uid[:80]!r}.")
         node = None
         if options["pacs"]:
             try:
@@ -118,8 +113,9 @@ class Command(BaseCommand):
         else:
             recipient, channel, contact = "physician", "email", options["physician_email"]
         try:
-            created = account_services.share_create(
+            shared = services.study_share(
                 study_instance_uid=study_uid,
+                node=node,
                 recipient=recipient,
                 channel=channel,
                 contact=contact,
@@ -129,14 +125,7 @@ class Command(BaseCommand):
             )
         except ValidationError as exc:
             raise CommandError(" ".join(exc.messages)) from exc
-        in_store = study_in_store(study_uid)
-        job = None
-        if node is not None and not in_store:
-            try:
-                job = services.retrieval_job_create(node=node, study_uid=study_uid)
-            except ValidationError as exc:
-                raise CommandError(" ".join(exc.messages)) from exc
-            services.retrieval_job_enqueue(job)
+        created, job = shared.created, shared.job
         share = created.share
         result = {
             "id": share.pk,
@@ -153,7 +142,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Access code: {created.access_code}")
         if job is not None:
             self.stdout.write(f"Retrieval job {job.pk} queued from {node}.")
-        elif not in_store:
+        elif not shared.in_store:
             self.stdout.write("The study is not in the store yet: the share stays pending.")
 
     def _list(self, options: dict[str, Any]) -> None:

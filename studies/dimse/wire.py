@@ -37,6 +37,12 @@ DATA_SET_TYPE, STATUS, ERROR_COMMENT = 0x0800, 0x0900, 0x0902
 AFFECTED_SOP_INSTANCE_UID, MOVE_ORIGINATOR_AE_TITLE = 0x1000, 0x1030
 NO_DATA_SET = 0x0101
 
+# C-STORE failure statuses a storage SCP answers with (PS3.4 B.2.3), which pynetdicom's Status
+# does not name (success is its Status.SUCCESS).
+STORE_OUT_OF_RESOURCES = 0xA700
+STORE_DATASET_MISMATCH = 0xA900
+STORE_CANNOT_UNDERSTAND = 0xC000
+
 
 class Malformed(ValueError):
     """Bytes that break the PDU or command set encoding (or our limits on them)."""

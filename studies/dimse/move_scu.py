@@ -13,12 +13,12 @@ The exchange (PS3.8 section 9, PS3.7 section 9.3.4):
             ...  # the last response yielded is the final one
 
 Leaving the `with` block releases the association once the final response has arrived and
-aborts it otherwise. Every failure is a DimseError subclass that says what happened on the wire;
-studies.pacs turns it into a message for people. The peer may be hostile: every read has a
+aborts it otherwise. Every failure is a MoveError subclass that says what happened on the wire;
+studies.dimse.pacs turns it into a message for people. The peer may be hostile: every read has a
 deadline and every length it announces is checked before anything is read or allocated.
 
 pynetdicom still encodes the A-ASSOCIATE-RQ and decodes the A-ASSOCIATE-AC, as in the storage
-SCP; the command sets are encoded and walked here.
+SCP; the PDUs and command sets are encoded and walked by hand (studies.dimse.wire).
 """
 
 import socket
@@ -36,9 +36,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.status import STATUS_PENDING, code_to_category
 
-from studies import dimse_wire as wire
-from studies.dimse_wire import (
+from studies.dimse import wire
+from studies.dimse.wire import (
     ABORT,
     ASSOCIATE_AC,
     ASSOCIATE_RJ,
@@ -60,21 +61,20 @@ _TRANSFER_SYNTAXES = (str(ImplicitVRLittleEndian), str(ExplicitVRLittleEndian))
 
 _C_MOVE_RQ, _C_MOVE_RSP = 0x0021, 0x8021
 _MESSAGE_ID = 1  # one request per association
-PENDING = frozenset({0xFF00, 0xFF01})
 # The sub-operation counters of a C-MOVE or C-GET response (PS3.7 C.4.2.1.4).
 REMAINING, COMPLETED, FAILED, WARNING = 0x1020, 0x1021, 0x1022, 0x1023
 COUNTERS = (REMAINING, COMPLETED, FAILED, WARNING)
 
 
-class DimseError(Exception):
+class MoveError(Exception):
     """The exchange with the peer failed; the connection is closed or about to be."""
 
 
-class Unreachable(DimseError):
+class Unreachable(MoveError):
     """No TCP connection to the peer."""
 
 
-class Rejected(DimseError):
+class Rejected(MoveError):
     """The peer answered the association request with an A-ASSOCIATE-RJ (PS3.8 9.3.4)."""
 
     def __init__(self, source: int, reason: int) -> None:
@@ -83,19 +83,19 @@ class Rejected(DimseError):
         self.reason = reason
 
 
-class NotSupported(DimseError):
+class NotSupported(MoveError):
     """The peer accepted the association but not the presentation context we need."""
 
 
-class Closed(DimseError):
+class Closed(MoveError):
     """The peer closed the connection or aborted the association."""
 
 
-class TimedOut(DimseError):
+class TimedOut(MoveError):
     """The peer did not send (or take) what it should have in time."""
 
 
-class ProtocolError(DimseError):
+class MoveProtocolError(MoveError):
     """The peer broke the protocol or exceeded our limits: the association is aborted."""
 
 
@@ -110,10 +110,10 @@ class Response:
 
     @property
     def pending(self) -> bool:
-        return self.status in PENDING
+        return code_to_category(self.status) == STATUS_PENDING
 
 
-class Association:
+class MoveAssociation:
     """An established association with one accepted presentation context."""
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
@@ -137,7 +137,7 @@ class Association:
     ) -> None:
         if isinstance(exc, Closed):
             self.close()
-        elif self._outstanding or isinstance(exc, DimseError):
+        elif self._outstanding or isinstance(exc, MoveError):
             # Left before the final response (an error, or the caller stopped listening): a
             # release would wait for a peer still busy with the request.
             self.abort()
@@ -152,7 +152,7 @@ class Association:
             deadline = time.monotonic() + self._timeout
             while self._read_pdu(deadline)[0] != RELEASE_RP:
                 pass  # nothing else is expected any more: ignore it
-        except DimseError:
+        except MoveError:
             self.abort()
         finally:
             self.close()
@@ -179,16 +179,16 @@ class Association:
         )
         if pdu_type == ASSOCIATE_RJ:
             if len(body) < 4:
-                raise ProtocolError("truncated A-ASSOCIATE-RJ")
+                raise MoveProtocolError("truncated A-ASSOCIATE-RJ")
             raise Rejected(source=body[2], reason=body[3])
         if pdu_type != ASSOCIATE_AC:
-            raise ProtocolError(f"expected an A-ASSOCIATE-AC, got PDU type 0x{pdu_type:02X}")
+            raise MoveProtocolError(f"expected an A-ASSOCIATE-AC, got PDU type 0x{pdu_type:02X}")
         answer = A_ASSOCIATE_AC()
         try:
             answer.decode(bytes([pdu_type, 0]) + struct.pack(">I", len(body)) + body)
             accepted = answer.to_primitive()
         except Exception as exc:  # whatever a malformed PDU makes pynetdicom raise
-            raise ProtocolError(f"undecodable A-ASSOCIATE-AC: {exc}") from exc
+            raise MoveProtocolError(f"undecodable A-ASSOCIATE-AC: {exc}") from exc
         for context in accepted.presentation_context_definition_results_list:
             syntaxes = [str(uid) for uid in context.transfer_syntax]
             if (
@@ -204,7 +204,7 @@ class Association:
         # 0 (or nothing) means no limit; a limit too small for one byte per PDU is nonsense.
         peer_max = accepted.maximum_length_received or MAX_PDU
         if peer_max <= PDV_HEADER:
-            raise ProtocolError(f"maximum PDU length {peer_max} is too small")
+            raise MoveProtocolError(f"maximum PDU length {peer_max} is too small")
         self._max_fragment = min(peer_max, MAX_PDU) - PDV_HEADER
 
     # -- C-MOVE --------------------------------------------------------------------------------
@@ -236,34 +236,37 @@ class Association:
         fragments = wire.CommandFragments()
         response: Response | None = None  # received, its data set still arriving
         deadline = time.monotonic() + timeout
-        while True:
-            pdu_type, body = self._read_pdu(deadline)
-            if pdu_type == RELEASE_RQ:
-                raise Closed("the peer released the association before its final response")
-            if pdu_type != P_DATA:
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
-            for context_id, is_command, is_last, fragment in _pdvs(body):
-                if context_id != _CONTEXT_ID:
-                    raise ProtocolError(f"data on presentation context {context_id}")
-                if is_command:
-                    if response is not None:
-                        raise ProtocolError("a command arrived before the previous data set")
-                    try:
+        try:
+            while True:
+                pdu_type, body = self._read_pdu(deadline)
+                if pdu_type == RELEASE_RQ:
+                    raise Closed("the peer released the association before its final response")
+                if pdu_type != P_DATA:
+                    raise MoveProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+                for context_id, is_command, is_last, fragment in wire.pdvs(body):
+                    if context_id != _CONTEXT_ID:
+                        raise MoveProtocolError(f"data on presentation context {context_id}")
+                    if is_command:
+                        if response is not None:
+                            raise MoveProtocolError(
+                                "a command arrived before the previous data set"
+                            )
                         command = fragments.add(fragment, is_last)
-                    except wire.Malformed as exc:
-                        raise ProtocolError(str(exc)) from exc
-                    if command is None:
+                        if command is None:
+                            continue
+                        response, has_data_set = _decode_response(command)
+                        if has_data_set:
+                            continue
+                    elif response is None:
+                        raise MoveProtocolError("a data set arrived without a command")
+                    elif not is_last:
                         continue
-                    response, has_data_set = _decode_response(command)
-                    if has_data_set:
-                        continue
-                elif response is None:
-                    raise ProtocolError("a data set arrived without a command")
-                elif not is_last:
-                    continue
-                yield response
-                response = None
-                deadline = time.monotonic() + timeout
+                    yield response
+                    response = None
+                    deadline = time.monotonic() + timeout
+        except wire.Malformed as exc:
+            # PDVs or command fragments that break their encoding (or our limits on them).
+            raise MoveProtocolError(str(exc)) from exc
 
     def _encode(self, identifier: Dataset) -> bytes:
         buffer = DicomBytesIO()
@@ -298,7 +301,7 @@ class Association:
             raise Closed("the peer aborted the association")
         # Checked before reading: a peer announcing 4 GiB must not make us try to hold it.
         if length > limit:
-            raise ProtocolError(f"a PDU of {length} bytes, more than the {limit} accepted")
+            raise MoveProtocolError(f"a PDU of {length} bytes, more than the {limit} accepted")
         return pdu_type, self._read_exact(length, deadline)
 
     def _read_exact(self, size: int, deadline: float) -> memoryview:
@@ -332,7 +335,7 @@ def associate(
     called_ae: str,
     abstract_syntax: str,
     timeout: float,
-) -> Association:
+) -> MoveAssociation:
     """Connect and negotiate one presentation context for `abstract_syntax`, proposing implicit
     and explicit VR little endian; `timeout` bounds the connection and the peer's answer."""
     request = _associate_rq(calling_ae, called_ae, abstract_syntax)
@@ -342,7 +345,7 @@ def associate(
         raise Unreachable(str(exc)) from exc
     # Small PDUs both ways (the request, the responses): send them at once.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    association = Association(sock, timeout)
+    association = MoveAssociation(sock, timeout)
     try:
         association._negotiate(request, abstract_syntax)
     except (Closed, Rejected):
@@ -370,13 +373,6 @@ def _associate_rq(calling_ae: str, called_ae: str, abstract_syntax: str) -> byte
     return bytes(pdu.encode())
 
 
-def _pdvs(body: memoryview) -> Iterator[tuple[int, bool, bool, memoryview]]:
-    try:
-        yield from wire.pdvs(body)
-    except wire.Malformed as exc:
-        raise ProtocolError(str(exc)) from exc
-
-
 def _decode_response(command: bytes) -> tuple[Response, bool]:
     """A C-MOVE-RSP command set, and whether a data set follows it. Only the elements we need
     are looked at, but all must be well formed."""
@@ -388,13 +384,13 @@ def _decode_response(command: bytes) -> tuple[Response, bool]:
         counters = {e: v for e in COUNTERS if (v := wire.unsigned_short(elements, e)) is not None}
         data_set_type = wire.unsigned_short(elements, wire.DATA_SET_TYPE)
     except wire.Malformed as exc:
-        raise ProtocolError(str(exc)) from exc
+        raise MoveProtocolError(str(exc)) from exc
     if command_field != _C_MOVE_RSP:
-        raise ProtocolError("the answer is not a C-MOVE-RSP")
+        raise MoveProtocolError("the answer is not a C-MOVE-RSP")
     if responded_to != _MESSAGE_ID:
-        raise ProtocolError("a response to a request we did not send")
+        raise MoveProtocolError("a response to a request we did not send")
     if status is None:
-        raise ProtocolError("a response without a status")
+        raise MoveProtocolError("a response without a status")
     comment = elements.get(wire.ERROR_COMMENT, b"").decode("ascii", "replace").strip(" \x00")
     has_data_set = data_set_type not in (None, wire.NO_DATA_SET)
     return Response(status, counters, comment), has_data_set

@@ -17,13 +17,12 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import (
     UID,
+    CTImageStorage,
     ExplicitVRLittleEndian,
     JPEGLSLossless,
+    MRImageStorage,
     generate_uid,
 )
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class _Modality:
 
 _MODALITIES = {
     "CT": _Modality(
-        sop_class_uid=CT_IMAGE_STORAGE,
+        sop_class_uid=CTImageStorage,
         series_description="Thorax-abdomen, coupes axiales",
         body_part="CHEST",
         window_center=40,
@@ -57,7 +56,7 @@ _MODALITIES = {
         bone=2200,
     ),
     "MR": _Modality(
-        sop_class_uid=MR_IMAGE_STORAGE,
+        sop_class_uid=MRImageStorage,
         series_description="T2 axial, séquence turbo spin écho",
         body_part="ABDOMEN",
         window_center=400,

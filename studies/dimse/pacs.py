@@ -1,5 +1,5 @@
 """DIMSE client for a PACS: C-ECHO, C-FIND and C-GET with pynetdicom, C-MOVE with our own
-lean client (studies.dimse_client, which says why).
+lean client (studies.dimse.move_scu, which says why).
 
 Every call opens its own association and closes it; every wait is bounded by the timeouts in
 settings (DICOM_DIMSE_TIMEOUT for an answer, DICOM_RETRIEVE_TIMEOUT for the answers of a C-MOVE or
@@ -40,19 +40,17 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.status import STATUS_PENDING, Status, code_to_category
 
-from studies import dimse_client
-from studies.dimse_client import Response
+from studies.dimse import move_scu
+from studies.dimse.move_scu import Response
+from studies.models import PacsNode
 
 logger = logging.getLogger(__name__)
 
-STATUS_SUCCESS = 0x0000
-# C-STORE failure statuses the storage handlers answer with (PS3.4 B.2.3).
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-
-_PENDING = dimse_client.PENDING
+# A C-MOVE or C-GET that ended with some sub-operations failed (PS3.4 C.4.2.1.5); pynetdicom
+# names no such status.
+_SUB_OPERATIONS_WARNING = 0xB000
 
 
 class PacsError(Exception):
@@ -71,6 +69,10 @@ class Peer:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+    @classmethod
+    def of(cls, node: PacsNode) -> "Peer":
+        return cls(ae_title=node.ae_title, host=node.host, port=node.port)
 
 
 @dataclass
@@ -186,7 +188,7 @@ def echo(peer: Peer) -> None:
     ae.add_requested_context(Verification)
     with _association(peer, ae) as assoc:
         status = assoc.send_c_echo()
-        if not status or status.Status != STATUS_SUCCESS:
+        if not status or status.Status != Status.SUCCESS:
             raise PacsError(f"{peer} did not answer the C-ECHO")
 
 
@@ -206,13 +208,6 @@ STUDY_RETURN_KEYS = (
     "NumberOfStudyRelatedSeries",
     "NumberOfStudyRelatedInstances",
 )
-SERIES_RETURN_KEYS = (
-    "SeriesInstanceUID",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-    "NumberOfSeriesRelatedInstances",
-)
 
 
 def _find(peer: Peer, identifier: Dataset, limit: int) -> list[Dataset]:
@@ -231,14 +226,15 @@ def _find_on(assoc: Association, peer: Peer, identifier: Dataset, limit: int) ->
             raise _no_answer(peer, "C-FIND", since, answered)
         since, answered = time.monotonic(), True
         code = status.Status
-        if code in _PENDING and match is not None:
+        pending = code_to_category(code) == STATUS_PENDING
+        if pending and match is not None:
             results.append(match)
             if len(results) >= limit:
                 # Ask the PACS to stop rather than draining thousands of matches.
                 assoc.send_c_cancel(1, None, StudyRootQueryRetrieveInformationModelFind)
                 break
-        elif code != STATUS_SUCCESS and code not in _PENDING:
-            if code == 0xFE00:  # cancelled, as we asked
+        elif code != Status.SUCCESS and not pending:
+            if code == Status.CANCEL:  # as we asked
                 break
             raise PacsError(f"{peer} refused the C-FIND (status 0x{code:04X})")
     return results
@@ -254,16 +250,6 @@ def find_studies(peer: Peer, query: dict[str, str], limit: int = 200) -> list[Da
     for keyword, value in query.items():
         setattr(identifier, keyword, value)
     return _find(peer, identifier, limit)
-
-
-def find_series(peer: Peer, study_uid: str) -> list[Dataset]:
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "SERIES"
-    identifier.SpecificCharacterSet = "ISO_IR 192"
-    identifier.StudyInstanceUID = study_uid
-    for keyword in SERIES_RETURN_KEYS:
-        setattr(identifier, keyword, "")
-    return _find(peer, identifier, limit=10000)
 
 
 # More matches than any study holds: a bound on what a misbehaving PACS can make us collect.
@@ -374,7 +360,7 @@ def _follow(
                 status=int(status.Status),
                 counters={
                     element: int(status[element].value)
-                    for element in dimse_client.COUNTERS
+                    for element in move_scu.COUNTERS
                     if element in status
                 },
                 error_comment=str(status.get("ErrorComment", "")),
@@ -399,10 +385,10 @@ def _tally(
     counts = SubOperations()
     final: Response | None = None
     for response in responses:
-        counts.completed = response.counters.get(dimse_client.COMPLETED, counts.completed)
-        counts.failed = response.counters.get(dimse_client.FAILED, counts.failed)
-        counts.warning = response.counters.get(dimse_client.WARNING, counts.warning)
-        counts.remaining = response.counters.get(dimse_client.REMAINING, counts.remaining)
+        counts.completed = response.counters.get(move_scu.COMPLETED, counts.completed)
+        counts.failed = response.counters.get(move_scu.FAILED, counts.failed)
+        counts.warning = response.counters.get(move_scu.WARNING, counts.warning)
+        counts.remaining = response.counters.get(move_scu.REMAINING, counts.remaining)
         if response.pending:
             if progress:
                 progress(counts)
@@ -414,19 +400,21 @@ def _tally(
     if progress:
         progress(counts)
     code = final.status
-    if code not in {STATUS_SUCCESS, 0xB000}:
+    if code not in {Status.SUCCESS, _SUB_OPERATIONS_WARNING}:
         # The error comment seldom helps a person, but may help whoever reads the PACS's log.
         logger.warning("%s ended the %s with 0x%04X: %r", peer, what, code, final.error_comment)
-    if code == 0xA801:
+    if code == Status.MOVE_DESTINATION_UNKNOWN:
         raise PacsError(
             f"{peer} does not know the move destination {destination!r}: "
             "add the portal to the PACS's list of DICOM nodes"
         )
+    # Refused: out of resources, to count the matches or to perform the sub-operations
+    # (PS3.4 C.4.2.1.5, C.4.3.1.4).
     if code in {0xA701, 0xA702}:
         raise PacsError(f"{peer} is out of resources (status 0x{code:04X})")
-    if (code & 0xF000) == 0xC000:
+    if (code & 0xF000) == 0xC000:  # Failed: unable to process (Cxxx)
         raise _RequestFailed(f"{peer} could not process the {what} (status 0x{code:04X})")
-    if code not in {STATUS_SUCCESS, 0xB000, 0xFE00}:
+    if code not in {Status.SUCCESS, _SUB_OPERATIONS_WARNING, Status.CANCEL}:
         raise _RequestFailed(f"{peer} failed the {what} (status 0x{code:04X})")
     return counts
 
@@ -463,7 +451,7 @@ def _move(
 ) -> SubOperations:
     move_model = str(StudyRootQueryRetrieveInformationModelMove)
     try:
-        association = dimse_client.associate(
+        association = move_scu.associate(
             peer.host,
             peer.port,
             calling_ae=settings.DICOM_AE_TITLE,
@@ -471,14 +459,14 @@ def _move(
             abstract_syntax=move_model,
             timeout=settings.DICOM_CONNECT_TIMEOUT,
         )
-    except dimse_client.Rejected as exc:
+    except move_scu.Rejected as exc:
         reason = _rejection_reason(exc.source, exc.reason, peer)
         raise PacsError(f"{peer} rejected the association: {reason}") from exc
-    except dimse_client.NotSupported as exc:
+    except move_scu.NotSupported as exc:
         raise PacsError(f"{peer} does not offer study-root C-MOVE") from exc
-    except dimse_client.ProtocolError as exc:
+    except move_scu.MoveProtocolError as exc:
         raise PacsError(f"{peer} broke the DICOM protocol: {exc}") from exc
-    except dimse_client.DimseError as exc:
+    except move_scu.MoveError as exc:
         # The same words as when pynetdicom cannot associate; the cause stays in the chain.
         raise PacsError(
             f"cannot reach {peer}: no association (connection refused or timed out)"
@@ -500,8 +488,8 @@ def _move(
     try:
         with association:
             return _tally(responses(), peer, "C-MOVE", progress, destination)
-    except (dimse_client.TimedOut, dimse_client.Closed) as exc:
-        timed_out = isinstance(exc, dimse_client.TimedOut)
+    except (move_scu.TimedOut, move_scu.Closed) as exc:
+        timed_out = isinstance(exc, move_scu.TimedOut)
         raise _unanswered(
             peer,
             "C-MOVE",
@@ -509,7 +497,7 @@ def _move(
             answered=answered,
             timeout=settings.DICOM_RETRIEVE_TIMEOUT,
         ) from exc
-    except dimse_client.ProtocolError as exc:
+    except move_scu.MoveProtocolError as exc:
         raise PacsError(f"{peer} broke the DICOM protocol during the C-MOVE: {exc}") from exc
 
 

@@ -10,7 +10,7 @@ Why not pynetdicom's server: its reactor polls queues with sleeps and copies eve
 several times, which made receiving a 300-slice CT four times slower than dcmtk. The receive
 path here is a plain blocking loop over the upper-layer PDUs (PS3.8 section 9) that writes
 fragments straight to disk; pynetdicom still decodes the association request and encodes the
-answer, and pydicom decodes the command sets.
+answer, and the command sets are walked by hand (studies.dimse.wire), not decoded by pydicom.
 
 What a success status means: the instance is complete, checked and in its place in the store.
 Its index row is written a moment later, in batches, and always before the association is
@@ -24,7 +24,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -34,10 +33,11 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import Status
 
 from studies import dicom
-from studies import dimse_wire as wire
-from studies.dimse_wire import (
+from studies.dimse import wire
+from studies.dimse.wire import (
     ABORT,
     ASSOCIATE_RJ,
     ASSOCIATE_RQ,
@@ -45,14 +45,11 @@ from studies.dimse_wire import (
     NO_DATA_SET,
     P_DATA,
     RELEASE_RQ,
+    STORE_CANNOT_UNDERSTAND,
+    STORE_DATASET_MISMATCH,
+    STORE_OUT_OF_RESOURCES,
 )
 from studies.models import PacsNode, Study
-from studies.pacs import (
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_DATASET_MISMATCH,
-    STATUS_OUT_OF_RESOURCES,
-    STATUS_SUCCESS,
-)
 from studies.store import (
     STALE_INCOMING_SECONDS,
     HashingThread,
@@ -89,7 +86,7 @@ _SUPPORTED_CLASSES = frozenset(
 ) | {str(Verification)}
 
 
-class ProtocolError(Exception):
+class StorageProtocolError(Exception):
     """The peer broke the upper-layer protocol: the association is aborted."""
 
 
@@ -122,10 +119,6 @@ class NodeDirectory:
 
     def knows_address(self, address: str) -> bool:
         return address in self._current()[1]
-
-    def invalidate(self) -> None:
-        with self._lock:
-            self._loaded_at = float("-inf")
 
     def load(self) -> None:
         allowed, known = self._read()
@@ -219,7 +212,7 @@ class StorageServer:
         for thread in self._running():
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for thread in self._running():
-            association: Association | None = getattr(thread, "association", None)
+            association: StorageAssociation | None = getattr(thread, "association", None)
             if association is not None:
                 association.shut_down()
             thread.join(timeout=10)
@@ -273,7 +266,7 @@ class StorageServer:
         thread.start()
 
     def _serve(self, conn: socket.socket, address: str) -> None:
-        association = Association(self, conn, address)
+        association = StorageAssociation(self, conn, address)
         threading.current_thread().association = association  # type: ignore[attr-defined]
         try:
             association.run()
@@ -313,7 +306,7 @@ def _negotiate(requested: list[PresentationContext]) -> list[PresentationContext
     return results
 
 
-class Association:
+class StorageAssociation:
     """One association, from the A-ASSOCIATE-RQ to the release or abort."""
 
     def __init__(self, server: StorageServer, conn: socket.socket, address: str) -> None:
@@ -351,7 +344,7 @@ class Association:
         header = self._read_exact(6)
         pdu_type, length = header[0], struct.unpack(">I", header[2:6])[0]
         if length > limit:
-            raise ProtocolError(f"PDU of {length} bytes exceeds the announced maximum")
+            raise StorageProtocolError(f"PDU of {length} bytes exceeds the announced maximum")
         return pdu_type, self._read_exact(length)
 
     # -- the state machine, flattened ----------------------------------------------------------
@@ -364,8 +357,10 @@ class Association:
         try:
             pdu_type, body = self._read_pdu(limit=_MAX_ASSOCIATE_RQ)
             if pdu_type != ASSOCIATE_RQ:
-                raise ProtocolError(f"expected an association request, got PDU 0x{pdu_type:02X}")
-        except ProtocolError as exc:
+                raise StorageProtocolError(
+                    f"expected an association request, got PDU 0x{pdu_type:02X}"
+                )
+        except StorageProtocolError as exc:
             logger.warning("aborting a connection from %s: %s", self.address, exc)
             self._abort()
             return
@@ -378,7 +373,7 @@ class Association:
         self.conn.settimeout(settings.DICOM_NETWORK_TIMEOUT)
         try:
             self._data_phase()
-        except ProtocolError as exc:
+        except StorageProtocolError as exc:
             logger.warning("aborting the association from %r: %s", self.calling_ae, exc)
             self._abort()
         except (ConnectionError, TimeoutError, OSError) as exc:
@@ -482,43 +477,45 @@ class Association:
                     logger.info("association from %r aborted by the peer", self.calling_ae)
                     return
                 if pdu_type != P_DATA:
-                    raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
-                for context_id, is_command, is_last, fragment in _pdvs(memoryview(body)):
+                    raise StorageProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+                for context_id, is_command, is_last, fragment in wire.pdvs(memoryview(body)):
                     if context_id not in self.contexts:
-                        raise ProtocolError(f"unknown presentation context {context_id}")
+                        raise StorageProtocolError(f"unknown presentation context {context_id}")
                     if is_command:
                         if pending is not None:
-                            raise ProtocolError("a command arrived before the previous data set")
-                        try:
-                            command = fragments.add(fragment, is_last)
-                        except wire.Malformed as exc:
-                            raise ProtocolError(str(exc)) from exc
+                            raise StorageProtocolError(
+                                "a command arrived before the previous data set"
+                            )
+                        command = fragments.add(fragment, is_last)
                         if command is None:
                             continue
                         pending = _decode_command(command, context_id)
                         if not pending.has_data_set:
                             if pending.field == _C_STORE_RQ:
-                                failure = (STATUS_CANNOT_UNDERSTAND, "C-STORE without a data set")
+                                failure = (STORE_CANNOT_UNDERSTAND, "C-STORE without a data set")
                             self._answer(pending, failure)
                             pending, failure = None, None
                             continue
                         incoming, failure = self._begin(pending, context_id)
                     else:
                         if pending is None:
-                            raise ProtocolError("a data set arrived without a command")
+                            raise StorageProtocolError("a data set arrived without a command")
                         if context_id != pending.context_id:
-                            raise ProtocolError("a data set arrived on another context")
+                            raise StorageProtocolError("a data set arrived on another context")
                         if incoming is not None:
                             try:
                                 incoming.write(fragment)
                             except StoreError as exc:
                                 logger.error("cannot store from %r: %s", self.calling_ae, exc)
-                                incoming, failure = None, (STATUS_OUT_OF_RESOURCES, str(exc))
+                                incoming, failure = None, (STORE_OUT_OF_RESOURCES, str(exc))
                         if is_last:
                             if incoming is not None:
                                 failure = self._commit(incoming, pending)
                             self._answer(pending, failure)
                             pending, incoming, failure = None, None, None
+        except wire.Malformed as exc:
+            # PDVs or command fragments that break their encoding (or our limits on them).
+            raise StorageProtocolError(str(exc)) from exc
         finally:
             if incoming is not None:
                 incoming.abort()  # never leave half an instance behind
@@ -527,15 +524,15 @@ class Association:
         self, command: "_Command", context_id: int
     ) -> tuple[IncomingInstance | None, tuple[int, str] | None]:
         if command.field != _C_STORE_RQ:
-            raise ProtocolError(f"unsupported DIMSE command 0x{command.field:04X}")
+            raise StorageProtocolError(f"unsupported DIMSE command 0x{command.field:04X}")
         assert self.indexer is not None
         abstract_syntax, transfer_syntax = self.contexts[context_id]
         sop_class = command.sop_class_uid
         if sop_class != abstract_syntax:
-            return None, (STATUS_DATASET_MISMATCH, "SOP class differs from the context's")
+            return None, (STORE_DATASET_MISMATCH, "SOP class differs from the context's")
         if self.index_worker.failed:
             # The index stopped working: say so to the sender rather than take more.
-            return None, (STATUS_OUT_OF_RESOURCES, "the index cannot take more instances")
+            return None, (STORE_OUT_OF_RESOURCES, "the index cannot take more instances")
         try:
             return (
                 self.indexer.begin(
@@ -549,10 +546,10 @@ class Association:
             )
         except dicom.InvalidDicom as exc:
             logger.warning("refused an instance from %r: %s", self.calling_ae, exc)
-            return None, (STATUS_CANNOT_UNDERSTAND, str(exc))
+            return None, (STORE_CANNOT_UNDERSTAND, str(exc))
         except StoreError as exc:
             logger.error("cannot store from %r: %s", self.calling_ae, exc)
-            return None, (STATUS_OUT_OF_RESOURCES, str(exc))
+            return None, (STORE_OUT_OF_RESOURCES, str(exc))
 
     def _commit(self, incoming: IncomingInstance, command: "_Command") -> tuple[int, str] | None:
         try:
@@ -567,25 +564,25 @@ class Association:
                 self.calling_ae,
                 exc,
             )
-            if "differs" in str(exc) or "another study" in str(exc):
-                return STATUS_DATASET_MISMATCH, str(exc)
-            return STATUS_CANNOT_UNDERSTAND, str(exc)
+            if isinstance(exc, dicom.DatasetMismatch):
+                return STORE_DATASET_MISMATCH, str(exc)
+            return STORE_CANNOT_UNDERSTAND, str(exc)
         except StoreError as exc:
             logger.error("cannot store from %r: %s", self.calling_ae, exc)
-            return STATUS_OUT_OF_RESOURCES, str(exc)
+            return STORE_OUT_OF_RESOURCES, str(exc)
         except Exception:
             logger.exception("unexpected error storing an instance from %r", self.calling_ae)
-            return STATUS_OUT_OF_RESOURCES, "internal error"
+            return STORE_OUT_OF_RESOURCES, "internal error"
         return None
 
     def _answer(self, command: "_Command", failure: tuple[int, str] | None) -> None:
-        status, comment = failure or (STATUS_SUCCESS, "")
+        status, comment = failure or (Status.SUCCESS, "")
         if command.field == _C_ECHO_RQ:
-            response = _encode_response(_C_ECHO_RSP, command, STATUS_SUCCESS, "", False)
+            response = _encode_response(_C_ECHO_RSP, command, Status.SUCCESS, "", False)
         elif command.field == _C_STORE_RQ:
             response = _encode_response(_C_STORE_RSP, command, status, comment, True)
         else:
-            raise ProtocolError(f"unsupported DIMSE command 0x{command.field:04X}")
+            raise StorageProtocolError(f"unsupported DIMSE command 0x{command.field:04X}")
         self.conn.sendall(
             wire.p_data(
                 response, context_id=command.context_id, is_command=True, max_fragment=MAX_PDU
@@ -732,13 +729,6 @@ def _relax_commit_durability() -> None:
             cursor.execute("SET synchronous_commit TO OFF")
 
 
-def _pdvs(body: memoryview) -> Iterator[tuple[int, bool, bool, memoryview]]:
-    try:
-        yield from wire.pdvs(body)
-    except wire.Malformed as exc:
-        raise ProtocolError(str(exc)) from exc
-
-
 @dataclass(frozen=True)
 class _Command:
     """A request's command set: what answering it needs."""
@@ -768,7 +758,7 @@ def _decode_command(data: bytes, context_id: int) -> _Command:
             .strip(" \x00"),
         )
     except wire.Malformed as exc:
-        raise ProtocolError(f"undecodable command set: {exc}") from exc
+        raise StorageProtocolError(f"undecodable command set: {exc}") from exc
 
 
 def _encode_response(
@@ -782,7 +772,7 @@ def _encode_response(
         (wire.DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
         (wire.STATUS, struct.pack("<H", status)),
     ]
-    if comment and status != STATUS_SUCCESS:
+    if comment and status != Status.SUCCESS:
         # Error Comment (LO, at most 64 characters): what a PACS administrator reads.
         # LO: no control characters, no backslash (the value separator).
         text = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in comment)[:64]

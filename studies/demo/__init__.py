@@ -1,0 +1,2 @@
+"""Synthetic studies for the demo, the tests and the benchmarks: no patient data in the
+repository."""
