@@ -286,18 +286,20 @@ def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_importing_the_settings_creates_no_folder_and_starting_the_apps_does(
     tmp_path: Path,
 ) -> None:
+    folder = tmp_path / "fresh"
+    folder.mkdir()
     env = {
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'db' / 'portal.sqlite3'}",
-        "PORTAL_BROKER_DIR": str(tmp_path / "broker"),
+        "DATABASE_URL": f"sqlite:///{folder / 'db' / 'portal.sqlite3'}",
+        "PORTAL_BROKER_DIR": str(folder / "broker"),
     }
     imported = _python("import portal.settings", env)
     assert imported.returncode == 0, imported.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert list(folder.iterdir()) == []
 
     started = _python("import django; django.setup()", env)
     assert started.returncode == 0, started.stderr
-    assert (tmp_path / "db").is_dir()
-    assert {p.name for p in (tmp_path / "broker").iterdir()} == {"queue", "processed", "control"}
+    assert (folder / "db").is_dir()
+    assert {p.name for p in (folder / "broker").iterdir()} == {"queue", "processed", "control"}
 
 
 def test_a_secret_may_come_from_a_file(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from django.core.exceptions import ValidationError
 from accounts.models import Share
 from studies import services
 from studies.models import PacsNode, RetrievalJob
-from tests.access_fixtures import STUDY_UID, make_study
 from tests.support import free_port
+from tests.support.access import STUDY_UID, make_study
 
 pytestmark = pytest.mark.django_db
 
