@@ -22,7 +22,7 @@ from pydicom.filebase import DicomBytesIO
 
 from accounts import services as account_services
 from accounts.models import Share
-from studies import services
+from studies import imports
 from studies.models import Instance
 from studies.store import instance_file
 from tests.conftest import PacsStudies, SyntheticStudy
@@ -38,7 +38,7 @@ def _import(study: SyntheticStudy, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for number, data in enumerate(study.files.values()):
         (folder / f"{number}.dcm").write_bytes(data)
-    report = services.dicom_import([folder])
+    report = imports.dicom_import([folder])
     assert report.imported == study.instance_count, report.skipped
 
 
