@@ -2,10 +2,10 @@
 
 from dataclasses import dataclass, field
 
-from django.db.models import Count
+from django.db.models import Count, QuerySet
 
 from accounts.models import Share
-from studies.models import Series, Study
+from studies.models import Instance, Series, Study
 
 
 @dataclass(frozen=True)
@@ -59,3 +59,19 @@ def viewer_study(share: Share) -> StudySummary | None:
         description=study.study_description,
         series=summaries,
     )
+
+
+def share_study_uids(share: Share) -> list[str]:
+    """The Study Instance UIDs a share grants."""
+    return [share.study_instance_uid]
+
+
+def share_instances(share: Share) -> QuerySet[Instance]:
+    """Every indexed instance the share grants: its studies, restricted to its series when it
+    names some. The one scope of every DICOMweb answer and download."""
+    instances = Instance.objects.filter(
+        series__study__study_instance_uid__in=share_study_uids(share)
+    )
+    if share.series_instance_uids:
+        instances = instances.filter(series__series_instance_uid__in=share.series_instance_uids)
+    return instances

@@ -113,6 +113,8 @@ class Instance(models.Model):
     # SHA-256 of the data set as the sender encoded it (the file minus the file meta
     # header the portal writes): equal to the PACS copy's whatever the transport.
     sha256 = models.CharField(max_length=64)
+    # Its DICOM JSON model for WADO-RS metadata (studies.metadata), computed once; "" until then.
+    metadata = models.TextField(blank=True, db_default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -56,6 +56,11 @@ def store_dir() -> Path:
     return Path(settings.STORE_DIR)
 
 
+def instance_file(instance: Instance) -> Path:
+    """Where an indexed instance's Part 10 file is."""
+    return store_dir() / instance.file_path
+
+
 def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> Path:
     for uid in (study_uid, series_uid, sop_uid):
         if not dicom.is_valid_uid(uid):
