@@ -483,7 +483,7 @@ class Indexer:
         offset = dicom.dataset_offset(data)
         sha256 = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
         existing = Instance.objects.filter(sop_instance_uid=str(header.SOPInstanceUID)).first()
-        if existing and existing.sha256 == sha256 and (store_dir() / existing.file_path).exists():
+        if existing and existing.sha256 == sha256 and instance_file(existing).exists():
             return existing, False  # a repeated retrieval or import: nothing to do
         incoming = IncomingInstance(self, expected_sop_uid=str(header.SOPInstanceUID), meta=b"")
         incoming.write_file(data)
