@@ -7,13 +7,24 @@ from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
 
 from accounts import selectors, services
-from accounts.models import AuditEvent, Share, User
+from accounts.models import AuditEvent, Share, SharedStudy, User
 
 
 @admin.register(User)
 class PortalUserAdmin(UserAdmin):
     list_display = ("username", "email", "role", "is_active", "last_login")
     fieldsets = (*UserAdmin.fieldsets, ("Portal", {"fields": ("role",)}))  # type: ignore[misc]
+
+
+class SharedStudyInline(admin.TabularInline):
+    model = SharedStudy
+    fields = ("study_instance_uid",)
+    readonly_fields = ("study_instance_uid",)
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(Share)
@@ -23,8 +34,9 @@ class ShareAdmin(admin.ModelAdmin):
 
     list_display = ("id", "study_instance_uid", "recipient", "channel", "expires_at", "status")
     list_filter = ("recipient", "channel")
-    search_fields = ("study_instance_uid",)
+    search_fields = ("study_instance_uid", "shared_studies__study_instance_uid")
     readonly_fields = [f.name for f in Share._meta.fields]
+    inlines = [SharedStudyInline]
     actions = ["revoke", "unlock"]
 
     @admin.display(description=_("status"))

@@ -117,6 +117,13 @@ class Share(models.Model):
     def __str__(self) -> str:
         return f"share {self.pk} {self.study_instance_uid}"
 
+    @property
+    def study_uids(self) -> list[str]:
+        """Every study the share grants: the current one first, then the priors staff chose to
+        compare it with (all of the same patient)."""
+        uids = [s.study_instance_uid for s in self.shared_studies.all()]
+        return uids or [self.study_instance_uid]
+
     def refusal(self, *, now: datetime | None = None) -> Refusal | None:
         """Why this share cannot be opened any more, or None while it is live (the row form of
         `ShareQuerySet.live`). Locks are separate: a locked share answers with the lockout
@@ -129,6 +136,27 @@ class Share(models.Model):
         if self.single_use and self.used_at is not None:
             return Refusal.USED
         return None
+
+
+class SharedStudy(models.Model):
+    """One study a share grants. A share holds the current study (`Share.study_instance_uid`,
+    first here too) and may hold priors of the same patient for comparison."""
+
+    share = models.ForeignKey(Share, on_delete=models.CASCADE, related_name="shared_studies")
+    study_instance_uid = models.CharField(_("Study Instance UID"), max_length=64, db_index=True)
+
+    class Meta:
+        ordering = ["pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["share", "study_instance_uid"], name="one_row_per_shared_study"
+            )
+        ]
+        verbose_name = _("shared study")
+        verbose_name_plural = _("shared studies")
+
+    def __str__(self) -> str:
+        return self.study_instance_uid
 
 
 class ShareOTPDevice(TimestampMixin, CooldownMixin, ThrottlingMixin, SideChannelDevice):

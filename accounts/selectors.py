@@ -11,15 +11,23 @@ from django.db.models import QuerySet, Sum
 from django.utils import timezone
 
 from accounts import credentials
-from accounts.models import AuditEvent, Refusal, Share
+from accounts.models import AuditEvent, Refusal, Share, SharedStudy
 
 
 def share_study_ready(share: Share) -> bool:
-    """Whether the store holds the share's study (the studies app's `StudyQuerySet.in_store`,
-    reached through the lazy reference "studies.Study" since accounts does not import it)."""
+    """Whether the store holds every study of the share (the studies app's
+    `StudyQuerySet.in_store`, reached through the lazy reference "studies.Study" since accounts
+    does not import it)."""
     study_model: Any = Share._meta.get_field("study").related_model
-    in_store = study_model.objects.in_store()
-    return bool(in_store.filter(study_instance_uid=share.study_instance_uid).exists())
+    uids = share.study_uids
+    in_store = study_model.objects.in_store().filter(study_instance_uid__in=uids)
+    return bool(in_store.count() == len(uids))
+
+
+def shared_study_uids_live(*, now: datetime | None = None) -> QuerySet[SharedStudy, Any]:
+    """The studies that live shares grant, as a subquery of Study Instance UIDs."""
+    live = Share.objects.live(now=now)
+    return SharedStudy.objects.filter(share__in=live).values("study_instance_uid")
 
 
 def share_status(share: Share) -> str:
@@ -29,12 +37,6 @@ def share_status(share: Share) -> str:
     if refusal is not None:
         return refusal.value
     return "active" if share_study_ready(share) else "pending"
-
-
-def shares_live(*, now: datetime | None = None) -> QuerySet[Share]:
-    """Shares that can still be opened (locked ones too: staff may unlock them); the queryset
-    form of `Share.refusal`."""
-    return Share.objects.live(now=now)
 
 
 def share_list(*, live_only: bool = False) -> QuerySet[Share]:

@@ -3,6 +3,7 @@
 import logging
 import re
 import smtplib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -24,7 +25,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from accounts import credentials, net, selectors, sms
-from accounts.models import AuditEvent, Share, ShareOTPDevice, User
+from accounts.models import AuditEvent, Share, SharedStudy, ShareOTPDevice, User
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def _default_days(recipient: str) -> int:
 def share_create(
     *,
     study_instance_uid: str,
+    prior_study_instance_uids: Sequence[str] = (),
     recipient: str,
     channel: str,
     contact: str,
@@ -112,10 +114,12 @@ def share_create(
     created_by: User | None = None,
     request: HttpRequest | None = None,
 ) -> CreatedShare:
-    """A new share with its link and access code: the only moment they exist in clear.
+    """A new share of a study (and of priors of the same patient to compare it with) with its
+    link and access code: the only moment they exist in clear.
 
-    The caller (the studies app's sharing service) has validated `study_instance_uid`: what a
-    valid UID is is defined once, in the studies app, which accounts does not import."""
+    The caller (the studies app's sharing service) has validated the UIDs and that the studies
+    are one patient's: what a valid UID is is defined once, in the studies app, which accounts
+    does not import."""
     errors: dict[str, list[str]] = {}
     if recipient not in Share.Recipient.values:
         errors["recipient"] = [_("Unknown kind of recipient.")]
@@ -159,6 +163,10 @@ def share_create(
                     created_by=created_by,
                     expires_at=now + timedelta(days=days),
                 )
+                SharedStudy.objects.bulk_create(
+                    SharedStudy(share=share, study_instance_uid=uid)
+                    for uid in dict.fromkeys([study_instance_uid, *prior_study_instance_uids])
+                )
         except IntegrityError:
             # The 20-bit public prefix is taken by another share: draw another code.
             continue
@@ -176,6 +184,7 @@ def share_create(
         actor=created_by,
         days=days,
         single_use=single_use,
+        studies=len(share.study_uids),
     )
     return CreatedShare(
         share=share,

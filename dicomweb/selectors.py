@@ -62,8 +62,8 @@ def viewer_study(share: Share) -> StudySummary | None:
 
 
 def share_study_uids(share: Share) -> list[str]:
-    """The Study Instance UIDs a share grants."""
-    return [share.study_instance_uid]
+    """The Study Instance UIDs a share grants (`Share.study_uids`)."""
+    return share.study_uids
 
 
 def share_instances(share: Share) -> QuerySet[Instance]:

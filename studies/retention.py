@@ -45,7 +45,7 @@ def studies_unneeded(*, now: datetime | None = None) -> QuerySet[Study]:
     )
     busy = RetrievalJob.objects.filter(recent).values("study_instance_uid")
     # By UID, not by the share's study link: a share made before its study arrived has none.
-    needed = access.shares_live(now=now).values("study_instance_uid")
+    needed = access.shared_study_uids_live(now=now)
     return (
         Study.objects.filter(retrieved_copy=True)
         .exclude(study_instance_uid__in=busy)

@@ -3,6 +3,7 @@
 Retrieval jobs are studies.retrieval's, imports studies.imports'.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from django.core.exceptions import ValidationError
@@ -13,7 +14,7 @@ from accounts import services as account_services
 from accounts.models import User
 from accounts.services import CreatedShare
 from studies import dicom, retrieval, tasks
-from studies.models import PacsNode, RetrievalJob
+from studies.models import PacsNode, RetrievalJob, Study
 from studies.selectors import study_in_store
 
 
@@ -58,16 +59,35 @@ def pacs_node_create(
 @dataclass(frozen=True)
 class SharedStudy:
     """What `study_share` made: the share with its link and access code (shown once), the
-    retrieval job it queued if the store lacked the study, and whether the store held it."""
+    retrieval jobs it queued for the studies the store lacked (the current study's first), and
+    whether the store held every study."""
 
     created: CreatedShare
-    job: RetrievalJob | None
+    jobs: list[RetrievalJob]
     in_store: bool
+
+    @property
+    def job(self) -> RetrievalJob | None:
+        return self.jobs[0] if self.jobs else None
+
+
+def _check_one_patient(uids: list[str]) -> None:
+    """Priors are the same patient's studies: refuse a share that would show another
+    patient's images, as far as the store can tell (studies not yet retrieved are checked by
+    staff when they pick them from the same patient's search results)."""
+    patients = set(
+        Study.objects.filter(study_instance_uid__in=uids)
+        .exclude(patient_id="")
+        .values_list("patient_id", flat=True)
+    )
+    if len(patients) > 1:
+        raise ValidationError({"study_uid": [_("These studies belong to different patients.")]})
 
 
 def study_share(
     *,
     study_instance_uid: str,
+    prior_study_instance_uids: Sequence[str] = (),
     node: PacsNode | None = None,
     recipient: str,
     channel: str,
@@ -78,17 +98,21 @@ def study_share(
     created_by: User | None = None,
     request: HttpRequest | None = None,
 ) -> SharedStudy:
-    """Share a study with a recipient and, if the store lacks it and a node is given, queue
-    its retrieval from that node.
+    """Share a study (and priors of the same patient to compare it with) with a recipient
+    and, for each study the store lacks when a node is given, queue its retrieval from that
+    node.
 
-    Until the study is in the store the share is "pending" (accounts.selectors.share_status):
+    Until every study is in the store the share is "pending" (accounts.selectors.share_status):
     the recipient can already open it, and sees "being prepared".
     """
+    uids = list(dict.fromkeys([study_instance_uid, *prior_study_instance_uids]))
     # The one definition of a valid UID is here, in studies: accounts may not import it.
-    if not dicom.is_valid_uid(study_instance_uid):
+    if not all(dicom.is_valid_uid(uid) for uid in uids):
         raise ValidationError({"study_uid": [_("This is not a valid Study Instance UID.")]})
+    _check_one_patient(uids)
     created = account_services.share_create(
         study_instance_uid=study_instance_uid,
+        prior_study_instance_uids=uids[1:],
         recipient=recipient,
         channel=channel,
         contact=contact,
@@ -98,11 +122,11 @@ def study_share(
         created_by=created_by,
         request=request,
     )
-    in_store = study_in_store(study_instance_uid)
-    job = None
-    if node is not None and not in_store:
-        job = retrieval.retrieval_job_create(
-            node=node, study_uid=study_instance_uid, requested_by=created_by
-        )
-        tasks.retrieval_job_enqueue(job)
-    return SharedStudy(created=created, job=job, in_store=in_store)
+    missing = [uid for uid in uids if not study_in_store(uid)]
+    jobs = []
+    if node is not None:
+        for uid in missing:
+            job = retrieval.retrieval_job_create(node=node, study_uid=uid, requested_by=created_by)
+            tasks.retrieval_job_enqueue(job)
+            jobs.append(job)
+    return SharedStudy(created=created, jobs=jobs, in_store=not missing)

@@ -9,12 +9,14 @@ Orthanc.
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
+from django.core import mail
 from django.test import Client
 from PIL import Image
 from pydicom import dcmread
@@ -23,10 +25,12 @@ from pydicom.filebase import DicomBytesIO
 from accounts import services as account_services
 from accounts.models import Share
 from studies import imports
+from studies import services as study_services
+from studies.demo import synthetic
 from studies.models import Instance
 from studies.store import instance_file
 from tests.conftest import PacsStudies, SyntheticStudy
-from tests.support.access import make_share, sign_in
+from tests.support.access import link_path, make_share, sign_in
 from tests.support.orthanc import OrthancServer
 
 pytestmark = pytest.mark.dicom
@@ -573,3 +577,36 @@ def test_thumbnails_stand_for_an_instance_a_series_and_a_study(
         assert response.status_code == 200, path
         image = Image.open(io.BytesIO(response.content))
         assert image.format == "JPEG" and max(image.size) <= 128
+
+
+# --- A share of several studies -------------------------------------------------------------------
+
+
+def test_a_share_with_a_prior_grants_both_studies_and_no_other(
+    loaded: PacsStudies, tmp_path: Path, sms_dir: Path, fast_otp: Any
+) -> None:
+    prior = synthetic.make_study(
+        patient_name="Müller^Hélène", patient_id="PAT-LATIN1", modalities=(("CT", 2),)
+    )
+    synthetic.write_study(prior, tmp_path / "prior")
+    imports.dicom_import([tmp_path / "prior"])
+    prior_uid = str(prior[0].StudyInstanceUID)
+    shared = study_services.study_share(
+        study_instance_uid=loaded.latin1.uid,
+        prior_study_instance_uids=[prior_uid],
+        recipient="physician",
+        channel="email",
+        contact="dr.martin@example.org",
+    )
+    dave = Client()
+    response = dave.get(link_path(shared.created))
+    assert response.status_code == 302
+    dave.post("/access/verify", {"action": "send"})
+    code = re.search(r"\b(\d{6})\b", str(mail.outbox[-1].body))
+    assert code is not None
+    dave.post("/access/verify", {"otp": code.group(1)})
+
+    found = {_value(s["0020000D"]) for s in _json(dave.get("/dicomweb/studies"))}
+    assert found == {loaded.latin1.uid, prior_uid}
+    assert len(_parts(dave.get(f"/dicomweb/studies/{prior_uid}"))) == 2
+    assert dave.get(f"/dicomweb/studies/{loaded.utf8.uid}").status_code == 404

@@ -271,13 +271,31 @@ class TestShareCommand:
         data = json.loads(
             self._run("create", STUDY_UID, "--patient-phone", "+33612345642", "--json")
         )
-        assert set(data) == {"id", "url", "access_code", "expires_at", "status"}
+        assert set(data) == {"id", "url", "access_code", "expires_at", "status", "studies"}
         assert data["status"] == "active"
+        assert data["studies"] == [STUDY_UID]
         assert re.match(r"^http://127\.0\.0\.1:8000/s/[A-Za-z0-9_\-.]+$", data["url"])
         assert CODE_FORMAT.match(data["access_code"])
         share = Share.objects.get(pk=data["id"])
         assert share.recipient == "patient" and share.channel == "sms"
         assert selectors.share_check_code(data["access_code"]).share == share
+
+    def test_it_shares_a_study_with_its_priors(self, study) -> None:
+        prior = make_study(OTHER_STUDY_UID, patient_id=study.patient_id, description="CT 2024")
+        data = json.loads(
+            self._run(
+                "create",
+                STUDY_UID,
+                prior.study_instance_uid,
+                "--physician-email",
+                "dr.martin@example.org",
+                "--json",
+            )
+        )
+        assert data["studies"] == [STUDY_UID, OTHER_STUDY_UID]
+        assert data["status"] == "active"
+        listing = json.loads(self._run("list", "--json"))
+        assert listing[0]["studies"] == [STUDY_UID, OTHER_STUDY_UID]
 
     def test_it_creates_physician_shares_for_14_days_with_options(self, study) -> None:
         data = json.loads(

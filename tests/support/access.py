@@ -26,13 +26,14 @@ def make_study(
     uid: str = STUDY_UID,
     *,
     patient_name: str = "DUPONT^Marie",
+    patient_id: str | None = None,
     description: str = "CT THORAX",
     series: tuple[tuple[str, int], ...] = (("CT", 3), ("SR", 1)),
 ) -> Study:
     study = Study.objects.create(
         study_instance_uid=uid,
         patient_name=patient_name,
-        patient_id="PID-" + uid[-4:],
+        patient_id=patient_id or "PID-" + uid[-4:],
         study_date="20260315",
         study_description=description,
     )

@@ -23,6 +23,7 @@ def share_as_dict(share: Share) -> dict[str, Any]:
     return {
         "id": share.pk,
         "study_uid": share.study_instance_uid,
+        "studies": share.study_uids,
         "recipient": share.recipient,
         "channel": share.channel,
         "expires_at": share.expires_at.isoformat(),
@@ -40,7 +41,12 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True)
 
         create = sub.add_parser("create", help="Share a study with a patient or a physician.")
-        create.add_argument("study_uid", help="The Study Instance UID.")
+        create.add_argument(
+            "study_uids",
+            nargs="+",
+            metavar="STUDY_UID",
+            help="The Study Instance UID; more UIDs add priors of the same patient to compare.",
+        )
         create.add_argument(
             "--pacs",
             help="Retrieve the study from this PACS node if the store does not have it.",
@@ -99,7 +105,7 @@ class Command(BaseCommand):
             raise CommandError(f"No share {share_id}.") from None
 
     def _create(self, options: dict[str, Any]) -> None:
-        study_uid = options["study_uid"]
+        study_uid, *priors = options["study_uids"]
         node = None
         if options["pacs"]:
             try:
@@ -115,6 +121,7 @@ class Command(BaseCommand):
         try:
             shared = services.study_share(
                 study_instance_uid=study_uid,
+                prior_study_instance_uids=priors,
                 node=node,
                 recipient=recipient,
                 channel=channel,
@@ -125,7 +132,7 @@ class Command(BaseCommand):
             )
         except ValidationError as exc:
             raise CommandError(" ".join(exc.messages)) from exc
-        created, job = shared.created, shared.job
+        created = shared.created
         share = created.share
         result = {
             "id": share.pk,
@@ -133,6 +140,7 @@ class Command(BaseCommand):
             "access_code": created.access_code,
             "expires_at": share.expires_at.isoformat(),
             "status": account_selectors.share_status(share),
+            "studies": share.study_uids,
         }
         if options["json"]:
             self.stdout.write(json.dumps(result))
@@ -140,10 +148,12 @@ class Command(BaseCommand):
         self.stdout.write(f"Share {share.pk} ({result['status']}), expires {result['expires_at']}")
         self.stdout.write(f"Link:        {created.url}")
         self.stdout.write(f"Access code: {created.access_code}")
-        if job is not None:
-            self.stdout.write(f"Retrieval job {job.pk} queued from {node}.")
-        elif not shared.in_store:
-            self.stdout.write("The study is not in the store yet: the share stays pending.")
+        for job in shared.jobs:
+            self.stdout.write(
+                f"Retrieval job {job.pk} queued from {node}: {job.study_instance_uid}"
+            )
+        if not shared.jobs and not shared.in_store:
+            self.stdout.write("The store lacks a study of this share: it stays pending.")
 
     def _list(self, options: dict[str, Any]) -> None:
         shares = [share_as_dict(s) for s in account_selectors.share_list(live_only=options["live"])]
