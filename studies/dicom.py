@@ -449,8 +449,6 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_DELIMITER = 0xFFFEE00D
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
-_SOP_CLASS_UID = 0x00080016
-_ROWS = 0x00280010
 # Pixel Data, Float Pixel Data, Double Float Pixel Data.
 _PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
@@ -462,9 +460,6 @@ class _ElementWalker:
         self.handle = handle
         self.end = end
         self.order = "<" if little_endian else ">"
-        # Tags of the top-level data set, in file order, and its SOP Class UID.
-        self.top_level_tags: list[int] = []
-        self.sop_class_uid = ""
         self.depth = 0
 
     def _read(self, size: int) -> bytes:
@@ -490,21 +485,12 @@ class _ElementWalker:
             return tag, vr, struct.unpack(f"{self.order}I", self._read(4))[0]
         return tag, vr, struct.unpack(f"{self.order}H", self._read(2))[0]
 
-    def data_set(
-        self, implicit: bool, stop: int | None, delimiter: int | None = None, top: bool = False
-    ) -> None:
+    def data_set(self, implicit: bool, stop: int | None, delimiter: int | None = None) -> None:
         """Walk elements up to `stop` (a position) or up to the `delimiter` tag."""
         while stop is None or self.handle.tell() < stop:
             tag, vr, length = self._header(implicit)
             if delimiter is not None and tag == delimiter:
                 return
-            if top:
-                self.top_level_tags.append(tag)
-                if tag == _SOP_CLASS_UID and length < 128:
-                    self.sop_class_uid = (
-                        self._read(length).rstrip(b"\0 ").decode("ascii", "replace")
-                    )
-                    continue
             if length == _UNDEFINED_LENGTH:
                 # A sequence, or encapsulated pixel data; an undefined length UN holds
                 # implicit VR little endian data (PS3.5 6.2.2).
@@ -576,10 +562,8 @@ def check_complete(handle: BinaryIO, transfer_syntax_uid: str) -> None:
         raise InvalidDicom("the file is truncated inside its file meta information")
     handle.seek(offset)
     walker = _ElementWalker(handle, end, little_endian=transfer_syntax_uid != ExplicitVRBigEndian)
-    walker.data_set(implicit=transfer_syntax_uid == ImplicitVRLittleEndian, stop=end, top=True)
-    # A cut that falls exactly between two elements leaves a well-formed data set: an image
-    # whose pixel data went missing is how such a cut shows.
-    tags = set(walker.top_level_tags)
-    is_image = _ROWS in tags or "Image Storage" in UID(walker.sop_class_uid).name
-    if is_image and not tags & _PIXEL_DATA_TAGS:
-        raise InvalidDicom("the data set is truncated: an image without its pixel data")
+    walker.data_set(implicit=transfer_syntax_uid == ImplicitVRLittleEndian, stop=end)
+    # A cut that falls exactly between two elements leaves a well-formed data set, which only
+    # the transport can tell (over DIMSE, the last fragment is flagged). A well-formed object
+    # without pixel data (a dose report, a presentation state, some image IODs as real
+    # archives hold them) is kept: Orthanc and dcmtk keep it too.

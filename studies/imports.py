@@ -1,13 +1,15 @@
 """Imports into the local archive: files, folders, and CDs (a folder with a DICOMDIR, or the
 DICOMDIR itself). What staff import is the archive's, whatever brought it first."""
 
+import io
 import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.uid import MediaStorageDirectoryStorage
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage
 
 from studies import dicom
 from studies.models import Study
@@ -67,16 +69,52 @@ def dicom_import(paths: Iterable[Path]) -> ImportReport:
     return report
 
 
+# The first two bytes of a data set without file meta information: the group of its first
+# element, little endian. Identifying elements (group 0008) come first in every storage object.
+_BARE_DATA_SET_GROUP = b"\x08\x00"
+_FILE_META_GROUP = b"\x02\x00"
+
+
 def _read_part10(path: Path) -> bytes:
-    """A file's bytes, if it starts as a DICOM Part 10 file does: CDs carry viewers and
-    installers of hundreds of megabytes, which are refused from their first 132 bytes."""
+    """A file's bytes as a Part 10 file. Older systems wrote CDs whose files lack the 128-byte
+    preamble and "DICM" (PS3.10 7.1), or hold a bare data set with no file meta information
+    at all: the data set is kept byte for byte, and the missing parts are written for it.
+
+    Anything else (CDs also carry viewers and installers of hundreds of megabytes) is refused
+    from its first bytes, before the rest is read."""
     with path.open("rb") as handle:
         head = handle.read(132)
-        if len(head) < 132 or head[128:132] != b"DICM":
-            raise dicom.InvalidDicom(
-                "not a readable DICOM file: no DICOM File Meta Information ('DICM' at byte 128)"
-            )
-        return head + handle.read()
+        if len(head) == 132 and head[128:132] == b"DICM":
+            return head + handle.read()
+        if head[:2] == _FILE_META_GROUP:
+            return b"\x00" * 128 + b"DICM" + head + handle.read()
+        if head[:2] == _BARE_DATA_SET_GROUP:
+            return _with_file_meta(head + handle.read())
+    raise dicom.InvalidDicom(
+        "not a readable DICOM file: no DICOM File Meta Information ('DICM' at byte 128) "
+        "and no data set at its start"
+    )
+
+
+def _with_file_meta(data_set: bytes) -> bytes:
+    """A bare data set (implicit or explicit VR little endian) with a file meta group naming
+    its SOP class, instance and transfer syntax."""
+    try:
+        ds = dcmread(io.BytesIO(data_set), force=True, stop_before_pixels=True)
+        implicit, little_endian = ds.original_encoding
+        sop_class_uid, sop_instance_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    except Exception as exc:  # pydicom raises many types on garbage
+        raise dicom.InvalidDicom(
+            "not a readable DICOM file: a data set without file meta information that does "
+            f"not parse ({type(exc).__name__})"
+        ) from exc
+    if not little_endian:
+        raise dicom.InvalidDicom("a big endian data set without file meta information")
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    meta = dicom.encode_file_meta(
+        sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid, transfer_syntax_uid=syntax
+    )
+    return meta + data_set
 
 
 def _walk(paths: Iterable[Path], report: ImportReport) -> Iterator[Path]:
