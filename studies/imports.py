@@ -11,7 +11,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage
 
-from studies import dicom
+from studies import dicom, metadata
 from studies.models import Study
 from studies.store import Indexer, StoreError
 
@@ -66,6 +66,9 @@ def dicom_import(paths: Iterable[Path]) -> ImportReport:
         report.studies.add(instance.series.study.study_instance_uid)
     # Staff imported these: they are the local archive now, whatever brought them first.
     Study.objects.filter(study_instance_uid__in=report.studies).update(retrieved_copy=False)
+    for study_uid in sorted(report.studies):
+        # Computed now, in the importing process, rather than for the first viewer.
+        metadata.study_metadata_fill(study_uid)
     return report
 
 

@@ -9,6 +9,7 @@ alone knows its own address.
 """
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from pydicom.valuerep import VR
 
 from studies.models import Instance
 from studies.store import instance_file
+
+logger = logging.getLogger(__name__)
 
 # Stands for the instance's own WADO-RS URL in a stored BulkDataURI.
 BULK_BASE = "{instance}"
@@ -125,8 +128,39 @@ def stored_frames(path: Path, numbers: list[int]) -> list[bytes]:
 def instances_metadata(instances: list[Instance]) -> list[str]:
     """The stored DICOM JSON of each instance, computing and keeping what is missing."""
     missing = [instance for instance in instances if not instance.metadata]
+    computed = []
     for instance in missing:
-        instance.metadata = instance_metadata_json(instance_file(instance))
-    if missing:
-        Instance.objects.bulk_update(missing, ["metadata"], batch_size=500)
+        try:
+            instance.metadata = instance_metadata_json(instance_file(instance))
+        except Exception:  # pydicom raises many types on what it cannot encode as JSON
+            # The store kept the object because it is well-formed; its metadata is then what
+            # the index knows, until someone looks at why (the log says which).
+            logger.exception("no DICOM JSON for instance %s", instance.sop_instance_uid)
+            instance.metadata = _index_only_json(instance)
+            continue
+        computed.append(instance)
+    if computed:
+        Instance.objects.bulk_update(computed, ["metadata"], batch_size=500)
     return [instance.metadata for instance in instances]
+
+
+def _index_only_json(instance: Instance) -> str:
+    return json.dumps(
+        {
+            "00080016": {"vr": "UI", "Value": [instance.sop_class_uid]},
+            "00080018": {"vr": "UI", "Value": [instance.sop_instance_uid]},
+        },
+        separators=(",", ":"),
+    )
+
+
+def study_metadata_fill(study_instance_uid: str) -> int:
+    """Compute and keep the DICOM JSON of every instance of a study that lacks it (after a
+    retrieval or an import, before anyone asks); returns how many were computed."""
+    missing = list(
+        Instance.objects.filter(
+            series__study__study_instance_uid=study_instance_uid, metadata=""
+        ).order_by("pk")
+    )
+    instances_metadata(missing)
+    return len(missing)

@@ -10,7 +10,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import transaction
 
-from studies import retrieval
+from studies import metadata, retrieval
 from studies.models import RetrievalJob
 from studies.selectors import retrieval_jobs_unfinished
 from studies.store import STALE_INCOMING_SECONDS, sweep_incoming
@@ -30,7 +30,15 @@ def retrieve_study(self, job_id: int) -> str:
     delay = retrieval.retrieval_job_requeue_after_failure(job)
     if delay is not None:
         raise self.retry(countdown=delay)
+    if job.status == RetrievalJob.Status.DONE:
+        build_study_metadata.delay(job.study_instance_uid)
     return job.status
+
+
+@shared_task(acks_late=True)
+def build_study_metadata(study_instance_uid: str) -> int:
+    """The DICOM JSON of a study just stored, so that the first viewer need not wait for it."""
+    return metadata.study_metadata_fill(study_instance_uid)
 
 
 def retrieval_job_enqueue(job: RetrievalJob) -> None:

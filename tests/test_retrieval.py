@@ -169,6 +169,8 @@ def test_retrieve_command_prints_the_job_as_json(
     assert result["expected"] == result["received"] == pacs_studies.utf8.instance_count
     assert result["error"] == ""
     assert Instance.objects.count() == pacs_studies.utf8.instance_count
+    # The DICOM JSON of what was retrieved is ready before the first viewer asks for it.
+    assert not Instance.objects.filter(metadata="").exists()
 
 
 def test_retrieve_command_fails_clearly_for_a_study_the_pacs_lacks(orthanc_node: PacsNode) -> None:

@@ -4,7 +4,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from studies import retrieval, tasks
+from studies import metadata, retrieval, tasks
 from studies.models import PacsNode, RetrievalJob
 
 
@@ -47,6 +47,8 @@ class Command(BaseCommand):
             raise CommandError(" ".join(exc.messages)) from exc
         if options["wait"]:
             job = retrieval.retrieval_job_run(job.pk)
+            if job.status == RetrievalJob.Status.DONE:
+                metadata.study_metadata_fill(job.study_instance_uid)
         else:
             tasks.retrieval_job_enqueue(job)
         if options["json"]:
