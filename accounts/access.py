@@ -38,7 +38,9 @@ _SEEN_RESOLUTION = 30
 
 _P = ParamSpec("_P")
 
-# The only URLs a recipient session may reach; anything else answers 404.
+# The home page, which sends a recipient session back to where it was.
+HOME_PATH = "/"
+# The only URLs a recipient session may reach (with HOME_PATH); anything else answers 404.
 RECIPIENT_PATHS = (
     "/s/",
     "/access/",

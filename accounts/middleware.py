@@ -25,7 +25,7 @@ class RecipientSessionMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         path = request.path_info
-        recipient_url = path.startswith(access.RECIPIENT_PATHS)
+        recipient_url = path == access.HOME_PATH or path.startswith(access.RECIPIENT_PATHS)
         if access.is_recipient_session(request):
             if not access.check_session_age(request):
                 request.session[NOTICE] = "expired"

@@ -5,6 +5,7 @@ from accounts import views
 app_name = "accounts"
 
 urlpatterns = [
+    path("", views.home, name="home"),
     path("s/<str:token>", views.link, name="link"),
     path("access/", views.access_code, name="access"),
     path("access/verify", views.verify, name="verify"),

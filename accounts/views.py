@@ -18,7 +18,7 @@ from django.contrib import messages
 from django.contrib.auth import authenticate
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
-from django.urls import reverse
+from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
@@ -400,3 +400,18 @@ def passkey_login(request: HttpRequest) -> HttpResponse:
     services.audit(AuditEvent.Action.PASSKEY_OK, request=request, share=share)
     access.mark_verified(request, by=access.BY_PASSKEY)
     return _json({"ok": True, "next": reverse("dicomweb:viewer")})
+
+
+@require_GET
+def home(request: HttpRequest) -> HttpResponse:
+    """/: where a patient with a letter starts (the access-code form, posting to /access/),
+    and a line for staff. A recipient already signed in goes back to where they were."""
+    if access.recipient_share(request) is not None:
+        return redirect("dicomweb:viewer")
+    if access.pending_share(request) is not None:
+        return redirect("accounts:verify")
+    try:
+        staff_url = reverse("staff:home")
+    except NoReverseMatch:
+        staff_url = ""  # the staff workspace is not installed
+    return render(request, "accounts/home.html", {"form": AccessCodeForm(), "staff_url": staff_url})

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from django.utils import translation
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -482,7 +483,8 @@ def _index(studies: list[_Study]) -> str:
                     _("Series %(number)s") % {"number": s.series_number or ""},
                     s.modality,
                     s.series_description,
-                    _("%(count)d images") % {"count": len(series.instances)},
+                    ngettext("%(count)d image", "%(count)d images", len(series.instances))
+                    % {"count": len(series.instances)},
                 )
                 if part
             )
