@@ -72,9 +72,10 @@ _LOCAL_LIMIT_EXCEEDED = 0x02
 _ACCEPTED, _ABSTRACT_SYNTAX_NOT_SUPPORTED, _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0, 3, 4
 # An association request is a few kilobytes even with a hundred presentation contexts.
 _MAX_ASSOCIATE_RQ = 64 * 1024
-# How long a rejected caller is given to have its association request read (see
-# _close_after_reject).
-_REJECT_DRAIN_SECONDS = 0.5
+# A known node over its limit: how long its association request may take to arrive, and how
+# many such callers are answered at once (past that they are only disconnected).
+_REJECT_READ_SECONDS = 2.0
+_MAX_REJECTING = 8
 _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 # Instances are indexed by batches of this many, or when the sender pauses this long.
 _INDEX_BATCH = 1000
@@ -179,6 +180,7 @@ class StorageServer:
         self._per_address: dict[str, int] = {}
         self._associations: set[threading.Thread] = set()
         self._lock = threading.Lock()
+        self._rejecting = threading.BoundedSemaphore(_MAX_REJECTING)
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -255,15 +257,43 @@ class StorageServer:
                 self._associations.add(thread)
         if busy or crowded:
             logger.warning("refused a connection from %s: too many associations", address)
+            if self._rejecting.acquire(blocking=False):
+                threading.Thread(
+                    target=self._reject_busy, args=(conn,), name=f"storescp-reject-{address}"
+                ).start()
+            else:
+                conn.close()  # a flood of them: no answer but the closed connection
+            return
+        thread.start()
+
+    def _reject_busy(self, conn: socket.socket) -> None:
+        """Answer a known node over its limit with a transient rejection ("come back later"),
+        on a thread of its own so that a slow caller never holds up the accept loop.
+
+        The rejection answers the caller's A-ASSOCIATE-RQ (PS3.8 9.3.4), so that request is
+        read first: sent before it, the rejection may reach a caller that is not yet waiting
+        for an answer (pynetdicom then aborts), and a socket closed with the request unread
+        answers with a reset that may destroy the rejection in flight."""
+        try:
+            conn.settimeout(_REJECT_READ_SECONDS)
+            try:
+                _read_associate_rq(conn)
+            except (OSError, wire.Malformed):
+                return
             _send_quietly(
                 conn,
                 _reject_pdu(
                     _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED
                 ),
             )
-            _close_after_reject(conn)
-            return
-        thread.start()
+            try:
+                conn.shutdown(socket.SHUT_WR)
+                conn.recv(_MAX_ASSOCIATE_RQ)  # until the caller closes, or the timeout
+            except OSError:
+                pass
+        finally:
+            conn.close()
+            self._rejecting.release()
 
     def _serve(self, conn: socket.socket, address: str) -> None:
         association = StorageAssociation(self, conn, address)
@@ -598,20 +628,24 @@ def _reject_pdu(result: int, source: int, reason: int) -> bytes:
     return bytes([ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, result, source, reason])
 
 
-def _close_after_reject(conn: socket.socket) -> None:
-    """Close a connection just sent an A-ASSOCIATE-RJ. Closing a socket whose receive buffer
-    still holds the caller's A-ASSOCIATE-RQ makes the kernel answer with a reset, which may
-    destroy the rejection before the caller reads it (it would then report a network error
-    instead of "come back later"): half-close first and read what the caller sent. Only known
-    nodes get here (strangers are dropped unread), and the wait is short."""
-    try:
-        conn.shutdown(socket.SHUT_WR)
-        conn.settimeout(_REJECT_DRAIN_SECONDS)
-        conn.recv(_MAX_ASSOCIATE_RQ)
-    except OSError:
-        pass
-    finally:
-        conn.close()
+def _read_associate_rq(conn: socket.socket) -> None:
+    """Read (and discard) one PDU of at most _MAX_ASSOCIATE_RQ bytes."""
+    header = _recv_exactly(conn, 6)
+    length = struct.unpack(">I", header[2:6])[0]
+    if length > _MAX_ASSOCIATE_RQ:
+        raise wire.Malformed("association request too long")
+    _recv_exactly(conn, length)
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = conn.recv(left)
+        if not chunk:
+            raise ConnectionError("closed")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _send_quietly(conn: socket.socket, data: bytes) -> None:
