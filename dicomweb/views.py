@@ -18,8 +18,8 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET
 from pydicom.uid import ExplicitVRLittleEndian
 
-from accounts import access, services
-from accounts.models import AuditEvent, Share
+from accounts import access
+from accounts.models import Share
 from dicomweb import media, multipart, qido, rendering, selectors
 from studies import metadata
 from studies.models import Instance
@@ -45,10 +45,8 @@ def _person_name(value: str) -> str:
 def viewer(request: access.RecipientRequest) -> HttpResponse:
     share = request.share
     study = selectors.viewer_study(share)
-    if study is not None and not request.session.get("recipient.viewed"):
-        # One event per session, not one per page load.
-        services.audit(AuditEvent.Action.VIEW, request=request, share=share)
-        request.session["recipient.viewed"] = True
+    if study is not None:
+        access.record_view(request, share=share, study_instance_uid=study.study_instance_uid)
     return render(
         request,
         "dicomweb/viewer.html",
