@@ -76,6 +76,8 @@ MIDDLEWARE = [
     "accounts.csrf.NoReferrerCsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "accounts.middleware.RecipientSessionMiddleware",
+    # A bad viewer token on a DICOMweb request → 401 with its challenge (dicomweb.bearer).
+    "dicomweb.bearer.BearerTokenMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes asks: turns a locked-out attempt into the 429 page.
