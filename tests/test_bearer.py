@@ -17,13 +17,14 @@ from urllib.parse import unquote
 
 import pytest
 import requests
+from dicomweb_client.api import DICOMwebClient
 from django.core import signing
 from django.test import Client
 from django.utils import timezone
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
-from accounts import credentials, services
+from accounts import checks, credentials, services
 from accounts.logging import RedactShareLinks
 from accounts.models import AuditEvent, Share
 from studies.models import Instance
@@ -128,6 +129,10 @@ class TestAValidToken:
         assert part == stored.alice.files[instance.sop_instance_uid]
         assert dcmread(DicomBytesIO(part)).SOPInstanceUID == instance.sop_instance_uid
         assert "Set-Cookie" not in metadata.headers
+        # As the README shows it, with dicomweb-client.
+        client = DICOMwebClient(root, headers=headers)
+        retrieved = client.retrieve_study(stored.alice.uid)
+        assert sorted(str(ds.SOPInstanceUID) for ds in retrieved) == sorted(stored.alice.files)
 
     def test_minting_is_audited_without_the_token(
         self, token: str, alice_share: services.CreatedShare, stored: StoredStudies
@@ -379,3 +384,14 @@ class TestTokensNeverReachALog:
 
         assert "abc.def.ghi" not in record.getMessage()
         assert "Bearer [redacted]" in record.getMessage()
+
+
+@pytest.mark.parametrize(("minutes", "valid"), [(0, False), (1, True), (60, True), (61, False)])
+def test_the_token_lifetime_is_minutes_at_most_an_hour(
+    settings: Any, minutes: int, valid: bool
+) -> None:
+    settings.VIEWER_TOKEN_MINUTES = minutes
+
+    errors = checks.check_viewer_token_lifetime(None)
+
+    assert [e.id for e in errors] == ([] if valid else ["accounts.E010"])
