@@ -16,7 +16,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 
 from accounts import selectors, services
-from accounts.models import AuditEvent, Refusal, Share
+from accounts.models import AuditEvent, Share
 
 SHARE = "recipient.share"
 STAGE = "recipient.stage"
@@ -27,6 +27,8 @@ SEEN = "recipient.seen"
 VERIFIED_BY = "recipient.verified_by"
 VERIFIED_AT = "recipient.verified_at"
 PASSKEY_ADDED = "recipient.passkey_added"
+# The Study Instance UIDs this session has viewed (and audited) so far.
+VIEWED = "recipient.viewed"
 BY_OTP = "otp"
 BY_PASSKEY = "passkey"
 PASSKEY_ENROL_WINDOW = 5 * 60  # seconds after the one-time code
@@ -94,6 +96,18 @@ def mark_passkey_added(request: HttpRequest) -> None:
     request.session[PASSKEY_ADDED] = True
 
 
+def record_view(request: HttpRequest, *, share: Share, study_instance_uid: str) -> None:
+    """Audit that this session views a study: one VIEW event per session and study (the viewer
+    page, DICOMweb metadata and retrieve all call it), not one per page load or request."""
+    viewed = request.session.get(VIEWED)
+    # Sessions begun before views were counted per study held True here.
+    seen = list(viewed) if isinstance(viewed, list) else []
+    if study_instance_uid in seen:
+        return
+    services.audit(AuditEvent.Action.VIEW, request=request, share=share, study=study_instance_uid)
+    request.session[VIEWED] = [*seen, study_instance_uid]
+
+
 def end(request: HttpRequest) -> None:
     request.session.flush()
 
@@ -107,14 +121,11 @@ def _bound_share(request: HttpRequest, stage: str) -> Share | None:
     if share_id is None or request.session.get(STAGE) != stage:
         return None
     share = Share.objects.filter(pk=share_id).first()
-    if share is None or selectors.share_is_locked(share):
+    if share is None:
         return None
-    refusal = share.refusal()
-    # A single-use share is used up by the one-time code of the session that then keeps it
-    # open until it ends; no other session gets that far.
-    if refusal is not None and not (stage == VERIFIED and refusal == Refusal.USED):
-        return None
-    return share
+    if stage == VERIFIED:
+        return share if selectors.share_open_to_verified(share) else None
+    return share if share.refusal() is None and not selectors.share_is_locked(share) else None
 
 
 def bound_locked_share(request: HttpRequest) -> Share | None:

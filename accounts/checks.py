@@ -95,3 +95,12 @@ def check_trusted_proxies(app_configs: Any, **kwargs: Any) -> list[Error]:
                 )
             )
     return errors
+
+
+@register(Tags.security)
+def check_viewer_token_lifetime(app_configs: Any, **kwargs: Any) -> list[Error]:
+    # Viewer tokens live minutes (an external viewer loads a study in that time); a token
+    # outliving the session that minted it by hours would be a second, unaudited session.
+    if not 1 <= settings.VIEWER_TOKEN_MINUTES <= 60:
+        return [Error("PORTAL_VIEWER_TOKEN_MINUTES must be 1 to 60.", id="accounts.E010")]
+    return []

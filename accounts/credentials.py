@@ -7,6 +7,13 @@ a printed handout: Crockford base32, grouped by four, read case- and dash-insens
 group is a public lookup prefix (unique among shares that can still be opened; it finds the
 share row and keys the per-share lockout);
 the other three groups are the secret, 60 bits, stored as a salted Argon2 hash.
+
+A viewer token is what an external DICOMweb viewer (Weasis, a script) sends as
+`Authorization: Bearer …`: minted by a verified recipient session for one study of its share,
+signed with its issue time and read for `settings.VIEWER_TOKEN_MINUTES` only. It is not stored
+at all: its signature and age are checked at every request, and so is the share it names
+(accounts.selectors.share_for_viewer_token), so that revoking, expiring or locking the share
+ends every token minted from it.
 """
 
 import hashlib
@@ -26,6 +33,9 @@ SECRET_LENGTH = 12  # 12 × 5 bits = 60 bits
 CODE_LENGTH = PREFIX_LENGTH + SECRET_LENGTH
 TOKEN_BYTES = 16  # 128 bits
 _LINK_SALT = "accounts.share-link"
+_VIEWER_SALT = "accounts.viewer-token"
+# A token is about 150 characters; anything much longer is refused before it is decoded.
+_VIEWER_TOKEN_MAX_CHARS = 300
 
 
 class AccessCodeHasher(Argon2PasswordHasher):
@@ -117,6 +127,49 @@ def unsign_link_token(signed: str) -> str | None:
         )
     except signing.BadSignature:
         return None
+
+
+@dataclass(frozen=True)
+class ViewerGrant:
+    """What a valid viewer token names: a share and one study of it."""
+
+    share_id: int
+    study_instance_uid: str
+
+
+def _viewer_signer() -> signing.TimestampSigner:
+    # "." is neither in URL-safe base64 nor outside RFC 6750's b64token (":" would be).
+    return signing.TimestampSigner(salt=_VIEWER_SALT, sep=".")
+
+
+def sign_viewer_token(*, share_id: int, study_instance_uid: str) -> str:
+    """A new viewer token. The random nonce makes every token distinct (two minted in the same
+    second for the same study are still two tokens); it is not a secret, the signature is."""
+    payload = {
+        "share": share_id,
+        "study": study_instance_uid,
+        "nonce": secrets.token_urlsafe(TOKEN_BYTES),
+    }
+    return _viewer_signer().sign_object(payload)
+
+
+def unsign_viewer_token(token: str) -> ViewerGrant | None:
+    """What a viewer token we signed less than settings.VIEWER_TOKEN_MINUTES ago names, else
+    None (forged, tampered with, too old, or not one of ours)."""
+    if len(token) > _VIEWER_TOKEN_MAX_CHARS:
+        return None
+    try:
+        payload = _viewer_signer().unsign_object(
+            token, max_age=timedelta(minutes=settings.VIEWER_TOKEN_MINUTES)
+        )
+    except signing.BadSignature:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    share_id, study = payload.get("share"), payload.get("study")
+    if not isinstance(share_id, int) or not isinstance(study, str):
+        return None
+    return ViewerGrant(share_id=share_id, study_instance_uid=study)
 
 
 def lockout_key_for_code(code: str | None, typed: str) -> str:

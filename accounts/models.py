@@ -242,6 +242,8 @@ class AuditEvent(models.Model):
         LOGOUT = "logout", _("Signed out")
         SESSION_EXPIRED = "session_expired", _("Session expired")
         VIEW = "view", _("Study viewed")
+        DOWNLOAD = "download", _("Study downloaded")
+        VIEWER_TOKEN = "viewer_token", _("Viewer link issued")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     action = models.CharField(_("what"), max_length=32, choices=Action.choices)

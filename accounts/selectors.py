@@ -57,6 +57,38 @@ def share_is_locked(share: Share) -> bool:
     return share.locked_until is not None and share.locked_until > timezone.now()
 
 
+def share_open_to_verified(share: Share) -> bool:
+    """Whether a recipient who completed the second factor may still see the share: it is live
+    and not locked. A single-use share is used up by the one-time code of the session that then
+    keeps it open until that session ends (and no other session gets that far), so "used" does
+    not close it to that session, nor to the viewer tokens that session mints."""
+    if share_is_locked(share):
+        return False
+    refusal = share.refusal()
+    return refusal is None or refusal == Refusal.USED
+
+
+@dataclass(frozen=True)
+class ViewerAccess:
+    """A viewer token's share, still open, and the one study the token was minted for."""
+
+    share: Share
+    study_instance_uid: str
+
+
+def share_for_viewer_token(token: str) -> ViewerAccess | None:
+    """The share and study a bearer token opens, or None: a bad signature, a token past
+    settings.VIEWER_TOKEN_MINUTES, or a share revoked, expired or locked since it was minted
+    (checked at every request: nothing about the token is stored)."""
+    grant = credentials.unsign_viewer_token(token)
+    if grant is None:
+        return None
+    share = Share.objects.filter(pk=grant.share_id).first()
+    if share is None or not share_open_to_verified(share):
+        return None
+    return ViewerAccess(share=share, study_instance_uid=grant.study_instance_uid)
+
+
 @dataclass(frozen=True)
 class AccessCheck:
     """The outcome of a link or code: `share` when it opens one; `matched` is the share the

@@ -58,6 +58,24 @@ def audit(
     )
 
 
+# --- viewer tokens --------------------------------------------------------------------------
+
+
+def viewer_token_create(*, share: Share, study_instance_uid: str, request: HttpRequest) -> str:
+    """A bearer token for an external viewer, minted by a verified recipient session for one
+    study it may see (the caller checks that). Audited without the token: it is never stored,
+    logged or written anywhere by the portal."""
+    token = credentials.sign_viewer_token(share_id=share.pk, study_instance_uid=study_instance_uid)
+    audit(
+        AuditEvent.Action.VIEWER_TOKEN,
+        request=request,
+        share=share,
+        study=study_instance_uid,
+        minutes=settings.VIEWER_TOKEN_MINUTES,
+    )
+    return token
+
+
 # --- shares ---------------------------------------------------------------------------------
 
 

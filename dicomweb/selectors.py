@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 from django.db.models import Count, QuerySet
 
 from accounts.models import Share
+from dicomweb.archive import ArchiveInstance
 from studies.models import Instance, Series, Study
+from studies.store import instance_file
 
 
 @dataclass(frozen=True)
@@ -75,3 +77,32 @@ def share_instances(share: Share) -> QuerySet[Instance]:
     if share.series_instance_uids:
         instances = instances.filter(series__series_instance_uid__in=share.series_instance_uids)
     return instances
+
+
+def archive_instances(instances: QuerySet[Instance]) -> list[ArchiveInstance]:
+    """The index's records of granted instances, as the study download packs them."""
+    rows = instances.select_related("series__study").order_by(
+        "series__series_number", "series_id", "instance_number", "pk"
+    )
+    return [
+        ArchiveInstance(
+            path=instance_file(i),
+            size=i.size,
+            patient_name=i.series.study.patient_name,
+            patient_id=i.series.study.patient_id,
+            study_instance_uid=i.series.study.study_instance_uid,
+            study_date=i.series.study.study_date,
+            study_time=i.series.study.study_time,
+            study_description=i.series.study.study_description,
+            accession_number=i.series.study.accession_number,
+            series_instance_uid=i.series.series_instance_uid,
+            series_number=i.series.series_number,
+            modality=i.series.modality,
+            series_description=i.series.series_description,
+            sop_class_uid=i.sop_class_uid,
+            sop_instance_uid=i.sop_instance_uid,
+            instance_number=i.instance_number,
+            transfer_syntax_uid=i.transfer_syntax_uid,
+        )
+        for i in rows
+    ]

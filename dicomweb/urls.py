@@ -50,4 +50,8 @@ urlpatterns = [
     path(_STUDY + "/thumbnail", views.thumbnail, name="rs-study-thumbnail"),
     path(_SERIES + "/thumbnail", views.thumbnail, name="rs-series-thumbnail"),
     path(_INSTANCE + "/thumbnail", views.thumbnail, name="rs-thumbnail"),
+    # The study download, viewer tokens for external DICOMweb clients, the Weasis launch.
+    path("download/<uid:study>.zip", views.download, name="download"),
+    path("dicomweb/token", views.viewer_token, name="token"),
+    path("viewer/weasis/<uid:study>", views.weasis, name="weasis"),
 ]

@@ -2,28 +2,37 @@
 (The image viewer, DICOMweb and download build on the same share check.)"""
 
 import datetime
+import logging
 from functools import partial
+from urllib.parse import quote
 
+from django.conf import settings
 from django.db.models import QuerySet
 from django.http import (
     Http404,
     HttpRequest,
     HttpResponse,
     HttpResponseBase,
+    HttpResponseRedirect,
     JsonResponse,
     StreamingHttpResponse,
 )
 from django.shortcuts import render
 from django.urls import reverse
-from django.views.decorators.http import require_GET
+from django.utils.http import content_disposition_header
+from django.utils.translation import get_language
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from pydicom.uid import ExplicitVRLittleEndian
 
 from accounts import access, services
+from accounts import selectors as account_selectors
 from accounts.models import AuditEvent, Share
-from dicomweb import media, multipart, qido, rendering, selectors
+from dicomweb import archive, bearer, media, multipart, qido, rendering, selectors
 from studies import metadata
 from studies.models import Instance
 from studies.store import instance_file
+
+logger = logging.getLogger(__name__)
 
 
 def _dicom_date(value: str) -> datetime.date | None:
@@ -45,10 +54,8 @@ def _person_name(value: str) -> str:
 def viewer(request: access.RecipientRequest) -> HttpResponse:
     share = request.share
     study = selectors.viewer_study(share)
-    if study is not None and not request.session.get("recipient.viewed"):
-        # One event per session, not one per page load.
-        services.audit(AuditEvent.Action.VIEW, request=request, share=share)
-        request.session["recipient.viewed"] = True
+    if study is not None:
+        access.record_view(request, share=share, study_instance_uid=study.study_instance_uid)
     return render(
         request,
         "dicomweb/viewer.html",
@@ -67,11 +74,40 @@ def viewer(request: access.RecipientRequest) -> HttpResponse:
 # study, a series the share leaves out, a made-up UID) is the same 404 as what does not exist.
 
 
-def _granted_share(request: HttpRequest) -> Share:
-    share = access.recipient_share(request)
-    if share is None:
+def _grant(request: HttpRequest) -> tuple[Share, str | None]:
+    """The share a DICOMweb request may read, and the one study it is held to when it came
+    with a viewer token (None: the session's whole share).
+
+    With an `Authorization` header the token alone decides (dicomweb.bearer): a bad one raises
+    InvalidBearerToken (401), and a URL under another study than the token's is the same 404
+    as anything else outside the grant, whatever view it reaches. Without the header, the
+    verified recipient session decides, or 404.
+    """
+    token = bearer.bearer_token(request)
+    if token is None:
+        share = access.recipient_share(request)
+        if share is None:
+            raise Http404
+        return share, None
+    viewer = account_selectors.share_for_viewer_token(token)
+    if viewer is None:
+        raise bearer.InvalidBearerToken
+    match = request.resolver_match
+    path_study = match.kwargs.get("study") if match is not None else None
+    if path_study is not None and path_study != viewer.study_instance_uid:
         raise Http404
-    return share
+    return viewer.share, viewer.study_instance_uid
+
+
+def _granted_share(request: HttpRequest) -> Share:
+    return _grant(request)[0]
+
+
+def _record_view(request: HttpRequest, share: Share, study: str) -> None:
+    """One VIEW event per session and study. A viewer token's requests have no session to
+    remember it in (and must not be given one); minting the token was audited instead."""
+    if bearer.bearer_token(request) is None:
+        access.record_view(request, share=share, study_instance_uid=study)
 
 
 def _scope(
@@ -107,11 +143,13 @@ def _not_acceptable() -> HttpResponse:
 
 
 def _search(request: HttpRequest, level: qido.Level, scope: dict[str, str]) -> HttpResponse:
-    share = _granted_share(request)
+    share, token_study = _grant(request)
     media_type = media.accepts_json(request.headers.get("Accept"))
     if media_type is None:
         return _not_acceptable()
     granted = selectors.share_instances(share)
+    if token_study is not None:
+        granted = granted.filter(series__study__study_instance_uid=token_study)
     if scope:
         granted = _scope(share, **scope)
     try:
@@ -158,6 +196,7 @@ def _retrieve(request: HttpRequest, **path: str) -> HttpResponseBase:
     accepted = media.accepts_multipart(request.headers.get("Accept"), media.DICOM)
     if accepted is None:
         return _not_acceptable()
+    _record_view(request, share, path["study"])
     ordered = list(
         instances.order_by("series__series_number", "series_id", "instance_number", "pk")
     )
@@ -200,6 +239,7 @@ def _metadata(request: HttpRequest, **path: str) -> HttpResponse:
     media_type = media.accepts_json(request.headers.get("Accept"))
     if media_type is None:
         return _not_acceptable()
+    _record_view(request, share, path["study"])
     documents = metadata.instances_metadata(instances)
     body = ",".join(
         document.replace(
@@ -351,3 +391,131 @@ def thumbnail(
     except (rendering.NotAnImageError, rendering.NoSuchFrameError):
         raise Http404 from None
     return HttpResponse(image, content_type="image/jpeg")
+
+
+# --- Study download: a ZIP with a DICOMDIR (dicomweb.archive) ----------------------------------
+
+
+def _preview(instance: archive.ArchiveInstance) -> bytes | None:
+    """The JPEG shown for a series in the ZIP's INDEX.HTM; None for what cannot be drawn (a
+    report, a pixel encoding no decoder here reads): the archive then shows no picture."""
+    try:
+        return rendering.thumbnail(instance.path)
+    except rendering.RenderingError:
+        return None
+
+
+def _download_filename(study: archive.ArchiveInstance) -> str:
+    date = _dicom_date(study.study_date)
+    return f"IMAGES-{date:%Y-%m-%d}.zip" if date else "IMAGES.zip"
+
+
+@require_http_methods(["GET"])  # not HEAD: a HEAD must not pack (or count) a download
+def download(request: HttpRequest, study: str) -> HttpResponseBase:
+    """The session's study as a ZIP streamed from the store: DICOMDIR, the instances byte for
+    byte, README.TXT and INDEX.HTM in the recipient's language.
+
+    Session only (no viewer token). Outside the share: 404 like everything else; a share that
+    does not allow downloads: 403 with a page that says so. One DOWNLOAD event is recorded when
+    the last byte has been taken, so a download broken off is not counted.
+    """
+    share = access.recipient_share(request)
+    if share is None:
+        raise Http404
+    instances = _scope(share, study)
+    if not share.allow_download:
+        return render(request, "dicomweb/download_unavailable.html", {"refused": True}, status=403)
+    records = selectors.archive_instances(instances)
+
+    def on_complete() -> None:
+        services.audit(
+            AuditEvent.Action.DOWNLOAD,
+            request=request,
+            share=share,
+            study=study,
+            instances=len(records),
+        )
+
+    try:
+        chunks = archive.study_zip(
+            records, previews=_preview, language=get_language(), on_complete=on_complete
+        )
+    except archive.ArchiveError:
+        # The index and the store disagree: said before the first byte, with a page.
+        logger.exception("download of a study of share %s failed", share.pk)
+        return render(request, "dicomweb/download_unavailable.html", {"refused": False}, status=500)
+    response = StreamingHttpResponse(chunks, content_type="application/zip")
+    response["Content-Disposition"] = content_disposition_header(
+        as_attachment=True, filename=_download_filename(records[0])
+    )
+    return response
+
+
+# --- Viewer tokens for external DICOMweb viewers (Weasis, scripts) ----------------------------
+#
+# A verified recipient session mints a bearer token for one study of its share: short-lived
+# (settings.VIEWER_TOKEN_MINUTES), read-only (DICOMweb answers GET and HEAD only), never stored
+# and checked against the share at every request (accounts.selectors.share_for_viewer_token).
+
+
+def _dicomweb_root(request: HttpRequest) -> str:
+    return request.build_absolute_uri(reverse("dicomweb:qido-studies").removesuffix("/studies"))
+
+
+def _session_token(request: HttpRequest, study: str) -> tuple[Share, str]:
+    """A new viewer token for a study of the session's share (404 outside it). A session
+    only: a token never mints another, so no token outlives its minutes."""
+    share = access.recipient_share(request)
+    if share is None:
+        raise Http404
+    _scope(share, study)
+    token = services.viewer_token_create(share=share, study_instance_uid=study, request=request)
+    return share, token
+
+
+@require_POST
+def viewer_token(request: HttpRequest) -> JsonResponse:
+    """`POST /dicomweb/token` (field `study`, CSRF-protected like every form): a token for a
+    DICOMweb client the recipient runs (RFC 6749 §5.1's field names)."""
+    study = request.POST.get("study", "")
+    _share, token = _session_token(request, study)
+    return JsonResponse(
+        {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": settings.VIEWER_TOKEN_MINUTES * 60,
+            "dicomweb_url": _dicomweb_root(request),
+            "study_instance_uid": study,
+        }
+    )
+
+
+class _WeasisRedirect(HttpResponseRedirect):
+    allowed_schemes = ["weasis"]
+
+
+def weasis_launch_url(*, dicomweb_url: str, study: str, token: str) -> str:
+    """A `weasis://` URI: Weasis's `$dicom:rs` command (load a study from a DICOMweb server,
+    with a request header), URL-encoded as the Weasis protocol wants it."""
+    command = (
+        f'$dicom:rs --url "{dicomweb_url}" -r "studyUID={study}" -H "Authorization: Bearer {token}"'
+    )
+    return "weasis://" + quote(command, safe="")
+
+
+@require_GET
+def weasis(request: HttpRequest, study: str) -> HttpResponse:
+    """Open the study in Weasis: mint a viewer token and redirect to the `weasis://` URI.
+
+    A GET, so that it is a plain link: it changes nothing about the share, and only gives this
+    session's own study, read-only and for minutes, to the viewer on this computer. Another
+    site cannot use it: the session cookie is SameSite and HttpOnly, and even a navigation it
+    triggers sends the token to the visitor's own Weasis, never to that site. Mail scanners and
+    link previews have no session and get 404.
+    """
+    share, token = _session_token(request, study)
+    # Weasis's requests carry the token, not the session: the view is recorded here.
+    access.record_view(request, share=share, study_instance_uid=study)
+    return _WeasisRedirect(
+        weasis_launch_url(dicomweb_url=_dicomweb_root(request), study=study, token=token)
+    )

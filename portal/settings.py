@@ -76,6 +76,8 @@ MIDDLEWARE = [
     "accounts.csrf.NoReferrerCsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "accounts.middleware.RecipientSessionMiddleware",
+    # A bad viewer token on a DICOMweb request → 401 with its challenge (dicomweb.bearer).
+    "dicomweb.bearer.BearerTokenMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes asks: turns a locked-out attempt into the 429 page.
@@ -282,6 +284,9 @@ OTP_THROTTLE_FACTOR = env.int("PORTAL_OTP_THROTTLE_FACTOR", default=1)
 # Recipient sessions: idle and absolute limits, in seconds.
 RECIPIENT_SESSION_IDLE = 15 * 60
 RECIPIENT_SESSION_MAX = 2 * 60 * 60
+# Minutes a viewer token (the bearer token a recipient session mints for Weasis or another
+# DICOMweb client) is accepted after it was minted (accounts.credentials).
+VIEWER_TOKEN_MINUTES = env.int("PORTAL_VIEWER_TOKEN_MINUTES", default=10)
 # Who a locked-out or lost recipient should call; shown on the lockout and help pages.
 SUPPORT_CONTACT = env.str("PORTAL_SUPPORT_CONTACT", default="")
 
