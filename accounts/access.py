@@ -50,6 +50,7 @@ RECIPIENT_PATHS = (
     "/captcha/",
     "/healthz",
     "/favicon.ico",
+    "/ohif/",
 )
 
 

@@ -1,6 +1,7 @@
-from django.urls import path, register_converter
+from django.urls import path, re_path, register_converter
 
 from dicomweb import views
+from dicomweb.ohif import views as ohif_views
 
 app_name = "dicomweb"
 
@@ -50,4 +51,6 @@ urlpatterns = [
     path(_STUDY + "/thumbnail", views.thumbnail, name="rs-study-thumbnail"),
     path(_SERIES + "/thumbnail", views.thumbnail, name="rs-series-thumbnail"),
     path(_INSTANCE + "/thumbnail", views.thumbnail, name="rs-thumbnail"),
+    # OHIF (dicomweb.ohif), when installed: its files, and index.html for its own routes.
+    re_path(r"^ohif/", ohif_views.ohif_file, name="ohif"),
 ]
