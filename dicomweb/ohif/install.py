@@ -53,6 +53,8 @@ _SCRIPT = re.compile(r'<script defer(?:="defer")? src="/([\w.-]+\.js)"></script>
 _STYLE = re.compile(r'<link href="/([\w.-]+\.css)" rel="stylesheet">')
 # webpack's runtime: where chunks, workers and WebAssembly are loaded from.
 _PUBLIC_PATH = '__webpack_require__.p = "/";'
+# Style sheets: files named from the root (fonts), as in `url(/a34f9d1faa5f3315.woff2)`.
+_CSS_ROOT_URL = re.compile(r"""url\((["']?)/(?!/)""")
 
 
 class OhifInstallError(Exception):
@@ -193,6 +195,9 @@ def adapt_build(build: Path, *, version: str) -> None:
     if not scripts:
         raise OhifInstallError("index.html loads no bundle: not the expected OHIF build")
     _rewrite_public_path(build)
+    for sheet in build.glob("*.css"):
+        text = sheet.read_text(encoding="utf-8")
+        sheet.write_text(_CSS_ROOT_URL.sub(rf"url(\1{ohif.MOUNT}", text), encoding="utf-8")
     (build / "index.html").write_text(_index_html(scripts, styles), encoding="utf-8")
     (build / "app-config.js").write_text(_app_config(version), encoding="utf-8")
     (build / SETUP_SCRIPT).write_text(_setup_script(), encoding="utf-8")
