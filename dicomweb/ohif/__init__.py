@@ -10,6 +10,7 @@ To move to another version: set VERSION and INTEGRITY from
 `npm view @ohif/app@<version> dist.integrity`, run `make ohif`, then the OHIF tests.
 """
 
+import json
 from pathlib import Path
 
 from django.conf import settings
@@ -38,6 +39,15 @@ def is_installed() -> bool:
     """Whether OHIF can be offered (templates show its button only then)."""
     folder = directory()
     return (folder / MARKER).is_file() and (folder / "index.html").is_file()
+
+
+def worker_scripts() -> frozenset[str]:
+    """The build's web worker scripts, as the installer found them."""
+    try:
+        names = json.loads((directory() / MARKER).read_text()).get("workers", [])
+    except (OSError, ValueError, AttributeError):
+        return frozenset()
+    return frozenset(str(name) for name in names)
 
 
 def viewer_path(study_instance_uid: str) -> str:

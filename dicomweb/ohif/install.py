@@ -100,9 +100,9 @@ def ohif_install(
             tarball = npm_pack(pin.version, work)
         verify_integrity(tarball, pin.integrity)
         build = extract_dist(tarball, work / "extract")
-        adapt_build(build, version=pin.version)
+        workers = adapt_build(build, version=pin.version)
         (build / ohif.MARKER).write_text(
-            json.dumps({"version": pin.version, "integrity": pin.integrity})
+            json.dumps({"version": pin.version, "integrity": pin.integrity, "workers": workers})
         )
         _swap(build, target, work)
     return True
@@ -188,23 +188,26 @@ def _left_out(name: str) -> bool:
     return name in _LEFT_OUT or name.endswith(_LEFT_OUT_SUFFIXES)
 
 
-def adapt_build(build: Path, *, version: str) -> None:
+def adapt_build(build: Path, *, version: str) -> list[str]:
+    """Adapt the build to /ohif/; return its web workers' scripts (the bundles, other than the
+    page's, that start a webpack runtime of their own)."""
     published = (build / "index.html").read_text(encoding="utf-8")
     scripts = _SCRIPT.findall(published)
     styles = _STYLE.findall(published)
     if not scripts:
         raise OhifInstallError("index.html loads no bundle: not the expected OHIF build")
-    _rewrite_public_path(build)
+    workers = sorted(set(_rewrite_public_path(build)) - set(scripts))
     for sheet in build.glob("*.css"):
         text = sheet.read_text(encoding="utf-8")
         sheet.write_text(_CSS_ROOT_URL.sub(rf"url(\1{ohif.MOUNT}", text), encoding="utf-8")
     (build / "index.html").write_text(_index_html(scripts, styles), encoding="utf-8")
     (build / "app-config.js").write_text(_app_config(version), encoding="utf-8")
     (build / SETUP_SCRIPT).write_text(_setup_script(), encoding="utf-8")
+    return workers
 
 
-def _rewrite_public_path(build: Path) -> None:
-    changed = 0
+def _rewrite_public_path(build: Path) -> list[str]:
+    changed = []
     for bundle in build.glob("*.js"):
         text = bundle.read_text(encoding="utf-8")
         count = text.count(_PUBLIC_PATH)
@@ -216,9 +219,10 @@ def _rewrite_public_path(build: Path) -> None:
             text.replace(_PUBLIC_PATH, f"__webpack_require__.p = {json.dumps(ohif.MOUNT)};"),
             encoding="utf-8",
         )
-        changed += 1
-    if changed == 0:
+        changed.append(bundle.name)
+    if not changed:
         raise OhifInstallError("no bundle sets webpack's public path: not the expected build")
+    return changed
 
 
 # Set before the bundles run: where OHIF is mounted, and the import function its extensions

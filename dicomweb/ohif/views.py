@@ -22,26 +22,31 @@ from accounts import access
 from dicomweb import ohif
 
 # What OHIF needs beyond the portal's own policy (portal.settings.CONTENT_SECURITY_POLICY),
-# found by loading it in Chromium and reading the console's violations:
-# - script-src 'wasm-unsafe-eval': its image decoders (JPEG, JPEG 2000, JPEG-LS, HTJ2K) are
-#   WebAssembly, which may only be compiled with it; no 'unsafe-eval', no inline script (the
-#   installer moved the published page's inline scripts into a file).
-# - worker-src 'self' blob:: decoding and volume work run in web workers, some of which
-#   are started from blob: URLs.
-# - style-src 'unsafe-inline': its UI libraries insert <style> elements and style attributes.
-# - font-src data:: fonts inlined in its style sheets.
+# found by loading it in Chromium (a stack, MPR, a JPEG-LS series) and reading the console's
+# violations:
+# - style-src 'unsafe-inline': its UI libraries set style attributes and insert <style>
+#   elements. (No inline script: the installer moved the published page's into a file.)
+# - img-src data: blob:: icons inlined as data: URLs, images made in the browser as blob: ones.
 OHIF_CONTENT_SECURITY_POLICY = {
     "default-src": ["'self'"],
-    "script-src": ["'self'", "'wasm-unsafe-eval'"],
-    "worker-src": ["'self'", "blob:"],
+    "script-src": ["'self'"],
+    "worker-src": ["'self'"],
     "style-src": ["'self'", "'unsafe-inline'"],
     "img-src": ["'self'", "data:", "blob:"],
     "connect-src": ["'self'"],
-    "font-src": ["'self'", "data:"],
+    "font-src": ["'self'"],
     "object-src": ["'none'"],
     "base-uri": ["'none'"],
     "form-action": ["'self'"],
     "frame-ancestors": ["'none'"],
+}
+# A web worker runs under the policy its own script is served with. OHIF's image decoders
+# (JPEG, JPEG-LS, JPEG 2000, HTJ2K) are WebAssembly built with Emscripten's embind, which makes
+# functions from strings: their workers need 'unsafe-eval' (which allows WebAssembly too). It
+# is granted to those worker scripts only, never to the page, which has the DOM and the session.
+OHIF_WORKER_CONTENT_SECURITY_POLICY = {
+    **OHIF_CONTENT_SECURITY_POLICY,
+    "script-src": ["'self'", "'unsafe-eval'"],
 }
 
 # Content types browsers insist on (WebAssembly streaming compilation needs application/wasm)
@@ -91,11 +96,13 @@ def _content_type(file: Path) -> str:
 def ohif_file(request: HttpRequest) -> HttpResponseBase:
     if access.recipient_share(request) is None:
         return redirect("accounts:access")
-    return _serve(request)
+    file = _requested_file(request)
+    if file.parent == ohif.directory().resolve() and file.name in ohif.worker_scripts():
+        return _worker_script(request)
+    return _page_file(request)
 
 
-@csp(OHIF_CONTENT_SECURITY_POLICY)
-def _serve(request: HttpRequest) -> HttpResponseBase:
+def _requested_file(request: HttpRequest) -> Path:
     # The path as Django decoded it (%2e%2e and the like are dots here, and refused below).
     path = request.path_info.removeprefix(ohif.MOUNT)
     file = _file(path) if path else None
@@ -103,4 +110,19 @@ def _serve(request: HttpRequest) -> HttpResponseBase:
         file = _file("index.html")
     if file is None:
         raise Http404
+    return file
+
+
+def _file_response(request: HttpRequest) -> HttpResponseBase:
+    file = _requested_file(request)
     return FileResponse(file.open("rb"), content_type=_content_type(file))
+
+
+@csp(OHIF_CONTENT_SECURITY_POLICY)
+def _page_file(request: HttpRequest) -> HttpResponseBase:
+    return _file_response(request)
+
+
+@csp(OHIF_WORKER_CONTENT_SECURITY_POLICY)
+def _worker_script(request: HttpRequest) -> HttpResponseBase:
+    return _file_response(request)
