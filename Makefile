@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SYSTEM_PACKAGES := orthanc orthanc-dicomweb dcmtk chromium redis-server postgresql
 DEMO_PORT ?= 8000
 
-.PHONY: install system-packages test lint demo bench clean
+.PHONY: install system-packages ohif test lint demo bench clean
 
 install: $(VENV)/.installed
 
@@ -30,7 +30,20 @@ system-packages:
 		fi; \
 	fi
 
-test: install system-packages lint
+# OHIF, fetched from the npm registry by the npm client and checked against the checksum pinned
+# in dicomweb/ohif/__init__.py; nothing happens when that version is already installed.
+ohif: install
+	@command -v npm >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing: npm"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null; \
+		else \
+			echo "please install npm (Debian: npm)"; exit 1; \
+		fi; \
+	}
+	$(PY) manage.py install_ohif
+
+test: install system-packages ohif lint
 	$(PY) -m pytest
 
 lint: install

@@ -54,6 +54,7 @@ RECIPIENT_PATHS = (
     "/captcha/",
     "/healthz",
     "/favicon.ico",
+    "/ohif/",
 )
 
 

@@ -1,6 +1,7 @@
-from django.urls import path, register_converter
+from django.urls import path, re_path, register_converter
 
 from dicomweb import views
+from dicomweb.ohif import views as ohif_views
 
 app_name = "dicomweb"
 
@@ -54,4 +55,6 @@ urlpatterns = [
     path("download/<uid:study>.zip", views.download, name="download"),
     path("dicomweb/token", views.viewer_token, name="token"),
     path("viewer/weasis/<uid:study>", views.weasis, name="weasis"),
+    # OHIF (dicomweb.ohif), when installed: its files, and index.html for its own routes.
+    re_path(r"^ohif/", ohif_views.ohif_file, name="ohif"),
 ]

@@ -245,6 +245,8 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # worker killed mid-job never acknowledges): later than the lease, so that by then the job
     # can be taken over, and not while a job within its lease may still be running.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": RETRIEVAL_LEASE * 5 // 4 + 1}
+# Where `manage.py install_ohif` (`make ohif`) puts the OHIF viewer, served under /ohif/.
+OHIF_DIR = Path(env.str("PORTAL_OHIF_DIR", default=str(VAR_DIR / "ohif")))
 
 # --- Messages ----------------------------------------------------------------------------
 EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
