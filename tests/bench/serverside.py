@@ -63,6 +63,8 @@ def main() -> int:
             ).environ
         )
 
+    cpu_times: list[float] = []
+
     def call(prepared: dict[str, Any]) -> float:
         status: list[str] = []
 
@@ -70,12 +72,13 @@ def main() -> int:
             status.append(line)
             return lambda data: None
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         body = handler(prepared, start_response)
         for _chunk in body:
             pass
         body.close()
         elapsed = time.perf_counter() - started
+        cpu_times.append(time.thread_time() - cpu)
         if not status[0].startswith("200"):
             raise SystemExit(f"{args.path}: {status[0]}")
         return elapsed
@@ -85,6 +88,7 @@ def main() -> int:
     profile = cProfile.Profile() if args.profile else None
     if profile:
         profile.enable()
+    cpu_times.clear()
     requests_times = [call(item) for item in prepared]
     if profile:
         profile.disable()
@@ -103,6 +107,7 @@ def main() -> int:
         json.dumps(
             {
                 "request": statistics.median(requests_times),
+                "request_cpu": statistics.median(cpu_times),
                 "render": statistics.median(render_times),
             }
         )
