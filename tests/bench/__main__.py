@@ -1,19 +1,32 @@
-"""Run every benchmark and print its ratio to its anchor."""
+"""Run the benchmarks and print each figure as a ratio to its anchor."""
 
 import argparse
+import os
 import sys
 
-from tests.bench import retrieval
+from tests.bench import retrieval, viewing
+from tests.bench.common import HEADER, Result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     parser.add_argument("--runs", type=int, default=5, help="timed runs of each side (median)")
     parser.add_argument("--slices", type=int, default=300, help="slices of the CT study")
+    parser.add_argument(
+        "--only", choices=("retrieval", "viewing"), help="run one benchmark (default: both)"
+    )
     args = parser.parse_args()
-    results = retrieval.run(runs=args.runs, slices=args.slices)
+    results: list[Result] = []
+    if args.only in (None, "retrieval"):
+        environ = dict(os.environ)
+        results += retrieval.run(runs=args.runs, slices=args.slices)
+        # The retrieval bench points this process at its own (now dropped) database and store.
+        os.environ.clear()
+        os.environ.update(environ)
+    if args.only in (None, "viewing"):
+        results += viewing.run(runs=args.runs, slices=args.slices)
     print()
-    print(f"{'benchmark':<52} {'portal':>9} {'anchor':>9} {'ratio':>7} {'target':>7}")
+    print(HEADER)
     failed = False
     for result in results:
         print(result.line())

@@ -23,39 +23,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from tests.bench.common import Result, database, drop_database, settle
 from tests.support import dcmtk, free_port
 from tests.support.orthanc import OrthancServer
 
 ROOT = Path(__file__).resolve().parents[2]
 PORTAL_AE = "PORTAL"
 DCMTK_AE = "DCMTKSCP"
-
-
-@dataclass
-class Result:
-    name: str
-    portal: float
-    anchor: float
-    target: float | None  # None: a figure for information, with no target
-
-    @property
-    def ratio(self) -> float:
-        return self.portal / self.anchor
-
-    @property
-    def met(self) -> bool:
-        return self.target is None or self.ratio <= self.target
-
-    def line(self) -> str:
-        target = "info" if self.target is None else "≤" + format(self.target, ".1f")
-        return (
-            f"{self.name:<52} {self.portal:>8.3f}s {self.anchor:>8.3f}s "
-            f"{self.ratio:>7.2f} {target:>7}"
-            f"{'' if self.met else '  (not met)'}"
-        )
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -76,37 +52,10 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _database(workdir: Path) -> tuple[str, str | None]:
-    """The portal's database for the run: a throwaway PostgreSQL database when DATABASE_URL
-    points at PostgreSQL (the production configuration), else SQLite in the work folder."""
-    url = os.environ.get("DATABASE_URL", "")
-    if url.startswith(("postgres://", "postgresql://")):
-        name = f"portal_bench_{os.getpid()}"
-        base = url.rsplit("/", 1)[0]
-        subprocess.run(
-            ["psql", url, "-qc", f"CREATE DATABASE {name}"], check=True, capture_output=True
-        )
-        return f"{base}/{name}", name
-    return f"sqlite:///{workdir / 'bench.sqlite3'}", None
-
-
-def _drop_database(name: str | None) -> None:
-    if name:
-        url = os.environ["DATABASE_URL"]
-        subprocess.run(["psql", url, "-qc", f"DROP DATABASE IF EXISTS {name}"], capture_output=True)
-
-
-def _settle() -> None:
-    """Let the disk finish the previous run's writes and deletions before timing the next:
-    on some file systems creating a file waits for them, which would penalise whichever side
-    runs right after a clean-up."""
-    os.sync()
-    time.sleep(0.5)
-
-
 def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
     workdir = Path(tempfile.mkdtemp(prefix="portal-bench-"))
-    database_url, pg_name = _database(workdir)
+    server_url = os.environ.get("DATABASE_URL", "")
+    database_url, pg_name = database(workdir, "retrieval")
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -189,7 +138,7 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
                 for study in Study.objects.filter(study_instance_uid=study_uid):
                     study.delete()
                     shutil.rmtree(store_dir() / study.study_instance_uid, ignore_errors=True)
-                _settle()
+                settle()
                 cpu = (_cpu_seconds(storescp.pid), _own_cpu_seconds(), _cpu_seconds(orthanc_pid))
                 started = time.perf_counter()
                 job = retrieval.retrieval_job_create(node=node, study_uid=study_uid)
@@ -208,7 +157,7 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
                 target = workdir / f"dcmtk-{index}"
                 target.mkdir()
                 with dcmtk.StoreSCP(target, port=dcmtk_port, aet=DCMTK_AE):
-                    _settle()
+                    settle()
                     before = (_children_cpu_seconds(), _cpu_seconds(orthanc_pid))
                     started = time.perf_counter()
                     moved = dcmtk.movescu(
@@ -250,7 +199,7 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
         from django.db import connections
 
         connections.close_all()
-        _drop_database(pg_name)
+        drop_database(server_url, pg_name)
         shutil.rmtree(workdir, ignore_errors=True)
     scp_cpu, job_cpu, orthanc_portal = (
         statistics.median(c[i] for c in portal_cpu) for i in range(3)
