@@ -243,33 +243,37 @@ def wado_instance(request: HttpRequest, study: str, series: str, instance: str) 
 
 
 def _metadata(request: HttpRequest, **path: str) -> HttpResponse:
-    """WADO-RS metadata (PS3.18 §10.4.1.1.2): the stored DICOM JSON of each instance."""
+    """WADO-RS metadata (PS3.18 §10.4.1.1.2): the stored DICOM JSON of each instance, joined
+    as they are (rows, not model objects: a CT study is hundreds of them)."""
     share = _granted_share(request)
-    instances = list(
+    rows = list(
         _scope(share, **path)
-        .select_related("series__study")
         .order_by("series__series_number", "series_id", "instance_number", "pk")
+        .values_list("pk", "series__series_instance_uid", "sop_instance_uid", "metadata")
     )
     media_type = media.accepts_json(request.headers.get("Accept"))
     if media_type is None:
         return _not_acceptable()
     _record_view(request, share, path["study"])
-    documents = metadata.instances_metadata(instances)
-    body = ",".join(
-        document.replace(
-            metadata.STORED_BULK_PREFIX,
-            metadata.bulk_prefix(
-                _rs_url(
-                    request,
-                    instance.series.study.study_instance_uid,
-                    instance.series.series_instance_uid,
-                    instance.sop_instance_uid,
-                )
-            ),
+    missing = [pk for pk, _series, _sop, document in rows if not document]
+    if missing:
+        # Pushed by a modality and never asked for yet: computed once, kept for next time.
+        computed = Instance.objects.filter(pk__in=missing).order_by("pk")
+        filled = dict(
+            zip(sorted(missing), metadata.instances_metadata(list(computed)), strict=True)
         )
-        for instance, document in zip(instances, documents, strict=True)
-    )
-    return HttpResponse(f"[{body}]", content_type=media_type)
+        rows = [(pk, se, sop, doc or filled[pk]) for pk, se, sop, doc in rows]
+    series_urls: dict[str, str] = {}
+    documents = []
+    for _pk, series_uid, sop_uid, document in rows:
+        if series_uid not in series_urls:
+            series_urls[series_uid] = _rs_url(request, path["study"], series_uid)
+        # PS3.18 §10.4.1: an instance's resource is its series' followed by /instances/{uid}.
+        instance_url = f"{series_urls[series_uid]}/instances/{sop_uid}"
+        documents.append(
+            document.replace(metadata.STORED_BULK_PREFIX, metadata.bulk_prefix(instance_url))
+        )
+    return HttpResponse(f"[{','.join(documents)}]", content_type=media_type)
 
 
 @require_GET
