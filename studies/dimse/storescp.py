@@ -48,6 +48,7 @@ from studies.dimse.wire import (
     STORE_CANNOT_UNDERSTAND,
     STORE_DATASET_MISMATCH,
     STORE_OUT_OF_RESOURCES,
+    STORE_OVERWRITE_REFUSED,
 )
 from studies.models import PacsNode, Study
 from studies.store import (
@@ -55,6 +56,7 @@ from studies.store import (
     HashingThread,
     IncomingInstance,
     Indexer,
+    OverwriteRefused,
     PlacedInstance,
     StoreError,
     sweep_incoming,
@@ -424,7 +426,10 @@ class StorageAssociation:
                     str(context.abstract_syntax),
                     str(context.transfer_syntax[0]),
                 )
-        self.indexer = Indexer(source=PacsNode.objects.filter(pk=node_id).first())
+        self.indexer = Indexer(
+            source=PacsNode.objects.filter(pk=node_id).first(),
+            peer=f"{self.calling_ae}@{self.address}",
+        )
         self.index_worker = IndexWorker(self.calling_ae)
         self.hasher = HashingThread()
 
@@ -557,6 +562,15 @@ class StorageAssociation:
             self.index_worker.submit(placed)
             if command.move_originator != self.server.ae_title.strip():
                 self.pushed_studies.add(placed.header.keys.study_uid)
+        except OverwriteRefused as exc:
+            logger.warning(
+                "refused instance %s from %r at %s: %s",
+                command.sop_instance_uid or "?",
+                self.calling_ae,
+                self.address,
+                exc,
+            )
+            return STORE_OVERWRITE_REFUSED, str(exc)
         except dicom.InvalidDicom as exc:
             logger.warning(
                 "refused instance %s from %r: %s",
