@@ -21,6 +21,7 @@ that the index holds everything the PACS reported sent.
 
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -36,7 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import Status
 
 from studies import dicom
-from studies.dimse import wire
+from studies.dimse import tls, wire
 from studies.dimse.wire import (
     ABORT,
     ASSOCIATE_RJ,
@@ -174,6 +175,8 @@ class StorageServer:
         max_per_address: int = 8,
     ) -> None:
         self.ae_title = ae_title
+        # DICOM TLS when configured (studies.dimse.tls): then no plain association gets in.
+        self.tls = tls.server_context()
         self.address = (host, port)
         self.nodes = NodeDirectory()
         self.max_associations = max_associations
@@ -267,10 +270,30 @@ class StorageServer:
             return
         thread.start()
 
-    def _serve(self, conn: socket.socket, address: str) -> None:
-        association = StorageAssociation(self, conn, address)
-        threading.current_thread().association = association  # type: ignore[attr-defined]
+    def _handshake(self, conn: socket.socket, address: str) -> socket.socket | None:
+        """The TLS handshake, in the association's thread (never the accept loop) and within
+        the ARTIM time; None when it fails (no certificate, a plain association…)."""
+        assert self.tls is not None
+        conn.settimeout(settings.DICOM_CONNECT_TIMEOUT)
+        artim = threading.Timer(settings.DICOM_CONNECT_TIMEOUT, _shut_down, args=(conn,))
+        artim.start()
         try:
+            return self.tls.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            logger.warning("refused a connection from %s: TLS handshake failed (%s)", address, exc)
+            return None
+        finally:
+            artim.cancel()
+
+    def _serve(self, conn: socket.socket, address: str) -> None:
+        try:
+            if self.tls is not None:
+                secured = self._handshake(conn, address)
+                if secured is None:
+                    return
+                conn = secured
+            association = StorageAssociation(self, conn, address)
+            threading.current_thread().association = association  # type: ignore[attr-defined]
             association.run()
         except Exception:
             logger.exception("association from %s ended with an error", address)
@@ -606,6 +629,13 @@ class StorageAssociation:
     def _abort(self) -> None:
         # Source 2: aborted by the service provider (us), reason not specified.
         _send_quietly(self.conn, wire.abort_pdu(source=2))
+
+
+def _shut_down(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _reject_pdu(result: int, source: int, reason: int) -> bytes:
