@@ -8,6 +8,7 @@ stage is "verified" and the recipient may see the study. Endpoints with patient 
 
 import time
 from collections.abc import Callable
+from datetime import datetime
 from functools import wraps
 from typing import Concatenate, ParamSpec, cast
 
@@ -56,6 +57,21 @@ RECIPIENT_PATHS = (
     "/favicon.ico",
     "/ohif/",
 )
+
+
+# While recipient access is closed (accounts.services.recipients_close), these answer 503 with
+# the maintenance page, and so does the home page: every way in for a recipient, OHIF's pages
+# too when it is installed. Static files, the language switch and /healthz stay up.
+CLOSED_PATHS = ("/s/", "/access/", "/viewer/", "/dicomweb/", "/download/", "/ohif/", "/captcha/")
+
+
+def closes_with_recipient_access(path: str) -> bool:
+    return path == HOME_PATH or path.startswith(CLOSED_PATHS)
+
+
+def started_before(request: HttpRequest, moment: datetime) -> bool:
+    """Whether this recipient session began before `moment`."""
+    return int(request.session.get(STARTED, 0)) <= moment.timestamp()
 
 
 def bind(request: HttpRequest, share: Share) -> None:

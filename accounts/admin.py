@@ -2,12 +2,21 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
 from django.utils.translation import gettext_lazy as _
 
 from accounts import selectors, services
-from accounts.models import AuditEvent, Share, SharedStudy, User
+from accounts.models import (
+    AuditEvent,
+    PhysicianPasskey,
+    RecipientAccess,
+    Share,
+    SharedStudy,
+    User,
+)
 
 
 @admin.register(User)
@@ -80,3 +89,77 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(RecipientAccess)
+class RecipientAccessAdmin(admin.ModelAdmin):
+    """The emergency close of recipient access: one page with the state, a message and a
+    button (the same services as `manage.py recipients close|open`)."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        if not self.has_view_or_change_permission(request):
+            raise PermissionDenied
+        if request.method == "POST":
+            if not self.has_change_permission(request):
+                raise PermissionDenied
+            user: Any = request.user
+            if request.POST.get("action") == "close":
+                message = request.POST.get("message", "")
+                services.recipients_close(message=message, by=user, request=request)
+                messages.warning(request, _("Recipient access is closed."))
+            elif request.POST.get("action") == "open":
+                services.recipients_open(by=user, request=request)
+                messages.success(request, _("Recipient access is open."))
+            return HttpResponseRedirect(request.path)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": _("Recipient access"),
+            "state": selectors.recipient_access(),
+            "can_change": self.has_change_permission(request),
+            **(extra_context or {}),
+        }
+        return TemplateResponse(request, "admin/accounts/recipient_access.html", context)
+
+
+@admin.register(PhysicianPasskey)
+class PhysicianPasskeyAdmin(admin.ModelAdmin):
+    """Physicians' passkeys: staff look and delete (the physician is told by email); they are
+    only ever added by the physician, after an emailed code."""
+
+    list_display = ("id", "email", "created_at", "last_used_at", "usable")
+    search_fields = ("email",)
+    fields = ("email", "created_at", "last_used_at", "enrolled_with", "sign_count")
+    readonly_fields = fields
+    actions = ["delete_passkeys"]
+
+    @admin.display(description=_("usable"), boolean=True)
+    def usable(self, obj: PhysicianPasskey) -> bool:
+        return selectors.passkey_is_usable(obj)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_actions(self, request: HttpRequest) -> Any:
+        # Django's bulk delete would skip the audit event and the email.
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+    def delete_model(self, request: HttpRequest, obj: PhysicianPasskey) -> None:
+        services.passkey_delete(passkey=obj, by=request.user, request=request)  # type: ignore[arg-type]
+
+    @admin.action(description=_("Delete the selected passkeys"), permissions=["delete"])
+    def delete_passkeys(self, request: HttpRequest, queryset: QuerySet[PhysicianPasskey]) -> None:
+        for passkey in queryset:
+            services.passkey_delete(passkey=passkey, by=request.user, request=request)  # type: ignore[arg-type]
+        messages.success(request, _("Deleted; each physician was told by email."))

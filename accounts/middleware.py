@@ -2,10 +2,13 @@
 
 from collections.abc import Callable
 
+from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
 from django.utils.cache import add_never_cache_headers
 
-from accounts import access
+from accounts import access, selectors, services
+from accounts.models import AuditEvent, Share
 
 NOTICE = "recipient.notice"
 
@@ -36,3 +39,53 @@ class RecipientSessionMiddleware:
             # The one place recipient answers are marked: patient data, codes, lock pages.
             add_never_cache_headers(response)
         return response
+
+
+class RecipientClosureMiddleware:
+    """The emergency close of recipient access (accounts.services.recipients_close). After
+    SessionMiddleware, LocaleMiddleware and AuthenticationMiddleware, before
+    RecipientSessionMiddleware and the views.
+
+    - While access is closed, every recipient URL (access.CLOSED_PATHS and the home page)
+      answers 503 with `Retry-After` and the maintenance page, in the visitor's language.
+    - A recipient session that was live when access closed ends at its next request, whatever
+      it asks for, and stays ended once access opens again.
+    - Staff pages never read the state: staff work goes on.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if access.is_recipient_session(request):
+            state = selectors.recipient_access(request)
+            if state.last_closed_at is not None and access.started_before(
+                request, state.last_closed_at
+            ):
+                share = Share.objects.filter(pk=int(request.session[access.SHARE])).first()
+                services.audit(
+                    AuditEvent.Action.SESSION_EXPIRED,
+                    request=request,
+                    share=share,
+                    reason="recipients_closed",
+                )
+                access.end(request)
+        if access.closes_with_recipient_access(request.path_info):
+            closure = selectors.recipients_closed(request)
+            if closure is not None:
+                return _closed_response(request, closure)
+        return self.get_response(request)
+
+
+def _closed_response(request: HttpRequest, closure: selectors.Closure) -> HttpResponse:
+    response = render(
+        request,
+        "accounts/closed.html",
+        {"message": closure.message, "support_contact": settings.SUPPORT_CONTACT},
+        status=503,
+    )
+    response["Retry-After"] = str(settings.RECIPIENTS_CLOSED_RETRY_AFTER)
+    # Chosen, not a fault: no "Service Unavailable" error line per request while closed.
+    response._has_been_logged = True  # type: ignore[attr-defined]
+    add_never_cache_headers(response)
+    return response

@@ -1,10 +1,11 @@
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from django_otp.models import CooldownMixin, SideChannelDevice, ThrottlingMixin, TimestampMixin
@@ -197,6 +198,26 @@ class ShareOTPDevice(TimestampMixin, CooldownMixin, ThrottlingMixin, SideChannel
         return False
 
 
+class PhysicianPasskeyQuerySet(models.QuerySet["PhysicianPasskey"]):
+    """The one definition of a passkey that still signs in: used (or, never used, enrolled)
+    within PORTAL_PASSKEY_IDLE_DAYS. One left unused longer is presumed lost or forgotten, and
+    a lost authenticator must not open the physician's shares for ever."""
+
+    def usable(self, *, now: datetime | None = None) -> "PhysicianPasskeyQuerySet":
+        return self.alias(active=Coalesce("last_used_at", "created_at")).filter(
+            active__gt=_passkey_cutoff(now)
+        )
+
+    def idle(self, *, now: datetime | None = None) -> "PhysicianPasskeyQuerySet":
+        return self.alias(active=Coalesce("last_used_at", "created_at")).filter(
+            active__lte=_passkey_cutoff(now)
+        )
+
+
+def _passkey_cutoff(now: datetime | None) -> datetime:
+    return (now or timezone.now()) - timedelta(days=settings.PASSKEY_IDLE_DAYS)
+
+
 class PhysicianPasskey(models.Model):
     """A WebAuthn credential a referring physician enrolled after proving their mailbox, so
     that later shares sent to the same address need no emailed code."""
@@ -210,6 +231,8 @@ class PhysicianPasskey(models.Model):
     enrolled_with = models.ForeignKey(Share, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
+
+    objects = PhysicianPasskeyQuerySet.as_manager()
 
     class Meta:
         verbose_name = _("physician passkey")
@@ -244,6 +267,13 @@ class AuditEvent(models.Model):
         VIEW = "view", _("Study viewed")
         DOWNLOAD = "download", _("Study downloaded")
         VIEWER_TOKEN = "viewer_token", _("Viewer link issued")
+        RECIPIENTS_CLOSED = "recipients_closed", _("Recipient access closed")
+        RECIPIENTS_OPENED = "recipients_opened", _("Recipient access opened")
+        PASSKEY_DELETED = "passkey_deleted", _("Passkey deleted")
+        STUDY_OVERWRITE_REFUSED = (
+            "study_overwrite_refused",
+            _("Changed instance of a shared study refused"),
+        )
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     action = models.CharField(_("what"), max_length=32, choices=Action.choices)
@@ -266,3 +296,30 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.action}"
+
+
+class RecipientAccess(models.Model):
+    """Whether recipients may reach the portal at all: one row (pk 1), read by every process
+    and machine at each recipient request (accounts.selectors.recipient_access), so that an
+    emergency close takes effect everywhere at once. Written only by
+    accounts.services.recipients_close and recipients_open."""
+
+    SINGLETON = 1
+
+    # Set while recipient access is closed.
+    closed_at = models.DateTimeField(_("closed since"), null=True, blank=True)
+    message = models.TextField(_("message to recipients"), max_length=500, blank=True)
+    closed_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # The last time access was closed: a recipient session that began before it is ended at
+    # its next request, also after reopening, so that a close always ends every session.
+    last_closed_at = models.DateTimeField(_("last closed"), null=True, blank=True)
+    opened_at = models.DateTimeField(_("last opened"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("recipient access")
+        verbose_name_plural = _("recipient access")
+
+    def __str__(self) -> str:
+        return "closed" if self.closed_at is not None else "open"

@@ -53,11 +53,19 @@ def expected_origin() -> str:
 
 
 def _passkeys(share: Share) -> Any:
-    return PhysicianPasskey.objects.filter(email__iexact=share.contact)
+    """The passkeys that sign in for this share's address: idle ones no longer do
+    (PhysicianPasskeyQuerySet.usable), and the physician enrols again as a new one would."""
+    return PhysicianPasskey.objects.usable().filter(email__iexact=share.contact)
 
 
 def should_offer(share: Share) -> bool:
     return share.recipient == Share.Recipient.PHYSICIAN and not _passkeys(share).exists()
+
+
+def may_add(share: Share) -> bool:
+    """At most PORTAL_PASSKEYS_PER_ADDRESS passkeys open one address's shares: each is a way
+    in, and one who got hold of a link and an emailed code once must not pile them up."""
+    return bool(_passkeys(share).count() < settings.PASSKEYS_PER_ADDRESS)
 
 
 def can_sign_in(share: Share) -> bool:
@@ -120,6 +128,11 @@ def register(share: Share, session: SessionBase, credential: str) -> PhysicianPa
         raise PasskeyError(str(exc)) from exc
     try:
         with transaction.atomic():
+            # Idle passkeys of this address are gone for good: the same authenticator may be
+            # enrolled again, and they do not count against the limit.
+            PhysicianPasskey.objects.idle().filter(email__iexact=share.contact).delete()
+            if not may_add(share):
+                raise PasskeyError("this address has as many passkeys as it may")
             return PhysicianPasskey.objects.create(
                 email=share.contact.lower(),
                 user_handle=user_handle,

@@ -8,10 +8,18 @@ from axes.helpers import get_cool_off
 from axes.models import AccessAttempt
 from django.conf import settings
 from django.db.models import QuerySet, Sum
+from django.http import HttpRequest
 from django.utils import timezone
 
 from accounts import credentials
-from accounts.models import AuditEvent, Refusal, Share, SharedStudy
+from accounts.models import (
+    AuditEvent,
+    PhysicianPasskey,
+    RecipientAccess,
+    Refusal,
+    Share,
+    SharedStudy,
+)
 
 
 def share_study_ready(share: Share) -> bool:
@@ -164,3 +172,63 @@ def otp_pending(share: Share) -> bool:
     """Whether a one-time code was sent and is still valid (the page then asks for it)."""
     device = getattr(share, "otp_device", None)
     return bool(device and device.token and device.valid_until > timezone.now())
+
+
+# --- emergency close of recipient access -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Closure:
+    """Recipient access is closed: since when, and what recipients are told."""
+
+    since: datetime
+    message: str
+
+
+@dataclass(frozen=True)
+class RecipientAccessState:
+    closure: Closure | None
+    last_closed_at: datetime | None
+
+
+_STATE_ATTRIBUTE = "_recipient_access_state"
+
+
+def recipient_access(request: HttpRequest | None = None) -> RecipientAccessState:
+    """The state of recipient access, read from the database (one primary-key lookup) so that
+    a close made on any machine is seen by the next request on every other; remembered on
+    `request` for the rest of that request, never longer."""
+    if request is not None and hasattr(request, _STATE_ATTRIBUTE):
+        cached: RecipientAccessState = getattr(request, _STATE_ATTRIBUTE)
+        return cached
+    row = (
+        RecipientAccess.objects.filter(pk=RecipientAccess.SINGLETON)
+        .values_list("closed_at", "message", "last_closed_at")
+        .first()
+    )
+    if row is None:
+        state = RecipientAccessState(closure=None, last_closed_at=None)
+    else:
+        closed_at, message, last_closed_at = row
+        closure = Closure(since=closed_at, message=message) if closed_at is not None else None
+        state = RecipientAccessState(closure=closure, last_closed_at=last_closed_at)
+    if request is not None:
+        setattr(request, _STATE_ATTRIBUTE, state)
+    return state
+
+
+def recipients_closed(request: HttpRequest | None = None) -> Closure | None:
+    """The closure in force, or None while recipients may come in."""
+    return recipient_access(request).closure
+
+
+# --- physicians' passkeys ---------------------------------------------------------------------
+
+
+def passkey_list(*, email: str = "") -> QuerySet[PhysicianPasskey]:
+    passkeys = PhysicianPasskey.objects.order_by("email", "created_at")
+    return passkeys.filter(email__iexact=email) if email else passkeys
+
+
+def passkey_is_usable(passkey: PhysicianPasskey) -> bool:
+    return PhysicianPasskey.objects.usable().filter(pk=passkey.pk).exists()

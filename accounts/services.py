@@ -25,7 +25,15 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from accounts import credentials, net, selectors, sms
-from accounts.models import AuditEvent, Share, SharedStudy, ShareOTPDevice, User
+from accounts.models import (
+    AuditEvent,
+    PhysicianPasskey,
+    RecipientAccess,
+    Share,
+    SharedStudy,
+    ShareOTPDevice,
+    User,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -488,6 +496,7 @@ def passkey_enrolled(*, share: Share, request: HttpRequest) -> None:
         "site": settings.BASE_URL,
         "when": timezone.localtime(),
         "support_contact": settings.SUPPORT_CONTACT,
+        "idle_days": settings.PASSKEY_IDLE_DAYS,
     }
     try:
         send_mail(
@@ -510,3 +519,92 @@ def share_consume(share: Share) -> bool:
     if used:
         share.used_at = now
     return bool(used)
+
+
+# --- emergency close of recipient access -----------------------------------------------------
+
+
+def _recipient_access_row() -> RecipientAccess:
+    row, _created = RecipientAccess.objects.select_for_update().get_or_create(
+        pk=RecipientAccess.SINGLETON
+    )
+    return row
+
+
+def recipients_close(
+    *, message: str = "", by: User | None = None, request: HttpRequest | None = None
+) -> RecipientAccess:
+    """Close every recipient URL at once (the CISO's emergency close when the portal is under
+    attack): each answers 503 with the maintenance page, and every recipient session ends at
+    its next request. Staff work goes on. Closing again only changes the message."""
+    message = message.strip()[:500]
+    now = timezone.now()
+    with transaction.atomic():
+        row = _recipient_access_row()
+        already = row.closed_at is not None
+        if not already:
+            row.closed_at = now
+            row.last_closed_at = now
+            row.closed_by = by
+        row.message = message
+        row.save()
+    audit(
+        AuditEvent.Action.RECIPIENTS_CLOSED,
+        request=request,
+        actor=by,
+        message=message,
+        already_closed=already,
+    )
+    return row
+
+
+def recipients_open(
+    *, by: User | None = None, request: HttpRequest | None = None
+) -> RecipientAccess:
+    """Let recipients in again. Sessions that were live when access closed stay ended: their
+    recipients start again from their link or code."""
+    with transaction.atomic():
+        row = _recipient_access_row()
+        was_closed = row.closed_at is not None
+        if was_closed:
+            row.closed_at = None
+            row.opened_at = timezone.now()
+            row.message = ""
+            row.save()
+    audit(AuditEvent.Action.RECIPIENTS_OPENED, request=request, actor=by, was_closed=was_closed)
+    return row
+
+
+# --- physicians' passkeys (staff) -------------------------------------------------------------
+
+
+def passkey_delete(
+    *, passkey: PhysicianPasskey, by: User | None = None, request: HttpRequest | None = None
+) -> None:
+    """Remove a physician's passkey (lost phone, a passkey the physician did not create…):
+    later shares to that address ask for an emailed code again. The physician is told by
+    email, as when one is added."""
+    email, passkey_id, share = passkey.email, passkey.pk, passkey.enrolled_with
+    passkey.delete()
+    audit(
+        AuditEvent.Action.PASSKEY_DELETED,
+        request=request,
+        actor=by,
+        share=share,
+        passkey=passkey_id,
+        email=selectors.mask_email(email),
+    )
+    context = {
+        "site": settings.BASE_URL,
+        "when": timezone.localtime(),
+        "support_contact": settings.SUPPORT_CONTACT,
+    }
+    try:
+        send_mail(
+            _("A passkey was removed from your access to shared images"),
+            render_to_string("accounts/passkey_removed_email.txt", context),
+            settings.DEFAULT_FROM_EMAIL,
+            [email],
+        )
+    except (smtplib.SMTPException, OSError) as exc:
+        logger.warning("passkey removal notice %s not sent: %s", passkey_id, type(exc).__name__)

@@ -333,7 +333,11 @@ def _json(data: dict[str, Any], status: int = 200) -> HttpResponse:
 
 
 def _may_enrol(request: HttpRequest, share: Share) -> bool:
-    return share.recipient == Share.Recipient.PHYSICIAN and access.may_enrol_passkey(request)
+    return (
+        share.recipient == Share.Recipient.PHYSICIAN
+        and access.may_enrol_passkey(request)
+        and passkeys.may_add(share)
+    )
 
 
 @require_GET

@@ -75,6 +75,8 @@ MIDDLEWARE = [
     # Django's, made to work with `Referrer-Policy: no-referrer` (see accounts.csrf).
     "accounts.csrf.NoReferrerCsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Emergency close of recipient access: before the recipient fence and the views.
+    "accounts.middleware.RecipientClosureMiddleware",
     "accounts.middleware.RecipientSessionMiddleware",
     # A bad viewer token on a DICOMweb request → 401 with its challenge (dicomweb.bearer).
     "dicomweb.bearer.BearerTokenMiddleware",
@@ -375,3 +377,20 @@ LOGGING = {
         "django.request": {"filters": ["redact_links"]},
     },
 }
+
+# --- Emergency close, passkeys (accounts) --------------------------------------------------
+# A physician's passkey not used for this many days no longer signs in (the physician enrols
+# again after an emailed code); at most this many passkeys per physician address.
+PASSKEY_IDLE_DAYS = env.int("PORTAL_PASSKEY_IDLE_DAYS", default=180)
+PASSKEYS_PER_ADDRESS = env.int("PORTAL_PASSKEYS_PER_ADDRESS", default=3)
+# Seconds a recipient is told to wait (Retry-After) while recipient access is closed.
+RECIPIENTS_CLOSED_RETRY_AFTER = env.int("PORTAL_RECIPIENTS_CLOSED_RETRY_AFTER", default=300)
+
+# --- DICOM TLS (studies) ------------------------------------------------------------------
+# PEM files. With a certificate and its key, the storage SCP takes TLS associations only and
+# outgoing associations (C-ECHO, C-FIND, C-GET, C-MOVE) use TLS, presenting that certificate.
+# With a CA too, a peer must present a certificate that CA signed (clients of the SCP
+# included); without, the PACS's certificate is checked against the system's trusted CAs.
+DICOM_TLS_CERT = env.str("PORTAL_DICOM_TLS_CERT", default="")
+DICOM_TLS_KEY = env.str("PORTAL_DICOM_TLS_KEY", default="")
+DICOM_TLS_CA = env.str("PORTAL_DICOM_TLS_CA", default="")

@@ -21,8 +21,11 @@ from typing import Any, BinaryIO
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
+from accounts.models import AuditEvent, Share
+from accounts.services import audit
 from studies import dicom
 from studies.models import Instance, PacsNode, Series, Study
 
@@ -50,6 +53,27 @@ _INSTANCE_FIELDS = [
 
 class StoreError(Exception):
     """The store could not take an instance (disk full, permissions…): worth retrying later."""
+
+
+class OverwriteRefused(dicom.DatasetMismatch):
+    """An instance whose SOP Instance UID the store holds with other bytes, in a study a live
+    share grants: what the recipient was shown must not change under them (a configured node,
+    mistaken or taken over, resending a rewritten instance). Not worth retrying."""
+
+
+def _study_is_shared(study_uid: str) -> bool:
+    return bool(
+        Share.objects.live()
+        .filter(Q(study_instance_uid=study_uid) | Q(shared_studies__study_instance_uid=study_uid))
+        .exists()
+    )
+
+
+def _data_set_sha256(path: Path) -> str:
+    """The SHA-256 of a stored file's data set (what the index's `sha256` covers)."""
+    with path.open("rb") as handle:
+        data = handle.read()
+    return hashlib.sha256(memoryview(data)[dicom.dataset_offset(data) :]).hexdigest()
 
 
 def store_dir() -> Path:
@@ -356,20 +380,26 @@ class IncomingInstance:
             _refuse_move_to_another_study(keys, self.indexer)
             relative = instance_path(keys.study_uid, keys.series_uid, keys.sop_instance_uid)
             final = store_dir() / relative
+            if self._hasher is not None:
+                self._flush_unhashed()
+                sha256 = self._hasher.hexdigest(self._digest)
+            else:
+                sha256 = _completed(self._digest.hexdigest())
             try:
                 self.indexer.make_folder(final.parent)
                 existed = final.exists()
-                os.replace(self.path, final)
+                if existed and _study_is_shared(keys.study_uid):
+                    # Only a resend waits for its digest here; a first copy never does.
+                    if sha256.result() != _data_set_sha256(final):
+                        self._refuse_overwrite(keys)
+                    _unlink_quietly(self.path)  # the same bytes: the stored file stays
+                else:
+                    os.replace(self.path, final)
             except OSError as exc:
                 raise _os_error(exc) from exc
         except BaseException:
             _unlink_quietly(self.path)
             raise
-        if self._hasher is not None:
-            self._flush_unhashed()
-            sha256 = self._hasher.hexdigest(self._digest)
-        else:
-            sha256 = _completed(self._digest.hexdigest())
         return PlacedInstance(
             indexer=self.indexer,
             header=header,
@@ -377,6 +407,19 @@ class IncomingInstance:
             size=self._size,
             sha256=sha256,
             replaced_existing=existed,
+        )
+
+    def _refuse_overwrite(self, keys: dicom.InstanceKeys) -> None:
+        source = self.indexer.source
+        audit(
+            AuditEvent.Action.STUDY_OVERWRITE_REFUSED,
+            study=keys.study_uid,
+            sop_instance=keys.sop_instance_uid,
+            source=source.name if source is not None else "",
+            peer=self.indexer.peer,
+        )
+        raise OverwriteRefused(
+            "an instance of a shared study is stored with other bytes: not replaced"
         )
 
 
@@ -419,6 +462,8 @@ class Indexer:
     """
 
     source: PacsNode | None = None
+    # Who sent the instances (calling AE title and address), for the audit log.
+    peer: str = ""
     _studies: dict[str, int] = field(default_factory=dict)
     _series: dict[str, int] = field(default_factory=dict)
     _folders: set[Path] = field(default_factory=set)

@@ -22,6 +22,7 @@ SCP; the PDUs and command sets are encoded and walked by hand (studies.dimse.wir
 """
 
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STATUS_PENDING, code_to_category
 
-from studies.dimse import wire
+from studies.dimse import tls, wire
 from studies.dimse.wire import (
     ABORT,
     ASSOCIATE_AC,
@@ -345,6 +346,13 @@ def associate(
         raise Unreachable(str(exc)) from exc
     # Small PDUs both ways (the request, the responses): send them at once.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    context = tls.client_context()
+    if context is not None:
+        try:
+            sock = context.wrap_socket(sock, server_hostname=host)
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise Unreachable(f"TLS handshake failed: {exc}") from exc
     association = MoveAssociation(sock, timeout)
     try:
         association._negotiate(request, abstract_syntax)

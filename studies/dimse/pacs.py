@@ -42,7 +42,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.status import STATUS_PENDING, Status, code_to_category
 
-from studies.dimse import move_scu
+from studies.dimse import move_scu, tls
 from studies.dimse.move_scu import Response
 from studies.models import PacsNode
 
@@ -115,6 +115,7 @@ def _association(
     ext_neg: list | None = None,
     evt_handlers: list | None = None,
 ) -> Iterator[Association]:
+    context = tls.client_context()
     try:
         assoc = ae.associate(
             peer.host,
@@ -122,6 +123,7 @@ def _association(
             ae_title=peer.ae_title,
             ext_neg=ext_neg,
             evt_handlers=evt_handlers,
+            tls_args=(context, peer.host) if context is not None else None,
         )
     except (OSError, ValueError) as exc:
         raise PacsError(f"cannot reach {peer}: {exc}") from exc

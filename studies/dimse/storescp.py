@@ -21,6 +21,7 @@ that the index holds everything the PACS reported sent.
 
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -36,7 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import Status
 
 from studies import dicom
-from studies.dimse import wire
+from studies.dimse import tls, wire
 from studies.dimse.wire import (
     ABORT,
     ASSOCIATE_RJ,
@@ -48,6 +49,7 @@ from studies.dimse.wire import (
     STORE_CANNOT_UNDERSTAND,
     STORE_DATASET_MISMATCH,
     STORE_OUT_OF_RESOURCES,
+    STORE_OVERWRITE_REFUSED,
 )
 from studies.models import PacsNode, Study
 from studies.store import (
@@ -55,6 +57,7 @@ from studies.store import (
     HashingThread,
     IncomingInstance,
     Indexer,
+    OverwriteRefused,
     PlacedInstance,
     StoreError,
     sweep_incoming,
@@ -173,6 +176,8 @@ class StorageServer:
         max_per_address: int = 8,
     ) -> None:
         self.ae_title = ae_title
+        # DICOM TLS when configured (studies.dimse.tls): then no plain association gets in.
+        self.tls = tls.server_context()
         self.address = (host, port)
         self.nodes = NodeDirectory()
         self.max_associations = max_associations
@@ -295,10 +300,30 @@ class StorageServer:
             conn.close()
             self._rejecting.release()
 
-    def _serve(self, conn: socket.socket, address: str) -> None:
-        association = StorageAssociation(self, conn, address)
-        threading.current_thread().association = association  # type: ignore[attr-defined]
+    def _handshake(self, conn: socket.socket, address: str) -> socket.socket | None:
+        """The TLS handshake, in the association's thread (never the accept loop) and within
+        the ARTIM time; None when it fails (no certificate, a plain association…)."""
+        assert self.tls is not None
+        conn.settimeout(settings.DICOM_CONNECT_TIMEOUT)
+        artim = threading.Timer(settings.DICOM_CONNECT_TIMEOUT, _shut_down, args=(conn,))
+        artim.start()
         try:
+            return self.tls.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            logger.warning("refused a connection from %s: TLS handshake failed (%s)", address, exc)
+            return None
+        finally:
+            artim.cancel()
+
+    def _serve(self, conn: socket.socket, address: str) -> None:
+        try:
+            if self.tls is not None:
+                secured = self._handshake(conn, address)
+                if secured is None:
+                    return
+                conn = secured
+            association = StorageAssociation(self, conn, address)
+            threading.current_thread().association = association  # type: ignore[attr-defined]
             association.run()
         except Exception:
             logger.exception("association from %s ended with an error", address)
@@ -454,7 +479,10 @@ class StorageAssociation:
                     str(context.abstract_syntax),
                     str(context.transfer_syntax[0]),
                 )
-        self.indexer = Indexer(source=PacsNode.objects.filter(pk=node_id).first())
+        self.indexer = Indexer(
+            source=PacsNode.objects.filter(pk=node_id).first(),
+            peer=f"{self.calling_ae}@{self.address}",
+        )
         self.index_worker = IndexWorker(self.calling_ae)
         self.hasher = HashingThread()
 
@@ -587,6 +615,15 @@ class StorageAssociation:
             self.index_worker.submit(placed)
             if command.move_originator != self.server.ae_title.strip():
                 self.pushed_studies.add(placed.header.keys.study_uid)
+        except OverwriteRefused as exc:
+            logger.warning(
+                "refused instance %s from %r at %s: %s",
+                command.sop_instance_uid or "?",
+                self.calling_ae,
+                self.address,
+                exc,
+            )
+            return STORE_OVERWRITE_REFUSED, str(exc)
         except dicom.InvalidDicom as exc:
             logger.warning(
                 "refused instance %s from %r: %s",
@@ -622,6 +659,13 @@ class StorageAssociation:
     def _abort(self) -> None:
         # Source 2: aborted by the service provider (us), reason not specified.
         _send_quietly(self.conn, wire.abort_pdu(source=2))
+
+
+def _shut_down(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _reject_pdu(result: int, source: int, reason: int) -> bytes:

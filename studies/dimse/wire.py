@@ -42,6 +42,12 @@ NO_DATA_SET = 0x0101
 STORE_OUT_OF_RESOURCES = 0xA700
 STORE_DATASET_MISMATCH = 0xA900
 STORE_CANNOT_UNDERSTAND = 0xC000
+# A changed instance of a shared study (studies.store.OverwriteRefused). PS3.4 B.2.3 gives
+# C-STORE three failure families: A7xx "Refused: Out of Resources" tells the sender to try
+# again later (it would, for ever), A9xx "Data Set does not match SOP Class" would be false;
+# Cxxx "Cannot understand" is the range left to the SCP's own reasons. 0xC001, not 0xC000, so
+# that a sender's log tells it from a data set we could not parse; the Error Comment says why.
+STORE_OVERWRITE_REFUSED = 0xC001
 
 
 class Malformed(ValueError):

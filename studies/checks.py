@@ -1,0 +1,22 @@
+"""Configuration errors of the DICOM network stack fail at start-up."""
+
+from typing import Any
+
+from django.core.checks import Error, Tags, register
+
+from studies.dimse import tls
+
+
+@register(Tags.security)
+def check_dicom_tls(app_configs: Any, **kwargs: Any) -> list[Error]:
+    # Files that cannot be read, a key that is not the certificate's, a CA that is no PEM
+    # certificate: found now rather than at the first association, which would fail.
+    return [
+        Error(
+            problem,
+            hint="PEM files readable by the portal: the certificate, its private key and the "
+            "CA that signs the DICOM nodes' certificates.",
+            id=check_id,
+        )
+        for check_id, problem in tls.configuration_errors()
+    ]

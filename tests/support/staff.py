@@ -1,0 +1,26 @@
+"""Staff sessions for tests: a session made the way Django's login makes it, without going
+through an authentication step (which needs a client address the test client's login lacks)."""
+
+from django.conf import settings
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+from django.contrib.sessions.backends.db import SessionStore
+from django.test import Client
+
+from accounts.models import User
+
+
+def staff_client(user: User) -> Client:
+    session = SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.create()
+    client = Client()
+    client.cookies[settings.SESSION_COOKIE_NAME] = str(session.session_key)
+    return client
+
+
+def admin_user(username: str = "admin") -> User:
+    return User.objects.create_superuser(
+        username, f"{username}@example.org", "x" * 20, role="admin"
+    )
