@@ -1,9 +1,13 @@
-"""What recipients get. For now the landing page of a recipient session: the study's summary.
-(The image viewer, DICOMweb and download build on the same share check.)"""
+"""What recipients get: the viewer page of a recipient session, and share-scoped DICOMweb
+(which the viewer, OHIF and Weasis read). Both build on the same share check."""
 
 import datetime
 from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
 
+from django.conf import settings
 from django.db.models import QuerySet
 from django.http import (
     Http404,
@@ -14,7 +18,7 @@ from django.http import (
     StreamingHttpResponse,
 )
 from django.shortcuts import render
-from django.urls import reverse
+from django.urls import NoReverseMatch, reverse
 from django.views.decorators.http import require_GET
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -40,23 +44,97 @@ def _person_name(value: str) -> str:
     return " ".join(part for part in (given, family) if part)
 
 
+# The viewport of the rendered frames the viewer asks for, as one side of a square: the first
+# image is in the page before any script knows the screen, and viewer.js picks the same size on
+# most screens (a phone's 375 px at 2 or 3 device pixels per CSS pixel), so that first request
+# serves its slice. Frames are never enlarged: a 512×512 CT comes at its own size.
+VIEWER_VIEWPORT = 1024
+
+
+def _ohif_available() -> bool:
+    # OHIF is optional (`make ohif`); the setting may not even exist.
+    folder = getattr(settings, "OHIF_DIR", None)
+    return folder is not None and (Path(folder) / "index.html").is_file()
+
+
+def _weasis_url(study_uid: str) -> str | None:
+    for kwargs in ({"study": study_uid}, {}):
+        try:
+            return reverse("dicomweb:weasis", kwargs=kwargs)
+        except NoReverseMatch:
+            continue
+    return None
+
+
+def _viewer_series(study: selectors.ViewerStudy, series: selectors.ViewerSeries) -> dict[str, Any]:
+    """What viewer.js needs of a series: how to build the URL of each slice (PS3.18 §10.4.1.1.4
+    rendered frames) and of its metadata."""
+    base = reverse(
+        "dicomweb:qido-instances",
+        kwargs={"study": study.study_instance_uid, "series": series.series_instance_uid},
+    )
+    return {
+        "uid": series.series_instance_uid,
+        "modality": series.modality,
+        "base": base + "/",
+        "slices": series.slices,
+    }
+
+
+def _first_image_url(study: selectors.ViewerStudy, series: selectors.ViewerSeries) -> str:
+    """The URL viewer.js builds for the first slice at the viewer's usual viewport."""
+    sop, frame = series.slices[0]
+    path = reverse(
+        "dicomweb:rs-rendered-frame",
+        kwargs={
+            "study": study.study_instance_uid,
+            "series": series.series_instance_uid,
+            "instance": sop,
+            "number": frame,
+        },
+    )
+    return f"{path}?viewport={VIEWER_VIEWPORT},{VIEWER_VIEWPORT}"
+
+
 @require_GET
 @access.recipient_required
 def viewer(request: access.RecipientRequest) -> HttpResponse:
+    """The viewer: everything the first image needs is in the page (its <img> and the slices of
+    every series as JSON), so that it is painted without a round trip after the one-time code."""
     share = request.share
-    study = selectors.viewer_study(share)
-    if study is not None and not request.session.get("recipient.viewed"):
+    studies = selectors.viewer_studies(share)
+    if studies and not request.session.get("recipient.viewed"):
         # One event per session, not one per page load.
         services.audit(AuditEvent.Action.VIEW, request=request, share=share)
         request.session["recipient.viewed"] = True
+    shown = [(study, s) for study in studies for s in study.series if s.displayable]
+    study = studies[0] if studies else None
     return render(
         request,
         "dicomweb/viewer.html",
         {
             "share": share,
+            "studies": studies,
             "study": study,
             "patient_name": _person_name(study.patient_name) if study else "",
             "study_date": _dicom_date(study.study_date) if study else None,
+            "first_series": shown[0][1] if shown else None,
+            "first_image_url": _first_image_url(*shown[0]) if shown else None,
+            "viewer_data": {
+                "series": [_viewer_series(*pair) for pair in shown],
+                "viewport": VIEWER_VIEWPORT,
+            },
+            "download_url": (
+                f"/download/{study.study_instance_uid}.zip"
+                if study is not None and share.allow_download
+                else None
+            ),
+            "ohif_url": (
+                f"/ohif/viewer?{urlencode({'StudyInstanceUIDs': study.study_instance_uid})}"
+                if study is not None and _ohif_available()
+                else None
+            ),
+            "weasis_url": _weasis_url(study.study_instance_uid) if study else None,
         },
     )
 
