@@ -33,6 +33,7 @@
   var state = {
     series: data.series[0],
     index: 0,
+    direction: 1, // the way the last move went: the prefetch looks further that way
     window: "", // "" is the file's own window; else "center,width"
     viewport: data.viewport,
     zoom: 1,
@@ -99,15 +100,17 @@
     }
   }
 
-  // Prefetch: the nearest slices first (ahead before behind), then the rest of the series,
-  // MAX_LOADING at a time. Not while the contrast is being dragged: each move
-  // asks for a new window, and only the slice on screen matters until the drag ends.
+  // Prefetch: the nearest slices first, twice as far ahead (in the direction of the last move)
+  // as behind, then the rest of the series, MAX_LOADING at a time. Not while the contrast is
+  // being dragged: each move asks for a new window, and only the slice on screen matters until
+  // the drag ends.
   function pump() {
     if (state.adjusting) { return; }
     var series = state.series;
     var count = series.slices.length;
-    for (var distance = 0; distance < count && loading < MAX_LOADING; distance++) {
-      var candidates = distance === 0 ? [state.index] : [state.index + distance, state.index - distance];
+    var ahead = state.direction;
+    for (var distance = 0; distance < 2 * count && loading < MAX_LOADING; distance++) {
+      var candidates = [state.index + ahead * distance, state.index - ahead * Math.ceil(distance / 2)];
       for (var k = 0; k < candidates.length && loading < MAX_LOADING; k++) {
         var index = candidates[k];
         if (index < 0 || index >= count) { continue; }
@@ -134,7 +137,9 @@
 
   function show(index) {
     var count = state.series.slices.length;
-    state.index = Math.max(0, Math.min(count - 1, index));
+    index = Math.max(0, Math.min(count - 1, index));
+    if (index !== state.index) { state.direction = index > state.index ? 1 : -1; }
+    state.index = index;
     slider.value = String(state.index + 1);
     slider.setAttribute("aria-valuetext", (state.index + 1) + " / " + count);
     var frame = load(state.series, state.index);
@@ -156,6 +161,8 @@
       button.setAttribute("aria-pressed", button.dataset.series === uid ? "true" : "false");
     });
     resetView();
+    state.index = 0;
+    state.direction = 1;
     show(0);
     var box = stage.getBoundingClientRect();
     if (box.top < 0 || box.bottom > window.innerHeight) {
