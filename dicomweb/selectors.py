@@ -2,65 +2,111 @@
 
 from dataclasses import dataclass, field
 
-from django.db.models import Count, QuerySet
+from django.db.models import F, QuerySet
 
 from accounts.models import Share
 from dicomweb.archive import ArchiveInstance
-from studies.models import Instance, Series, Study
+from studies.models import Instance
 from studies.store import instance_file
 
 
-@dataclass(frozen=True)
-class SeriesSummary:
+@dataclass
+class ViewerSeries:
     series_instance_uid: str
     modality: str
     number: int | None
     description: str
-    images: int
+    # Instances of the series the share grants (images or not).
+    instances: int = 0
+    # What the viewer pages through, in display order: (SOP Instance UID, frame number), one
+    # entry per frame of each instance that has pixels (Rows present, PS3.3 C.7.6.3).
+    slices: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def displayable(self) -> bool:
+        """Whether the viewer can show it: a structured report, an encapsulated PDF or a key
+        object selection has no pixels to render."""
+        return bool(self.slices)
 
 
-@dataclass(frozen=True)
-class StudySummary:
+@dataclass
+class ViewerStudy:
     study_instance_uid: str
     patient_name: str
     study_date: str
     description: str
-    series: list[SeriesSummary] = field(default_factory=list)
+    series: list[ViewerSeries] = field(default_factory=list)
 
     @property
     def image_count(self) -> int:
-        return sum(s.images for s in self.series)
+        return sum(s.instances for s in self.series)
 
 
-def viewer_study(share: Share) -> StudySummary | None:
-    """The share's study from the index, restricted to the share's series; None while the store
-    does not hold it yet."""
-    study = Study.objects.filter(study_instance_uid=share.study_instance_uid).first()
-    if study is None:
-        return None
-    series = Series.objects.filter(study=study).annotate(images=Count("instances"))
-    if share.series_instance_uids:
-        series = series.filter(series_instance_uid__in=share.series_instance_uids)
-    summaries = [
-        SeriesSummary(
-            series_instance_uid=s.series_instance_uid,
-            modality=s.modality,
-            number=s.series_number,
-            description=s.series_description,
-            images=s.images,
+def viewer_studies(share: Share) -> list[ViewerStudy]:
+    """The share's studies as the viewer pages through them, newest first: series by series number, their
+    instances by instance number, restricted to what the share grants. One query, whatever the
+    number of instances. Empty while the store does not hold the study yet."""
+    rows = (
+        share_instances(share)
+        .order_by(
+            # Newest study first: the current exam, then the priors it is compared with.
+            F("series__study__study_date").desc(nulls_last=True),
+            "series__study_id",
+            F("series__series_number").asc(nulls_last=True),
+            "series_id",
+            F("instance_number").asc(nulls_last=True),
+            "pk",
         )
-        for s in series
-        if s.images
-    ]
-    if not summaries:
-        return None
-    return StudySummary(
-        study_instance_uid=study.study_instance_uid,
-        patient_name=study.patient_name,
-        study_date=study.study_date,
-        description=study.study_description,
-        series=summaries,
+        .values_list(
+            "series__study__study_instance_uid",
+            "series__study__patient_name",
+            "series__study__study_date",
+            "series__study__study_description",
+            "series__series_instance_uid",
+            "series__modality",
+            "series__series_number",
+            "series__series_description",
+            "sop_instance_uid",
+            "rows",
+            "number_of_frames",
+        )
     )
+    studies: dict[str, ViewerStudy] = {}
+    series: dict[str, ViewerSeries] = {}
+    for (
+        study_uid,
+        patient_name,
+        study_date,
+        study_description,
+        series_uid,
+        modality,
+        series_number,
+        series_description,
+        sop_uid,
+        image_rows,
+        frames,
+    ) in rows:
+        study = studies.get(study_uid)
+        if study is None:
+            study = studies[study_uid] = ViewerStudy(
+                study_instance_uid=study_uid,
+                patient_name=patient_name,
+                study_date=study_date,
+                description=study_description,
+            )
+        current = series.get(series_uid)
+        if current is None:
+            current = series[series_uid] = ViewerSeries(
+                series_instance_uid=series_uid,
+                modality=modality,
+                number=series_number,
+                description=series_description,
+            )
+            study.series.append(current)
+        current.instances += 1
+        if image_rows:
+            current.slices.extend((sop_uid, n) for n in range(1, (frames or 1) + 1))
+    return list(studies.values())
 
 
 def share_study_uids(share: Share) -> list[str]:

@@ -1,9 +1,10 @@
-"""What recipients get. For now the landing page of a recipient session: the study's summary.
-(The image viewer, DICOMweb and download build on the same share check.)"""
+"""What recipients get: the viewer page of a recipient session, and share-scoped DICOMweb
+(which the viewer, OHIF and Weasis read). Both build on the same share check."""
 
 import datetime
 import logging
 from functools import partial
+from typing import Any
 from urllib.parse import quote
 
 from django.conf import settings
@@ -27,7 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from accounts import access, services
 from accounts import selectors as account_selectors
 from accounts.models import AuditEvent, Share
-from dicomweb import archive, bearer, media, multipart, qido, rendering, selectors
+from dicomweb import archive, bearer, media, multipart, ohif, qido, rendering, selectors
 from studies import metadata
 from studies.models import Instance
 from studies.store import instance_file
@@ -49,21 +50,84 @@ def _person_name(value: str) -> str:
     return " ".join(part for part in (given, family) if part)
 
 
+# The viewport of the rendered frames the viewer asks for, as one side of a square: the first
+# image is in the page before any script knows the screen, and viewer.js picks the same size on
+# most screens (a phone's 375 px at 2 or 3 device pixels per CSS pixel), so that first request
+# serves its slice. Frames are never enlarged: a 512×512 CT comes at its own size.
+VIEWER_VIEWPORT = 1024
+
+
+def _viewer_series(study: selectors.ViewerStudy, series: selectors.ViewerSeries) -> dict[str, Any]:
+    """What viewer.js needs of a series: how to build the URL of each slice (PS3.18 §10.4.1.1.4
+    rendered frames) and of its metadata."""
+    base = reverse(
+        "dicomweb:qido-instances",
+        kwargs={"study": study.study_instance_uid, "series": series.series_instance_uid},
+    )
+    return {
+        "uid": series.series_instance_uid,
+        "modality": series.modality,
+        "base": base + "/",
+        "slices": series.slices,
+    }
+
+
+def _first_image_url(study: selectors.ViewerStudy, series: selectors.ViewerSeries) -> str:
+    """The URL viewer.js builds for the first slice at the viewer's usual viewport."""
+    sop, frame = series.slices[0]
+    path = reverse(
+        "dicomweb:rs-rendered-frame",
+        kwargs={
+            "study": study.study_instance_uid,
+            "series": series.series_instance_uid,
+            "instance": sop,
+            "number": frame,
+        },
+    )
+    return f"{path}?viewport={VIEWER_VIEWPORT},{VIEWER_VIEWPORT}"
+
+
 @require_GET
 @access.recipient_required
 def viewer(request: access.RecipientRequest) -> HttpResponse:
+    """The viewer: everything the first image needs is in the page (its <img> and the slices of
+    every series as JSON), so that it is painted without a round trip after the one-time code."""
     share = request.share
-    study = selectors.viewer_study(share)
-    if study is not None:
-        access.record_view(request, share=share, study_instance_uid=study.study_instance_uid)
+    studies = selectors.viewer_studies(share)
+    for shown_study in studies:
+        access.record_view(request, share=share, study_instance_uid=shown_study.study_instance_uid)
+    shown = [(study, s) for study in studies for s in study.series if s.displayable]
+    study = studies[0] if studies else None
     return render(
         request,
         "dicomweb/viewer.html",
         {
             "share": share,
+            "studies": studies,
             "study": study,
             "patient_name": _person_name(study.patient_name) if study else "",
             "study_date": _dicom_date(study.study_date) if study else None,
+            "first_series": shown[0][1] if shown else None,
+            "first_image_url": _first_image_url(*shown[0]) if shown else None,
+            "viewer_data": {
+                "series": [_viewer_series(*pair) for pair in shown],
+                "viewport": VIEWER_VIEWPORT,
+            },
+            "download_url": (
+                reverse("dicomweb:download", kwargs={"study": study.study_instance_uid})
+                if study is not None and share.allow_download
+                else None
+            ),
+            "ohif_url": (
+                ohif.viewer_path(study.study_instance_uid)
+                if study is not None and ohif.is_installed()
+                else None
+            ),
+            "weasis_url": (
+                reverse("dicomweb:weasis", kwargs={"study": study.study_instance_uid})
+                if study is not None
+                else None
+            ),
         },
     )
 
