@@ -43,9 +43,10 @@ class ViewerStudy:
 
 
 def viewer_studies(share: Share) -> list[ViewerStudy]:
-    """The share's studies as the viewer pages through them, newest first: series by series number, their
-    instances by instance number, restricted to what the share grants. One query, whatever the
-    number of instances. Empty while the store does not hold the study yet."""
+    """The share's studies as the viewer pages through them, newest first: series by series
+    number, their instances by instance number, restricted to what the share grants. One
+    query, whatever the number of instances. Empty while the store does not hold the study
+    yet."""
     rows = (
         share_instances(share)
         .order_by(

@@ -16,6 +16,7 @@ from django.test import Client
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
+from dicomweb import ohif
 from studies import imports
 from studies.demo import synthetic
 from studies.models import Instance
@@ -125,6 +126,8 @@ class TestViewerPage:
         assert "/ohif/viewer" not in client.get("/viewer/").content.decode()
         settings.OHIF_DIR.mkdir()
         (settings.OHIF_DIR / "index.html").write_text("<!doctype html>")
+        assert "/ohif/viewer" not in client.get("/viewer/").content.decode()  # half installed
+        (settings.OHIF_DIR / ohif.MARKER).write_text("{}")
         html = client.get("/viewer/").content.decode()
         assert f'href="/ohif/viewer?StudyInstanceUIDs={STUDY_UID}"' in html
 
