@@ -242,6 +242,7 @@ class AuditEvent(models.Model):
         LOGOUT = "logout", _("Signed out")
         SESSION_EXPIRED = "session_expired", _("Session expired")
         VIEW = "view", _("Study viewed")
+        FAILURE_ALERT = "failure_alert", _("Many failed codes across all shares")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     action = models.CharField(_("what"), max_length=32, choices=Action.choices)
