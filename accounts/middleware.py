@@ -7,7 +7,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils.cache import add_never_cache_headers
 
-from accounts import access, selectors, services
+from accounts import access, net, selectors, services, throttle
 from accounts.models import AuditEvent, Share
 
 NOTICE = "recipient.notice"
@@ -89,3 +89,30 @@ def _closed_response(request: HttpRequest, closure: selectors.Closure) -> HttpRe
     response._has_been_logged = True  # type: ignore[attr-defined]
     add_never_cache_headers(response)
     return response
+
+
+# The unauthenticated recipient URLs: each request costs a lookup, a hash or a captcha image.
+BUDGETED_PATHS = ("/s/", "/access/", "/captcha/")
+
+
+class RecipientRequestBudgetMiddleware:
+    """Requests per minute from one client address to BUDGETED_PATHS, counted in the shared
+    cache (settings.RECIPIENT_REQUESTS_PER_MINUTE, accounts.throttle): past it, 429 with
+    Retry-After until the minute ends, before any session, lookup or hash.
+
+    A request whose client address cannot be told is not counted here: the steps that count
+    failures refuse it (accounts.net.ClientAddressUnknown)."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.path_info.startswith(BUDGETED_PATHS):
+            key = net.limit_key(request)
+            wait = throttle.request_budget_wait(key) if key is not None else 0
+            if wait:
+                response = render(request, "accounts/busy.html", {"seconds": wait}, status=429)
+                response["Retry-After"] = str(wait)
+                add_never_cache_headers(response)
+                return response
+        return self.get_response(request)

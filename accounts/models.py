@@ -274,6 +274,7 @@ class AuditEvent(models.Model):
             "study_overwrite_refused",
             _("Changed instance of a shared study refused"),
         )
+        FAILURE_ALERT = "failure_alert", _("Many failed codes across all shares")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     action = models.CharField(_("what"), max_length=32, choices=Action.choices)

@@ -89,3 +89,10 @@ def axes_client_ip(request: HttpRequest) -> str:
 
 def user_agent(request: HttpRequest) -> str:
     return request.META.get("HTTP_USER_AGENT", "")[:255]
+
+
+def limit_key(request: HttpRequest) -> str | None:
+    """Who a request budget is counted against (accounts.throttle): the client's address, or
+    None when nothing believable says it. One place to widen it (an IPv6 client holds a
+    whole /64 and can change its address within it)."""
+    return client_ip(request)

@@ -157,15 +157,24 @@ def masked_contact(share: Share) -> str:
     return mask_email(share.contact)
 
 
-def failures_from_ip(ip_address: str | None) -> int:
-    """Failed links and codes counted by axes against one address within the cool-off."""
-    if not ip_address:
-        return 0
-    attempts = AccessAttempt.objects.filter(ip_address=ip_address)
+def _failures_within_cool_off(attempts: QuerySet[AccessAttempt]) -> int:
     cool_off = get_cool_off()
     if cool_off is not None:
         attempts = attempts.filter(attempt_time__gte=timezone.now() - cool_off)
     return int(attempts.aggregate(total=Sum("failures_since_start"))["total"] or 0)
+
+
+def failures_from_ip(ip_address: str | None) -> int:
+    """Failed links and codes counted by axes against one address within the cool-off."""
+    if not ip_address:
+        return 0
+    return _failures_within_cool_off(AccessAttempt.objects.filter(ip_address=ip_address))
+
+
+def failures_for_scope(scope: str) -> int:
+    """Failed links and codes counted by axes against one share (its lockout key,
+    accounts.credentials.lockout_key_*) within the cool-off."""
+    return _failures_within_cool_off(AccessAttempt.objects.filter(username=scope))
 
 
 def otp_pending(share: Share) -> bool:

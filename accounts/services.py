@@ -95,7 +95,9 @@ class CreatedShare:
 
 
 def share_link_url(signed_token: str) -> str:
-    return settings.BASE_URL + reverse("accounts:link", kwargs={"token": signed_token})
+    """The link sent and printed: the token in the fragment (`/s/#<token>`), which browsers
+    keep to themselves, so that it never reaches a server's logs (accounts.views.link_page)."""
+    return settings.BASE_URL + reverse("accounts:link_page") + "#" + signed_token
 
 
 def _validate_contact(channel: str, contact: str) -> str:
@@ -608,3 +610,48 @@ def passkey_delete(
         )
     except (smtplib.SMTPException, OSError) as exc:
         logger.warning("passkey removal notice %s not sent: %s", passkey_id, type(exc).__name__)
+
+
+# --- guessing campaigns -------------------------------------------------------------------------
+
+
+def security_alert(*, failures: int, request: HttpRequest | None = None) -> AuditEvent:
+    """Failed links and codes across all shares passed settings.ALERT_FAILURES_PER_MINUTE:
+    a guessing campaign spread over many addresses, which lockout by address cannot see
+    (accounts.throttle.failure_campaign_starts calls it once per episode). Recorded, mailed to
+    settings.SECURITY_EMAIL and, with settings.AUTO_CLOSE, recipient access is closed."""
+    closed = False
+    if settings.AUTO_CLOSE:
+        recipients_close(
+            message=_("Access is closed for a while for safety reasons. Please try again later."),
+            request=request,
+        )
+        closed = True
+    event = audit(
+        AuditEvent.Action.FAILURE_ALERT,
+        request=request,
+        failures=failures,
+        threshold=settings.ALERT_FAILURES_PER_MINUTE,
+        closed=closed,
+    )
+    logger.warning(
+        "security alert: %d failed links or codes within a minute across all shares", failures
+    )
+    if settings.SECURITY_EMAIL:
+        context = {
+            "site": settings.BASE_URL,
+            "failures": failures,
+            "threshold": settings.ALERT_FAILURES_PER_MINUTE,
+            "when": timezone.localtime(event.at),
+            "closed": closed,
+        }
+        try:
+            send_mail(
+                _("Image portal: many failed access codes"),
+                render_to_string("accounts/security_alert_email.txt", context),
+                settings.DEFAULT_FROM_EMAIL,
+                [settings.SECURITY_EMAIL],
+            )
+        except (smtplib.SMTPException, OSError) as exc:
+            logger.warning("security alert not mailed: %s", type(exc).__name__)
+    return event

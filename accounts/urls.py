@@ -6,6 +6,8 @@ app_name = "accounts"
 
 urlpatterns = [
     path("", views.home, name="home"),
+    path("s/", views.link_page, name="link_page"),
+    # Links issued before the fragment form (`/s/#<token>`).
     path("s/<str:token>", views.link, name="link"),
     path("access/", views.access_code, name="access"),
     path("access/verify", views.verify, name="verify"),

@@ -22,9 +22,10 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
+from django.views.decorators.csrf import ensure_csrf_cookie
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from accounts import access, credentials, net, passkeys, selectors, services
+from accounts import access, credentials, net, passkeys, selectors, services, throttle
 from accounts.forms import AccessCodeForm, OtpForm
 from accounts.middleware import NOTICE
 from accounts.models import AuditEvent, Share
@@ -33,9 +34,31 @@ from accounts.models import AuditEvent, Share
 CAPTCHA_AFTER = 3
 
 
+# The notice the access page shows after a redirect ("this link does not work", "signed
+# out"…) travels in a short-lived cookie, not in the session: a refused link or code must not
+# cost a session row (anybody can send thousands). The middleware's "expired" notice is set
+# in the session it ends.
+NOTICE_COOKIE = "portal_notice"
+_NOTICES = {"invalid", "start", "signed-out", "expired"}
+
+
 def _notice(request: HttpRequest) -> str | None:
-    notice: str | None = request.session.pop(NOTICE, None)
-    return notice
+    notice = request.session.pop(NOTICE, None) or request.COOKIES.get(NOTICE_COOKIE)
+    return notice if notice in _NOTICES else None
+
+
+def _to_access(notice: str) -> HttpResponse:
+    """Redirect to the access page, which then shows `notice` once."""
+    response = redirect("accounts:access")
+    response.set_cookie(
+        NOTICE_COOKIE,
+        notice,
+        max_age=60,
+        secure=settings.SESSION_COOKIE_SECURE,
+        httponly=True,
+        samesite="Lax",
+    )
+    return response
 
 
 def _locked_response(request: HttpRequest, share: Share | None = None) -> HttpResponse:
@@ -94,6 +117,19 @@ def _audit_failure(request: HttpRequest, action: str) -> None:
     services.audit(action, request=request, share=matched, reason=reason)
     if getattr(request, "axes_locked_out", False):
         services.audit(AuditEvent.Action.LOCKOUT, request=request, share=matched, step=action)
+    if check is not None:
+        # A link or code that was really checked, and failed: counted across all shares.
+        failures = throttle.failure_campaign_starts()
+        if failures:
+            services.security_alert(failures=failures, request=request)
+
+
+def _no_slot(request: HttpRequest, action: str) -> HttpResponse:
+    """As many attempts as the lockout allows are already counted or being checked for this
+    address or share (accounts.throttle.attempt_slot): refused unchecked, as axes refuses a
+    locked-out one."""
+    services.audit(action, request=request, reason="locked-out")
+    return lockout(request)
 
 
 def _opened(request: HttpRequest, share: Share, *, via: str) -> HttpResponse:
@@ -107,8 +143,7 @@ def _opened(request: HttpRequest, share: Share, *, via: str) -> HttpResponse:
 
 
 def _link_not_valid(request: HttpRequest) -> HttpResponse:
-    request.session[NOTICE] = "invalid"
-    return redirect("accounts:access")
+    return _to_access("invalid")
 
 
 class _RefusalPace:
@@ -137,7 +172,26 @@ _refusal_pace = _RefusalPace()
 
 @require_GET
 def link(request: HttpRequest, token: str) -> HttpResponse:
-    """/s/<token>: check it, swap it for a session bound to the share, and leave the URL.
+    """/s/<token>: links issued before the fragment form (`/s/#<token>`), which carried their
+    token in the path, still open (and are counted) exactly as a posted token does."""
+    return _open_link(request, token)
+
+
+@require_http_methods(["GET", "POST"])
+@ensure_csrf_cookie
+def link_page(request: HttpRequest) -> HttpResponse:
+    """/s/: the page a link opens. Its token is in the URL fragment (`/s/#<token>`), which
+    browsers never send to a server, so that no proxy, access log, mail scanner or link preview
+    ever sees it: the page's script (static/js/link.js) reads it, takes it out of the address
+    bar and posts it here (field `token`). Without JavaScript the page offers the access code.
+    (It sets the CSRF cookie: the script's form needs it.)"""
+    if request.method == "POST":
+        return _open_link(request, request.POST.get("token", "").strip())
+    return render(request, "accounts/link.html", {"form": AccessCodeForm()})
+
+
+def _open_link(request: HttpRequest, token: str) -> HttpResponse:
+    """Check a link's token, swap it for a session bound to the share, and leave the URL.
 
     Only what a stolen signing key could produce is counted by axes: a correctly signed token
     that opens nothing (unknown, expired, revoked, used up). A request that is not a top-level
@@ -154,9 +208,11 @@ def link(request: HttpRequest, token: str) -> HttpResponse:
         services.audit(AuditEvent.Action.LINK_FAILED, request=request, reason="bad-signature")
         _refusal_pace.wait_since(started)
         return _link_not_valid(request)
-    share = authenticate(
-        request, link_token=token, lockout_scope=credentials.lockout_key_for_link(raw)
-    )
+    scope = credentials.lockout_key_for_link(raw)
+    with throttle.attempt_slot(ip_address=net.axes_client_ip(request), scope=scope) as slot:
+        if not slot.allowed:
+            return _no_slot(request, AuditEvent.Action.LINK_FAILED)
+        share = authenticate(request, link_token=token, lockout_scope=scope)
     if isinstance(share, Share):
         if selectors.share_is_locked(share):
             request.session[_LOCKED_SHARE] = share.pk
@@ -176,16 +232,21 @@ def access_code(request: HttpRequest) -> HttpResponse:
     notice = _notice(request)
     invalid = notice == "invalid"
     if request.method == "POST":
-        form = AccessCodeForm(request.POST, captcha=needs_captcha)
-        if form.is_valid():
-            typed = form.cleaned_data["code"]
-            share = authenticate(
-                request,
-                access_code_secret=typed,
-                lockout_scope=credentials.lockout_key_for_code(
-                    credentials.normalize_code(typed), typed
-                ),
-            )
+        # The form strips the code as this does: the slot is taken for what is checked.
+        typed = request.POST.get("code", "").strip()
+        scope = credentials.lockout_key_for_code(credentials.normalize_code(typed), typed)
+        with throttle.attempt_slot(ip_address=net.axes_client_ip(request), scope=scope) as slot:
+            if not slot.allowed:
+                return _no_slot(request, AuditEvent.Action.CODE_FAILED)
+            # Attempts from this address checked before this one, those in progress included:
+            # parallel requests cannot all slip in under the captcha threshold.
+            needs_captcha = slot.before_from_address >= CAPTCHA_AFTER
+            form = AccessCodeForm(request.POST, captcha=needs_captcha)
+            checked = form.is_valid()
+            share = None
+            if checked:
+                share = authenticate(request, access_code_secret=typed, lockout_scope=scope)
+        if checked:
             if isinstance(share, Share):
                 return _opened(request, share, via="code")
             _audit_failure(request, AuditEvent.Action.CODE_FAILED)
@@ -195,11 +256,14 @@ def access_code(request: HttpRequest) -> HttpResponse:
             form = AccessCodeForm(captcha=needs_captcha)
     else:
         form = AccessCodeForm(captcha=needs_captcha)
-    return render(
+    response = render(
         request,
         "accounts/access.html",
         {"form": form, "invalid": invalid, "notice": notice},
     )
+    if NOTICE_COOKIE in request.COOKIES:
+        response.delete_cookie(NOTICE_COOKIE, samesite="Lax")
+    return response
 
 
 @require_http_methods(["GET", "POST"])
@@ -214,8 +278,7 @@ def verify(request: HttpRequest) -> HttpResponse:
         locked = access.bound_locked_share(request)
         if locked is not None:
             return _locked_response(request, locked)
-        request.session[NOTICE] = _notice(request) or "start"
-        return redirect("accounts:access")
+        return _to_access(_notice(request) or "start")
     form = OtpForm()
     if request.method == "POST" and request.POST.get("action") == "send":
         sent = services.otp_send(share=share, request=request)
@@ -257,8 +320,7 @@ def verify(request: HttpRequest) -> HttpResponse:
                 return _locked_response(request, Share.objects.get(pk=share.pk))
             if result.outcome == services.OtpVerify.REFUSED:
                 access.end(request)
-                request.session[NOTICE] = "invalid"
-                return redirect("accounts:access")
+                return _to_access("invalid")
             if result.outcome == services.OtpVerify.WAIT:
                 form.add_error(
                     "otp",
@@ -309,8 +371,7 @@ def logout(request: HttpRequest) -> HttpResponse:
     if share is not None:
         services.audit(AuditEvent.Action.LOGOUT, request=request, share=share)
     access.end(request)
-    request.session[NOTICE] = "signed-out"
-    return redirect("accounts:access")
+    return _to_access("signed-out")
 
 
 @require_GET

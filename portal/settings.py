@@ -72,6 +72,8 @@ MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # Per-address request budget on the unauthenticated recipient URLs (429 past it).
+    "accounts.middleware.RecipientRequestBudgetMiddleware",
     # Django's, made to work with `Referrer-Policy: no-referrer` (see accounts.csrf).
     "accounts.csrf.NoReferrerCsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -310,13 +312,47 @@ AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
 AXES_USERNAME_CALLABLE = "accounts.backends.axes_username"
 AXES_CLIENT_IP_CALLABLE = "accounts.net.axes_client_ip"
 AXES_LOCKOUT_CALLABLE = "accounts.views.lockout"
-AXES_SENSITIVE_PARAMETERS = ["username", "ip_address", "code", "otp", "csrfmiddlewaretoken"]
+AXES_SENSITIVE_PARAMETERS = [
+    "username",
+    "ip_address",
+    "code",
+    "otp",
+    "csrfmiddlewaretoken",
+    # A link posted from its fragment (accounts.views.link_page).
+    "token",
+]
 AXES_ENABLE_ADMIN = True
 AXES_VERBOSE = False
 # Captchas (django-simple-captcha) are drawn by the portal itself, shown after 3 failures.
 CAPTCHA_IMAGE_SIZE = (110, 40)
 CAPTCHA_LENGTH = 5
 CAPTCHA_TIMEOUT = 10
+
+# --- Shared cache: request budgets and attempts in progress (accounts.throttle) -------------
+# Redis in production (PORTAL_CACHE_URL=redis://…), so that every process and machine counts
+# together; the demo's single process keeps them in memory.
+CACHE_URL = env.str("PORTAL_CACHE_URL", default="")
+CACHES = {
+    "default": (
+        {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": CACHE_URL,
+            # Several portals may share one Redis: each keeps its keys apart.
+            "KEY_PREFIX": env.str("PORTAL_CACHE_KEY_PREFIX", default="portal"),
+        }
+        if CACHE_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
+# Requests per minute from one client address to the unauthenticated recipient URLs (/s/,
+# /access/, /captcha/); past it, 429 until the minute ends. 0 turns the budget off.
+RECIPIENT_REQUESTS_PER_MINUTE = env.int("PORTAL_RECIPIENT_REQUESTS_PER_MINUTE", default=60)
+# Failed links and codes per minute across all shares and addresses that make a guessing
+# campaign (which lockout by address cannot see): an audit event, a mail to the security
+# contact once per episode, and, with PORTAL_AUTO_CLOSE, recipient access closed.
+ALERT_FAILURES_PER_MINUTE = env.int("PORTAL_ALERT_FAILURES_PER_MINUTE", default=30)
+SECURITY_EMAIL = env.str("PORTAL_SECURITY_EMAIL", default="")
+AUTO_CLOSE = env.bool("PORTAL_AUTO_CLOSE", default=False)
 
 # --- Content Security Policy (django-csp): nothing inline, nothing from elsewhere. -----------
 CONTENT_SECURITY_POLICY = {

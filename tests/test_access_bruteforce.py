@@ -14,7 +14,14 @@ from django.utils import timezone
 
 from accounts import credentials, net, selectors
 from accounts.models import AuditEvent, Share
-from tests.support.access import link_path, make_share, share_of
+from tests.support.access import (
+    legacy_link_path,
+    link_token,
+    make_share,
+    open_link,
+    post_link,
+    share_of,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -139,9 +146,14 @@ class TestCodesFromManyAddresses:
         assert share.access_code.replace("-", "")[4:] not in str(event.detail)
 
 
-def signed_unknown_link() -> str:
+def signed_unknown_token() -> str:
     """What an attacker holding the signing key could make: correctly signed, opening nothing."""
-    return "/s/" + credentials.sign_link_token(credentials.new_link_token())
+    return credentials.sign_link_token(credentials.new_link_token())
+
+
+def signed_unknown_link() -> str:
+    """The same in a link of the older form, token in the path."""
+    return "/s/" + signed_unknown_token()
 
 
 def forged_link() -> str:
@@ -160,16 +172,26 @@ class TestLinks:
     def test_it_locks_an_address_that_tries_signed_links(self, share):
         client = Client()
         for _ in range(4):
-            response = client.get(signed_unknown_link(), REMOTE_ADDR=ATTACKER)
+            response = post_link(client, signed_unknown_token(), REMOTE_ADDR=ATTACKER)
             assert response.status_code == 302 and response["Location"] == "/access/"
-        response = client.get(signed_unknown_link(), REMOTE_ADDR=ATTACKER)
-        # Never a 4xx at /s/: Django would log the path, and with it the token.
+        response = post_link(client, signed_unknown_token(), REMOTE_ADDR=ATTACKER)
         assert response.status_code == 302 and response["Location"] == "/access/locked"
-        response = client.get(link_path(share), REMOTE_ADDR=ATTACKER)
+        response = open_link(client, share, REMOTE_ADDR=ATTACKER)
         assert response["Location"] == "/access/locked"
         assert client.get("/access/locked", REMOTE_ADDR=ATTACKER).status_code == 429
         # The real owner, elsewhere, still gets in.
-        response = Client().get(link_path(share), REMOTE_ADDR="198.51.100.50")
+        response = open_link(Client(), share, REMOTE_ADDR="198.51.100.50")
+        assert response["Location"] == "/access/verify"
+
+    def test_links_of_the_older_form_count_the_same(self, share):
+        client = Client()
+        for _ in range(5):
+            response = client.get(signed_unknown_link(), REMOTE_ADDR=ATTACKER)
+        # Never a 4xx at /s/<token>: Django would log the path, and with it the token.
+        assert response.status_code == 302 and response["Location"] == "/access/locked"
+        response = post_link(client, link_token(share), REMOTE_ADDR=ATTACKER)
+        assert response["Location"] == "/access/locked"
+        response = Client().get(legacy_link_path(share), REMOTE_ADDR="198.51.100.50")
         assert response["Location"] == "/access/verify"
 
     def test_a_locked_share_answers_the_right_link_with_the_lockout_page(self, share):
@@ -177,9 +199,22 @@ class TestLinks:
             locked_until=timezone.now() + timedelta(minutes=15)
         )
         client = Client()
-        response = client.get(link_path(share))
+        response = open_link(client, share)
         assert response["Location"] == "/access/locked"
         assert "recipient.share" not in client.session
+
+    def test_the_posted_token_needs_the_csrf_token(self, share):
+        client = Client(enforce_csrf_checks=True)
+        response = post_link(client, link_token(share))
+        assert response.status_code == 403
+        assert "recipient.share" not in client.session
+        page = client.get("/s/")
+        assert page.status_code == 200
+        csrf = client.cookies[settings.CSRF_COOKIE_NAME].value
+        response = client.post(
+            "/s/", {"token": link_token(share), "csrfmiddlewaretoken": csrf}, HTTP_ORIGIN="null"
+        )
+        assert response["Location"] == "/access/verify"
 
 
 class TestCrossSiteLockout:
@@ -203,7 +238,7 @@ class TestCrossSiteLockout:
             assert response.status_code == 302 and response["Location"] == "/access/"
         # …but nothing counted, nobody locked out.
         assert not AccessAttempt.objects.exists()
-        response = Client().get(link_path(share), REMOTE_ADDR=self.HOSPITAL)
+        response = Client().get(legacy_link_path(share), REMOTE_ADDR=self.HOSPITAL)
         assert response["Location"] == "/access/verify"
 
     def test_a_page_full_of_images_locks_nobody(self, share):
@@ -217,12 +252,30 @@ class TestCrossSiteLockout:
         assert not AccessAttempt.objects.exists()
         # Nor does a real link loaded as an image open anything (or replace a session).
         client = Client()
-        response = client.get(link_path(share), REMOTE_ADDR=self.HOSPITAL, headers=self.IMAGE)
+        response = client.get(
+            legacy_link_path(share), REMOTE_ADDR=self.HOSPITAL, headers=self.IMAGE
+        )
         assert response["Location"] == "/access/"
         assert "recipient.share" not in client.session
         # The patient, clicking the link, gets in.
         response = client.get(
-            link_path(share), REMOTE_ADDR=self.HOSPITAL, HTTP_SEC_FETCH_MODE="navigate"
+            legacy_link_path(share), REMOTE_ADDR=self.HOSPITAL, HTTP_SEC_FETCH_MODE="navigate"
+        )
+        assert response["Location"] == "/access/verify"
+
+    def test_a_posted_token_that_is_no_navigation_is_not_counted(self, share):
+        # A cross-site form cannot post (CSRF); a same-site fetch() is no navigation either.
+        for _ in range(8):
+            response = post_link(
+                Client(),
+                signed_unknown_token(),
+                REMOTE_ADDR=self.HOSPITAL,
+                HTTP_SEC_FETCH_MODE="cors",
+            )
+            assert response.status_code == 302 and response["Location"] == "/access/"
+        assert not AccessAttempt.objects.exists()
+        response = post_link(
+            Client(), link_token(share), REMOTE_ADDR=self.HOSPITAL, HTTP_SEC_FETCH_MODE="navigate"
         )
         assert response["Location"] == "/access/verify"
 
@@ -239,7 +292,7 @@ class TestCrossSiteLockout:
             assert response["Location"] == "/access/locked"
         # …and the cool-off still ends 15 minutes after the fifth failure, not after the last.
         AccessAttempt.objects.update(attempt_time=F("attempt_time") - timedelta(minutes=6))
-        response = Client().get(link_path(share), REMOTE_ADDR=ATTACKER)
+        response = Client().get(legacy_link_path(share), REMOTE_ADDR=ATTACKER)
         assert response["Location"] == "/access/verify"
 
 
@@ -266,10 +319,12 @@ class TestUnknownClientAddress:
                 HTTP_X_FORWARDED_FOR=f"10.0.0.{i}, {ATTACKER}",
             )
         assert set(AccessAttempt.objects.values_list("ip_address", flat=True)) == {ATTACKER}
-        response = Client().get(link_path(share), REMOTE_ADDR="", HTTP_X_FORWARDED_FOR=ATTACKER)
+        response = Client().get(
+            legacy_link_path(share), REMOTE_ADDR="", HTTP_X_FORWARDED_FOR=ATTACKER
+        )
         assert response["Location"] == "/access/locked"
         response = Client().get(
-            link_path(share), REMOTE_ADDR="", HTTP_X_FORWARDED_FOR="198.51.100.8"
+            legacy_link_path(share), REMOTE_ADDR="", HTTP_X_FORWARDED_FOR="198.51.100.8"
         )
         assert response["Location"] == "/access/verify"
         # Such a proxy must say whom it forwards for.

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from accounts import credentials, selectors, services
 from accounts.models import Share
-from tests.support.access import link_path, make_share
+from tests.support.access import legacy_link_path, make_share
 
 pytestmark = pytest.mark.django_db
 
@@ -46,9 +46,9 @@ def kinds(study):
     }, {
         "unknown": "/s/" + credentials.sign_link_token(credentials.new_link_token()),
         "forged": "/s/" + credentials.new_link_token() + ".1xXGFt.forged",
-        "expired": link_path(expired),
-        "revoked": link_path(revoked),
-        "used": link_path(used),
+        "expired": legacy_link_path(expired),
+        "revoked": legacy_link_path(revoked),
+        "used": legacy_link_path(used),
     }
 
 

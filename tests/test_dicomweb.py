@@ -30,7 +30,7 @@ from studies.demo import synthetic
 from studies.models import Instance
 from studies.store import instance_file
 from tests.conftest import PacsStudies, SyntheticStudy
-from tests.support.access import link_path, make_share, sign_in
+from tests.support.access import make_share, open_link, sign_in
 from tests.support.orthanc import OrthancServer
 
 pytestmark = pytest.mark.dicom
@@ -601,7 +601,7 @@ def test_a_share_with_a_prior_grants_both_studies_and_no_other(
         contact="dr.martin@example.org",
     )
     dave = Client()
-    response = dave.get(link_path(shared.created))
+    response = open_link(dave, shared.created)
     assert response.status_code == 302
     dave.post("/access/verify", {"action": "send"})
     code = re.search(r"\b(\d{6})\b", str(mail.outbox[-1].body))

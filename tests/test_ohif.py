@@ -29,7 +29,7 @@ from dicomweb.ohif import install
 from dicomweb.ohif.install import OhifInstallError, Pin, ohif_install
 from studies import imports
 from studies.demo import synthetic
-from tests.support.access import link_path, make_share, make_study, sign_in
+from tests.support.access import fragment_link, make_share, make_study, sign_in
 from tests.test_recipient_browser import browser  # noqa: F401  (the module's Chromium)
 
 PUBLISHED_INDEX = (
@@ -437,7 +437,7 @@ def _dismiss_notices(page: Page) -> None:
 
 
 def _sign_in(page: Page, base: str, created: Any) -> None:
-    page.goto(base + link_path(created))
+    page.goto(base + fragment_link(created))
     page.get_by_role("button", name="Send me a code").click()
     code = re.search(r"\b(\d{6})\b", str(mail.outbox[-1].body))
     assert code

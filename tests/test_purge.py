@@ -166,3 +166,18 @@ def test_an_import_makes_a_retrieved_copy_part_of_the_archive(
 
     assert not Study.objects.get(study_instance_uid=uid).retrieved_copy
     assert purge()["studies"] == []
+
+
+def test_it_clears_expired_sessions() -> None:
+    from django.contrib.sessions.backends.db import SessionStore
+    from django.contrib.sessions.models import Session
+
+    old, current = SessionStore(), SessionStore()
+    for store in (old, current):
+        store["x"] = 1
+        store.save()
+    Session.objects.filter(session_key=old.session_key).update(
+        expire_date=timezone.now() - timedelta(minutes=1)
+    )
+    assert purge()["expired_sessions_cleared"] is True
+    assert list(Session.objects.values_list("session_key", flat=True)) == [current.session_key]

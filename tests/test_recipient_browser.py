@@ -19,7 +19,14 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from tests.support.access import last_code, link_path, make_share, make_study, sms_messages
+from tests.support.access import (
+    fragment_link,
+    last_code,
+    link_token,
+    make_share,
+    make_study,
+    sms_messages,
+)
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -92,9 +99,9 @@ def test_patient_opens_the_link_and_reaches_the_viewer(
 ) -> None:
     make_study()
     created = make_share()
-    token = link_path(created)[3:]
+    token = link_token(created)
 
-    page.goto(live_server.url + link_path(created))
+    page.goto(live_server.url + fragment_link(created))
     expect(page).to_have_url(live_server.url + "/access/verify")
     expect(page.get_by_text("06 •• •• •• 42")).to_be_visible()
     _fits_the_screen(page)
@@ -200,7 +207,7 @@ def test_physician_enrols_a_passkey_then_signs_in_with_it(
     )["authenticatorId"]
 
     # First visit: the emailed code, then the offer of a passkey.
-    page.goto(live_server.url + link_path(first))
+    page.goto(live_server.url + fragment_link(first))
     expect(page.get_by_text("d•••@example.org")).to_be_visible()
     page.get_by_role("button", name="Send me a code").click()
     expect(page.get_by_text("We have sent you a code")).to_be_visible()
@@ -221,7 +228,7 @@ def test_physician_enrols_a_passkey_then_signs_in_with_it(
     # A later share to the same address: the passkey replaces the emailed code.
     second = make_share(recipient="physician", channel="email", contact="dr.martin@example.org")
     sent_before = len(mail.outbox)
-    page.goto(live_server.url + link_path(second))
+    page.goto(live_server.url + fragment_link(second))
     page.get_by_role("button", name="Sign in with my passkey").click()
     expect(page).to_have_url(live_server.url + "/viewer/")
     expect(page.get_by_role("heading", name="CT THORAX")).to_be_visible()
@@ -257,5 +264,5 @@ def test_a_page_full_of_portal_images_does_not_lock_its_visitor_out(
     page.wait_for_load_state("load")
     assert len(sent) == len(junk)  # the browser did ask for every one
     assert not AccessAttempt.objects.exists()
-    page.goto(live_server.url + link_path(created))
+    page.goto(live_server.url + fragment_link(created))
     expect(page).to_have_url(live_server.url + "/access/verify")

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from django.core.cache import cache
 from django.test import Client
 
 from accounts import services
@@ -72,8 +73,26 @@ def make_share(
     )
 
 
-def link_path(created: services.CreatedShare) -> str:
-    return urlsplit(created.url).path
+def link_token(created: services.CreatedShare) -> str:
+    """The signed token of a share's link, which travels in its fragment: `/s/#<token>`."""
+    url = urlsplit(created.url)
+    assert url.path == "/s/" and url.fragment, created.url
+    return url.fragment
+
+
+def fragment_link(created: services.CreatedShare) -> str:
+    """The link as a browser opens it: path and fragment."""
+    return "/s/#" + link_token(created)
+
+
+def legacy_link_path(created: services.CreatedShare) -> str:
+    """The same link in the form issued before the fragment one: the token in the path."""
+    return "/s/" + link_token(created)
+
+
+def post_link(client: Client, token: str, **extra: Any) -> Any:
+    """What the script of the `/s/` page does with the fragment it reads."""
+    return client.post("/s/", {"token": token}, **extra)
 
 
 def sms_messages(folder: Path) -> list[dict[str, str]]:
@@ -102,6 +121,16 @@ def plain_static_files(settings: Any, tmp_path: Path) -> None:
     }
 
 
+@pytest.fixture(autouse=True)
+def fresh_cache(settings: Any) -> None:
+    """Request budgets and attempts in progress (accounts.throttle) live in the cache, local
+    memory in this process: each test starts with none counted. The request budget is off but
+    where a test turns it on (its own tests): the test client sends everything from one
+    address, faster than any person."""
+    cache.clear()
+    settings.RECIPIENT_REQUESTS_PER_MINUTE = 0
+
+
 @pytest.fixture
 def sms_dir(settings: Any, tmp_path: Path) -> Path:
     folder = tmp_path / "sms"
@@ -128,7 +157,7 @@ def share(study: Study) -> services.CreatedShare:
 
 
 def open_link(client: Client, created: services.CreatedShare, **extra: Any) -> Any:
-    return client.get(link_path(created), **extra)
+    return post_link(client, link_token(created), **extra)
 
 
 def sign_in(client: Client, created: services.CreatedShare, sms_folder: Path, **extra: Any) -> Any:
