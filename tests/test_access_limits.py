@@ -225,3 +225,29 @@ def test_a_guessing_campaign_from_many_addresses_raises_one_alert(settings) -> N
     assert re.search(r"\b11 links or access codes failed", str(mail.outbox[0].body))
     # Nobody was locked out: one failure per address, on as many shares.
     assert _evaluated() == 25
+
+
+@pytest.mark.django_db
+def test_with_auto_close_a_guessing_campaign_closes_recipient_access(settings) -> None:
+    settings.TRUSTED_PROXIES = ["192.0.2.10"]
+    settings.ALERT_FAILURES_PER_MINUTE = 10
+    settings.AUTO_CLOSE = True
+    make_study()
+    make_share()
+    if time.time() % 60 > 50:
+        time.sleep(61 - time.time() % 60)
+    answers = [
+        Client()
+        .post(
+            "/access/",
+            {"code": _random_code()},
+            REMOTE_ADDR="192.0.2.10",
+            HTTP_X_FORWARDED_FOR=f"198.51.100.{i + 1}",
+        )
+        .status_code
+        for i in range(15)
+    ]
+    assert 503 in answers  # the guesses after the alert meet the closed portal
+    assert AuditEvent.objects.filter(action=AuditEvent.Action.RECIPIENTS_CLOSED).count() == 1
+    page = Client().get("/access/", REMOTE_ADDR="203.0.113.9")
+    assert page.status_code == 503 and "safety reasons" in page.content.decode()
