@@ -38,11 +38,13 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
 
+# The demo runs in debug mode: with DEBUG off the portal refuses the demo's secret key.
+demo: export PORTAL_DEBUG = true
 demo: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py demo_data
 	$(PY) manage.py collectstatic --noinput >/dev/null
-	PORTAL_DEBUG=true $(PY) manage.py serve_demo --port $(DEMO_PORT)
+	$(PY) manage.py serve_demo --port $(DEMO_PORT)
 
 bench: install system-packages
 	$(PY) -m tests.bench

@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -34,11 +35,19 @@ class _Env(environ.Env):
 
 env = _Env()
 
-# A key that only exists so that a fresh checkout starts; the system check
-# `portal.E001` refuses it whenever DEBUG is off and the process serves requests.
+# A key that only exists so that the demo starts (PORTAL_DEBUG=true). With DEBUG off no process
+# starts with it: gunicorn, the worker and the storage SCP run no system checks, so the refusal
+# is here, at settings load (`portal.E001` says the same to `check --deploy`).
 INSECURE_DEMO_KEY = "insecure-demo-key-change-me-0123456789-abcdefghijklmnopqrstuvwxyz"
 SECRET_KEY = env.str("PORTAL_SECRET_KEY", default=INSECURE_DEMO_KEY)
 DEBUG = env.bool("PORTAL_DEBUG", default=False)
+if SECRET_KEY == INSECURE_DEMO_KEY and not DEBUG:
+    raise ImproperlyConfigured(
+        "PORTAL_SECRET_KEY is not set (nor PORTAL_SECRET_KEY_FILE): the portal does not start "
+        "with the demo key, which would sign sessions and share links with a key everyone "
+        "knows. Set PORTAL_SECRET_KEY to 50 or more random characters (or name a file holding "
+        "them with PORTAL_SECRET_KEY_FILE), or set PORTAL_DEBUG=true for the demo only."
+    )
 ALLOWED_HOSTS = env.list("PORTAL_ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 BASE_URL = env.str("PORTAL_BASE_URL", default="http://127.0.0.1:8000").rstrip("/")
 TRUSTED_PROXIES = env.list("PORTAL_TRUSTED_PROXIES", default=[])
