@@ -151,3 +151,40 @@ def check_message_backends_for_deployment(app_configs: Any, **kwargs: Any) -> li
             )
         )
     return errors
+
+
+# --- The admin behind the second factor -------------------------------------------------------
+_AUTHENTICATION_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
+_OTP_MIDDLEWARE = "django_otp.middleware.OTPMiddleware"
+
+
+@register(Tags.security, Tags.admin)
+def check_admin_second_factor(app_configs: Any, **kwargs: Any) -> list[Error]:
+    from django.contrib import admin
+    from django_otp.admin import OTPAdminSite
+
+    errors = []
+    # (Django's lazy default site answers isinstance() for the site it stands for.)
+    if not isinstance(admin.site, OTPAdminSite):
+        errors.append(
+            Error(
+                f"The admin site ({admin.site.__class__.__name__}) is not OTP-protected: a "
+                "password alone would open it.",
+                hint="Install 'accounts.apps.PortalAdminConfig' instead of "
+                "'django.contrib.admin' in INSTALLED_APPS.",
+                id="accounts.E013",
+            )
+        )
+    middleware = list(settings.MIDDLEWARE)
+    if _OTP_MIDDLEWARE not in middleware or (
+        _AUTHENTICATION_MIDDLEWARE in middleware
+        and middleware.index(_OTP_MIDDLEWARE) < middleware.index(_AUTHENTICATION_MIDDLEWARE)
+    ):
+        errors.append(
+            Error(
+                f"{_OTP_MIDDLEWARE} must be in MIDDLEWARE, after {_AUTHENTICATION_MIDDLEWARE}: "
+                "without it the admin cannot tell a session verified by a second factor.",
+                id="accounts.E014",
+            )
+        )
+    return errors

@@ -56,7 +56,8 @@ TRUSTED_PROXIES = env.list("PORTAL_TRUSTED_PROXIES", default=[])
 TRUSTED_UNIX_SOCKET = env.bool("PORTAL_TRUSTED_UNIX_SOCKET", default=False)
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # Django's admin, its default site behind the second factor (accounts.admin_site).
+    "accounts.apps.PortalAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -84,6 +85,8 @@ MIDDLEWARE = [
     # Django's, made to work with `Referrer-Policy: no-referrer` (see accounts.csrf).
     "accounts.csrf.NoReferrerCsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Tells whether a second factor verified this session's user (the admin requires it).
+    "django_otp.middleware.OTPMiddleware",
     "accounts.middleware.RecipientSessionMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
