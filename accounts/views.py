@@ -171,7 +171,8 @@ def link(request: HttpRequest, token: str) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def access_code(request: HttpRequest) -> HttpResponse:
     """/access/: the typed access code (field `code`)."""
-    ip = net.client_ip(request)
+    # Counted as axes counts (an IPv6 client's whole /64).
+    ip = net.client_limit_key(request)
     needs_captcha = selectors.failures_from_ip(ip) >= CAPTCHA_AFTER
     notice = _notice(request)
     invalid = notice == "invalid"
