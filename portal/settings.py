@@ -12,6 +12,7 @@ apps are ready (portal.apps), not here.
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -338,7 +339,7 @@ CONTENT_SECURITY_POLICY = {
 }
 
 # --- Logging -----------------------------------------------------------------------------
-LOGGING = {
+LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
@@ -380,3 +381,15 @@ LOGGING = {
         "django.request": {"filters": ["redact_links"]},
     },
 }
+
+# --- Link tokens in no log line, whichever logger writes it ---------------------------------------
+# The redaction filter (accounts.logging) on every handler and every logger, root included: a
+# logger's filter sees only what is logged on that logger, not what its children pass up (the
+# CSRF failure of `POST /s/<token>` is logged on django.security.csrf), while a handler's sees
+# everything it writes. Django's own `django` logger is named so that the handlers Django gives
+# it (a console handler with DEBUG on, which knows nothing of the filter) are replaced: its
+# records go up to the root's handlers.
+LOGGING["loggers"].setdefault("django", {"level": "INFO"})
+for _config in [*LOGGING["handlers"].values(), *LOGGING["loggers"].values(), LOGGING["root"]]:
+    if "redact_links" not in _config.setdefault("filters", []):
+        _config["filters"].append("redact_links")
