@@ -318,11 +318,11 @@ def logout(request: HttpRequest) -> HttpResponse:
 @access.recipient_required
 def history(request: access.RecipientRequest) -> HttpResponse:
     share = request.share
-    events = selectors.share_events(share)[:500]
+    entries = selectors.recipient_history(share)
     return render(
         request,
         "accounts/history.html",
-        {"share": share, "events": events, "now": timezone.now()},
+        {"share": share, "entries": entries, "now": timezone.now()},
     )
 
 
