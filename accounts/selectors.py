@@ -9,6 +9,7 @@ from axes.models import AccessAttempt
 from django.conf import settings
 from django.db.models import QuerySet, Sum
 from django.utils import timezone
+from django.utils.functional import Promise
 from django.utils.translation import gettext_lazy as _
 
 from accounts import credentials
@@ -101,7 +102,7 @@ def share_events(share: Share) -> QuerySet[AuditEvent]:
 # typo, or the holder of an older share that had the same prefix), whoever holds an old link.
 # Their recipient learns that it happened and when, never from which address or browser: that
 # is a stranger's to keep. Staff (the admin, the audit export) still see everything.
-_ATTEMPTS_BY_ANYBODY = {
+_ATTEMPTS_BY_ANYBODY: dict[str, str | Promise] = {
     AuditEvent.Action.LINK_FAILED: _("Someone tried a link that does not work"),
     AuditEvent.Action.CODE_FAILED: _("Someone typed a wrong code"),
     AuditEvent.Action.OTP_FAILED: _("Someone typed a wrong one-time code"),
