@@ -5,15 +5,36 @@ PY := $(VENV)/bin/python
 SYSTEM_PACKAGES := orthanc orthanc-dicomweb dcmtk chromium redis-server postgresql
 DEMO_PORT ?= 8000
 
-.PHONY: install system-packages ohif test lint demo bench clean
+LOCK := requirements.lock
+
+.PHONY: install system-packages ohif test lint demo bench clean lock check-lock
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the versions of requirements.lock, each file checked against its hash; then the
+# project itself, whose dependencies are all in the lock already.
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	@$(PYTHON) .ci/lockfile.py check
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	$(VENV)/bin/pip install --quiet --require-hashes -r $(LOCK)
+	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
+
+# After a change of the dependencies in pyproject.toml (or on merging branches that changed
+# them): the lock again, keeping every pinned version that still fits; commit it. To move
+# everything to the newest versions allowed: make lock LOCK_ARGS=--upgrade
+lock:
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet "pip-tools>=7.4"
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --generate-hashes \
+		--extra dev --strip-extras --no-emit-index-url --no-emit-find-links $(LOCK_ARGS) \
+		-o $(LOCK) pyproject.toml
+	$(PYTHON) .ci/lockfile.py stamp
+
+# Fails when pyproject.toml's dependencies changed since the lock was made.
+check-lock:
+	$(PYTHON) .ci/lockfile.py check
 
 # The integration tests need real peers: Orthanc as the PACS, dcmtk, Chromium, Redis and
 # PostgreSQL. On Debian, as root, the missing ones are installed; elsewhere we say what is needed.
@@ -43,7 +64,7 @@ ohif: install
 	}
 	$(PY) manage.py install_ohif
 
-test: install system-packages ohif lint
+test: check-lock install system-packages ohif lint
 	$(PY) -m pytest
 
 lint: install
@@ -51,11 +72,13 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
 
+# The demo runs in debug mode: with DEBUG off the portal refuses the demo's secret key.
+demo: export PORTAL_DEBUG = true
 demo: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py demo_data
 	$(PY) manage.py collectstatic --noinput >/dev/null
-	PORTAL_DEBUG=true $(PY) manage.py serve_demo --port $(DEMO_PORT)
+	$(PY) manage.py serve_demo --port $(DEMO_PORT)
 
 bench: install system-packages
 	$(PY) -m tests.bench

@@ -102,5 +102,98 @@ def check_viewer_token_lifetime(app_configs: Any, **kwargs: Any) -> list[Error]:
     # Viewer tokens live minutes (an external viewer loads a study in that time); a token
     # outliving the session that minted it by hours would be a second, unaudited session.
     if not 1 <= settings.VIEWER_TOKEN_MINUTES <= 60:
-        return [Error("PORTAL_VIEWER_TOKEN_MINUTES must be 1 to 60.", id="accounts.E010")]
+        return [Error("PORTAL_VIEWER_TOKEN_MINUTES must be 1 to 60.", id="accounts.E015")]
     return []
+
+
+# --- Where one-time codes go, in production --------------------------------------------------
+# Backends that keep messages on this machine (printed, written to files, kept in memory) or drop
+# them: fine for the demo and the tests, but in production every live one-time code and share
+# link would land in a log or a folder instead of reaching its recipient.
+_LOCAL_EMAIL_BACKENDS = {
+    "django.core.mail.backends.console.EmailBackend",
+    "django.core.mail.backends.filebased.EmailBackend",
+    "django.core.mail.backends.locmem.EmailBackend",
+    "django.core.mail.backends.dummy.EmailBackend",
+}
+_LOCAL_SMS_BACKENDS = {
+    "console",
+    "file",
+    "locmem",
+    "accounts.sms.ConsoleBackend",
+    "accounts.sms.FileBackend",
+}
+
+
+@register(Tags.security, deploy=True)
+def check_message_backends_for_deployment(app_configs: Any, **kwargs: Any) -> list[Error]:
+    if settings.DEBUG:
+        return []
+    errors = []
+    if settings.EMAIL_BACKEND in _LOCAL_EMAIL_BACKENDS:
+        errors.append(
+            Error(
+                f"EMAIL_BACKEND is {settings.EMAIL_BACKEND}: one-time codes and share links "
+                "would be printed, written to files or kept in memory on this machine instead "
+                "of being mailed.",
+                hint="Set EMAIL_BACKEND=django.core.mail.backends.smtp.EmailBackend and "
+                "EMAIL_HOST (with EMAIL_HOST_USER and EMAIL_HOST_PASSWORD if the relay asks).",
+                id="accounts.E010",
+            )
+        )
+    if settings.SMS_BACKEND in _LOCAL_SMS_BACKENDS:
+        errors.append(
+            Error(
+                f"PORTAL_SMS_BACKEND is {settings.SMS_BACKEND!r}: one-time codes would be "
+                "printed or written to files on this machine instead of being texted.",
+                hint="Set PORTAL_SMS_BACKEND=http with PORTAL_SMS_GATEWAY_URL and "
+                "PORTAL_SMS_GATEWAY_TOKEN, or the dotted path of a gateway class.",
+                id="accounts.E011",
+            )
+        )
+    if settings.SMS_BACKEND == "http" and not settings.SMS_GATEWAY_TOKEN:
+        errors.append(
+            Error(
+                "PORTAL_SMS_BACKEND is http but PORTAL_SMS_GATEWAY_TOKEN is not set: the "
+                "gateway would be sent an empty bearer token.",
+                id="accounts.E012",
+            )
+        )
+    return errors
+
+
+# --- The admin behind the second factor -------------------------------------------------------
+_AUTHENTICATION_MIDDLEWARE = "django.contrib.auth.middleware.AuthenticationMiddleware"
+_OTP_MIDDLEWARE = "django_otp.middleware.OTPMiddleware"
+
+
+@register(Tags.security, Tags.admin)
+def check_admin_second_factor(app_configs: Any, **kwargs: Any) -> list[Error]:
+    from django.contrib import admin
+    from django_otp.admin import OTPAdminSite
+
+    errors = []
+    # (Django's lazy default site answers isinstance() for the site it stands for.)
+    if not isinstance(admin.site, OTPAdminSite):
+        errors.append(
+            Error(
+                f"The admin site ({admin.site.__class__.__name__}) is not OTP-protected: a "
+                "password alone would open it.",
+                hint="Install 'accounts.apps.PortalAdminConfig' instead of "
+                "'django.contrib.admin' in INSTALLED_APPS.",
+                id="accounts.E013",
+            )
+        )
+    middleware = list(settings.MIDDLEWARE)
+    if _OTP_MIDDLEWARE not in middleware or (
+        _AUTHENTICATION_MIDDLEWARE in middleware
+        and middleware.index(_OTP_MIDDLEWARE) < middleware.index(_AUTHENTICATION_MIDDLEWARE)
+    ):
+        errors.append(
+            Error(
+                f"{_OTP_MIDDLEWARE} must be in MIDDLEWARE, after {_AUTHENTICATION_MIDDLEWARE}: "
+                "without it the admin cannot tell a session verified by a second factor.",
+                id="accounts.E014",
+            )
+        )
+    return errors

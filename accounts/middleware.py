@@ -108,7 +108,7 @@ class RecipientRequestBudgetMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path_info.startswith(BUDGETED_PATHS):
-            key = net.limit_key(request)
+            key = net.client_limit_key(request)
             wait = throttle.request_budget_wait(key) if key is not None else 0
             if wait:
                 response = render(request, "accounts/busy.html", {"seconds": wait}, status=429)

@@ -8,7 +8,13 @@ from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
-from django_otp.models import CooldownMixin, SideChannelDevice, ThrottlingMixin, TimestampMixin
+from django_otp.models import (
+    CooldownMixin,
+    DeviceManager,
+    SideChannelDevice,
+    ThrottlingMixin,
+    TimestampMixin,
+)
 
 
 class User(AbstractUser):
@@ -160,6 +166,15 @@ class SharedStudy(models.Model):
         return self.study_instance_uid
 
 
+class ShareOTPDeviceManager(DeviceManager):
+    """No staff user ever holds a share's device: django-otp asks every device model for a
+    user's devices (the admin's login form does, for its second factor), and this one has no
+    user column to filter on."""
+
+    def devices_for_user(self, user: object, confirmed: bool | None = None) -> models.QuerySet:
+        return self.none()
+
+
 class ShareOTPDevice(TimestampMixin, CooldownMixin, ThrottlingMixin, SideChannelDevice):
     """The one-time code channel of one share's recipient (its phone or mailbox).
 
@@ -170,6 +185,8 @@ class ShareOTPDevice(TimestampMixin, CooldownMixin, ThrottlingMixin, SideChannel
 
     user = None
     share = models.OneToOneField(Share, on_delete=models.CASCADE, related_name="otp_device")
+
+    objects = ShareOTPDeviceManager()
 
     class Meta:
         verbose_name = _("one-time code device")

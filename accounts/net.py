@@ -75,24 +75,46 @@ def client_ip(request: HttpRequest) -> str | None:
     return str(forwarded if forwarded is not None else remote)
 
 
-def axes_client_ip(request: HttpRequest) -> str:
-    """AXES_CLIENT_IP_CALLABLE: never None, which axes would count as one shared address."""
+# An IPv6 subscriber gets a whole /64 at least (RFC 6177; RFC 4291 §2.5.4 makes 64-bit interface
+# identifiers the rule), and picks any of its 2^64 addresses at will (RFC 8981 temporary
+# addresses do it unasked). Counted address by address, one /64 would get unlimited tries.
+IPV6_LIMIT_PREFIX = 64
+
+
+def limit_key(address: str) -> str:
+    """What every per-address limit (lockout, captcha, send caps) counts for `address`: the
+    address itself for IPv4, its /64 network for IPv6, written as that network's first address
+    (`2001:db8:1:2::`) so that it still fits an address column. An IPv4 address mapped into
+    IPv6 counts as the IPv4 address. The audit log keeps the full address (`client_ip`)."""
+    parsed = _parse(address)
+    if parsed is None:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        network = ipaddress.IPv6Network((parsed, IPV6_LIMIT_PREFIX), strict=False)
+        return str(network.network_address)
+    return str(parsed)
+
+
+def client_limit_key(request: HttpRequest) -> str | None:
+    """`limit_key` of the client's address, or None when nothing believable says it."""
     address = client_ip(request)
-    if address is None:
+    return limit_key(address) if address is not None else None
+
+
+def axes_client_ip(request: HttpRequest) -> str:
+    """AXES_CLIENT_IP_CALLABLE: never None, which axes would count as one shared address; for
+    IPv6, the client's /64 (`limit_key`)."""
+    key = client_limit_key(request)
+    if key is None:
         raise ClientAddressUnknown(
             f"Cannot tell the client's address (REMOTE_ADDR={request.META.get('REMOTE_ADDR')!r}). "
             "Behind a reverse proxy on a unix socket, set PORTAL_TRUSTED_UNIX_SOCKET=true and "
             "have the proxy send X-Forwarded-For; otherwise serve the portal on a TCP address."
         )
-    return address
+    return key
 
 
 def user_agent(request: HttpRequest) -> str:
     return request.META.get("HTTP_USER_AGENT", "")[:255]
-
-
-def limit_key(request: HttpRequest) -> str | None:
-    """Who a request budget is counted against (accounts.throttle): the client's address, or
-    None when nothing believable says it. One place to widen it (an IPv6 client holds a
-    whole /64 and can change its address within it)."""
-    return client_ip(request)

@@ -10,6 +10,8 @@ from django.conf import settings
 from django.db.models import QuerySet, Sum
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.functional import Promise
+from django.utils.translation import gettext_lazy as _
 
 from accounts import credentials
 from accounts.models import (
@@ -134,6 +136,49 @@ def share_check_code(typed: str) -> AccessCheck:
 
 def share_events(share: Share) -> QuerySet[AuditEvent]:
     return AuditEvent.objects.filter(share=share).select_related("actor").order_by("-at", "-pk")
+
+
+# Failed attempts anybody may make on a share: whoever typed its public prefix (a stranger's
+# typo, or the holder of an older share that had the same prefix), whoever holds an old link.
+# Their recipient learns that it happened and when, never from which address or browser: that
+# is a stranger's to keep. Staff (the admin, the audit export) still see everything.
+_ATTEMPTS_BY_ANYBODY: dict[str, str | Promise] = {
+    AuditEvent.Action.LINK_FAILED: _("Someone tried a link that does not work"),
+    AuditEvent.Action.CODE_FAILED: _("Someone typed a wrong code"),
+    AuditEvent.Action.OTP_FAILED: _("Someone typed a wrong one-time code"),
+    AuditEvent.Action.PASSKEY_FAILED: _("Someone tried a passkey that was refused"),
+    AuditEvent.Action.LOCKOUT: _("Locked after too many attempts"),
+}
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One line of a share's access history as its recipient sees it."""
+
+    at: datetime
+    what: str
+    by_staff: bool
+    # None (and "") for staff actions and for failed attempts by anybody.
+    ip_address: str | None
+    user_agent: str
+
+
+def recipient_history(share: Share, *, limit: int = 500) -> list[HistoryEntry]:
+    entries = []
+    for event in share_events(share)[:limit]:
+        anybody = _ATTEMPTS_BY_ANYBODY.get(event.action)
+        # Where hospital staff worked from is theirs, not the recipient's, to know.
+        hidden = anybody is not None or event.actor is not None
+        entries.append(
+            HistoryEntry(
+                at=event.at,
+                what=str(anybody or event.get_action_display()),
+                by_staff=event.actor is not None,
+                ip_address=None if hidden else event.ip_address,
+                user_agent="" if hidden else event.user_agent,
+            )
+        )
+    return entries
 
 
 def mask_phone(number: str) -> str:

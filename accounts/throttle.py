@@ -54,8 +54,9 @@ def _decrement(key: str) -> None:
 
 
 def request_budget_wait(limit_key: str, *, now: float | None = None) -> int:
-    """Count a request from `limit_key` (accounts.net.limit_key) in the current minute: 0 while
-    within settings.RECIPIENT_REQUESTS_PER_MINUTE, else the seconds until the minute ends."""
+    """Count a request from `limit_key` (accounts.net.client_limit_key) in the current minute:
+    0 while within settings.RECIPIENT_REQUESTS_PER_MINUTE, else the seconds until the minute
+    ends."""
     budget = int(settings.RECIPIENT_REQUESTS_PER_MINUTE)
     if budget <= 0:
         return 0

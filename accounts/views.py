@@ -227,7 +227,8 @@ def _open_link(request: HttpRequest, token: str) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def access_code(request: HttpRequest) -> HttpResponse:
     """/access/: the typed access code (field `code`)."""
-    ip = net.client_ip(request)
+    # Counted as axes counts (an IPv6 client's whole /64).
+    ip = net.client_limit_key(request)
     needs_captcha = selectors.failures_from_ip(ip) >= CAPTCHA_AFTER
     notice = _notice(request)
     invalid = notice == "invalid"
@@ -378,11 +379,11 @@ def logout(request: HttpRequest) -> HttpResponse:
 @access.recipient_required
 def history(request: access.RecipientRequest) -> HttpResponse:
     share = request.share
-    events = selectors.share_events(share)[:500]
+    entries = selectors.recipient_history(share)
     return render(
         request,
         "accounts/history.html",
-        {"share": share, "events": events, "now": timezone.now()},
+        {"share": share, "entries": entries, "now": timezone.now()},
     )
 
 

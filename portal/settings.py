@@ -12,8 +12,10 @@ apps are ready (portal.apps), not here.
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -34,11 +36,19 @@ class _Env(environ.Env):
 
 env = _Env()
 
-# A key that only exists so that a fresh checkout starts; the system check
-# `portal.E001` refuses it whenever DEBUG is off and the process serves requests.
+# A key that only exists so that the demo starts (PORTAL_DEBUG=true). With DEBUG off no process
+# starts with it: gunicorn, the worker and the storage SCP run no system checks, so the refusal
+# is here, at settings load (`portal.E001` says the same to `check --deploy`).
 INSECURE_DEMO_KEY = "insecure-demo-key-change-me-0123456789-abcdefghijklmnopqrstuvwxyz"
 SECRET_KEY = env.str("PORTAL_SECRET_KEY", default=INSECURE_DEMO_KEY)
 DEBUG = env.bool("PORTAL_DEBUG", default=False)
+if SECRET_KEY == INSECURE_DEMO_KEY and not DEBUG:
+    raise ImproperlyConfigured(
+        "PORTAL_SECRET_KEY is not set (nor PORTAL_SECRET_KEY_FILE): the portal does not start "
+        "with the demo key, which would sign sessions and share links with a key everyone "
+        "knows. Set PORTAL_SECRET_KEY to 50 or more random characters (or name a file holding "
+        "them with PORTAL_SECRET_KEY_FILE), or set PORTAL_DEBUG=true for the demo only."
+    )
 ALLOWED_HOSTS = env.list("PORTAL_ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 BASE_URL = env.str("PORTAL_BASE_URL", default="http://127.0.0.1:8000").rstrip("/")
 TRUSTED_PROXIES = env.list("PORTAL_TRUSTED_PROXIES", default=[])
@@ -47,7 +57,8 @@ TRUSTED_PROXIES = env.list("PORTAL_TRUSTED_PROXIES", default=[])
 TRUSTED_UNIX_SOCKET = env.bool("PORTAL_TRUSTED_UNIX_SOCKET", default=False)
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    # Django's admin, its default site behind the second factor (accounts.admin_site).
+    "accounts.apps.PortalAdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -77,6 +88,8 @@ MIDDLEWARE = [
     # Django's, made to work with `Referrer-Policy: no-referrer` (see accounts.csrf).
     "accounts.csrf.NoReferrerCsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Tells whether a second factor verified this session's user (the admin requires it).
+    "django_otp.middleware.OTPMiddleware",
     # Emergency close of recipient access: before the recipient fence and the views.
     "accounts.middleware.RecipientClosureMiddleware",
     "accounts.middleware.RecipientSessionMiddleware",
@@ -371,7 +384,7 @@ CONTENT_SECURITY_POLICY = {
 }
 
 # --- Logging -----------------------------------------------------------------------------
-LOGGING = {
+LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
@@ -430,3 +443,16 @@ RECIPIENTS_CLOSED_RETRY_AFTER = env.int("PORTAL_RECIPIENTS_CLOSED_RETRY_AFTER", 
 DICOM_TLS_CERT = env.str("PORTAL_DICOM_TLS_CERT", default="")
 DICOM_TLS_KEY = env.str("PORTAL_DICOM_TLS_KEY", default="")
 DICOM_TLS_CA = env.str("PORTAL_DICOM_TLS_CA", default="")
+
+
+# --- Link tokens in no log line, whichever logger writes it ---------------------------------------
+# The redaction filter (accounts.logging) on every handler and every logger, root included: a
+# logger's filter sees only what is logged on that logger, not what its children pass up (the
+# CSRF failure of `POST /s/<token>` is logged on django.security.csrf), while a handler's sees
+# everything it writes. Django's own `django` logger is named so that the handlers Django gives
+# it (a console handler with DEBUG on, which knows nothing of the filter) are replaced: its
+# records go up to the root's handlers.
+LOGGING["loggers"].setdefault("django", {"level": "INFO"})
+for _config in [*LOGGING["handlers"].values(), *LOGGING["loggers"].values(), LOGGING["root"]]:
+    if "redact_links" not in _config.setdefault("filters", []):
+        _config["filters"].append("redact_links")

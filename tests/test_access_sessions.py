@@ -52,6 +52,11 @@ def _production_env(tmp_path: Path) -> dict[str, str]:
         "PORTAL_DEBUG": "false",
         # Production uses Redis; the file system broker is a warning under --deploy.
         "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0",
+        # One-time codes reach recipients (accounts.E010, E011 otherwise).
+        "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+        "PORTAL_SMS_BACKEND": "http",
+        "PORTAL_SMS_GATEWAY_URL": "https://sms.example.org/v1/messages",
+        "PORTAL_SMS_GATEWAY_TOKEN": secrets.token_urlsafe(32),
     }
 
 
@@ -380,16 +385,22 @@ class TestHeaders:
             "PORTAL_ALLOWED_HOSTS": "portal.example.org",
             "DATABASE_URL": f"sqlite:///{tmp_path / 'deploy.sqlite3'}",
         }
-        result = subprocess.run(
-            [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-            cwd=BASE_DIR,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode != 0
-        assert "portal.E001" in result.stderr + result.stdout
+        for debug, refusal in [
+            # DEBUG off: the settings themselves refuse it, before any check runs.
+            ("false", "ImproperlyConfigured: PORTAL_SECRET_KEY is not set"),
+            # DEBUG on (the demo): the deploy check says the same.
+            ("true", "portal.E001"),
+        ]:
+            result = subprocess.run(
+                [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+                cwd=BASE_DIR,
+                env={**env, "PORTAL_DEBUG": debug},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert result.returncode != 0
+            assert refusal in result.stderr + result.stdout
 
 
 def test_refreshing_the_idle_clock_never_outlasts_the_limits(share, sms_dir) -> None:

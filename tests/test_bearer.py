@@ -394,4 +394,4 @@ def test_the_token_lifetime_is_minutes_at_most_an_hour(
 
     errors = checks.check_viewer_token_lifetime(None)
 
-    assert [e.id for e in errors] == ([] if valid else ["accounts.E010"])
+    assert [e.id for e in errors] == ([] if valid else ["accounts.E015"])

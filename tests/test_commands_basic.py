@@ -235,6 +235,8 @@ def test_serve_demo_runs_web_worker_and_storage_scp_and_ctrl_c_stops_them_all(
             "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
             "PORTAL_BROKER_DIR": str(tmp_path / "broker"),
             "PORTAL_STORE_DIR": str(tmp_path / "store"),
+            # As `make demo` runs it (the demo key is refused with DEBUG off).
+            "PORTAL_DEBUG": "true",
         }
     )
     process = subprocess.Popen(

@@ -20,15 +20,24 @@ from tests.support import free_port
 BASE_DIR = Path(django_settings.BASE_DIR)
 
 
+# The one setting a new installation cannot do without (with DEBUG off, the portal refuses to
+# start with the demo key).
+NEW_KEY = secrets.token_urlsafe(50)
+
+
 def new_installation(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a new installation (no configuration at all) plus `env`."""
+    """The environment of a new installation (nothing configured but its secret key, unless
+    `env` gives the key another way or turns debug mode on) plus `env`."""
     clean = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("PORTAL_", "CELERY_", "EMAIL_"))
         and key not in {"DATABASE_URL", "DJANGO_SETTINGS_MODULE"}
     }
-    clean.update(env or {})
+    env = env or {}
+    if not {"PORTAL_SECRET_KEY", "PORTAL_SECRET_KEY_FILE", "PORTAL_DEBUG"} & set(env):
+        clean["PORTAL_SECRET_KEY"] = NEW_KEY
+    clean.update(env)
     return clean
 
 
@@ -184,6 +193,10 @@ def test_the_file_system_broker_fails_check_deploy_at_the_warning_level(tmp_path
         "DATABASE_URL": f"sqlite:///{tmp_path / 'deploy.sqlite3'}",
         "PORTAL_BROKER_DIR": str(tmp_path / "broker"),
         "PORTAL_STORE_DIR": str(tmp_path / "store"),
+        "EMAIL_BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+        "PORTAL_SMS_BACKEND": "http",
+        "PORTAL_SMS_GATEWAY_URL": "https://sms.example.org/v1/messages",
+        "PORTAL_SMS_GATEWAY_TOKEN": secrets.token_urlsafe(32),
     }
 
     result = manage("check", "--deploy", "--fail-level", "WARNING", env=production)
