@@ -29,6 +29,14 @@ def runserver(tmp_path: Path, port: int) -> "subprocess.Popen[str]":
             "PORTAL_STORE_DIR": str(tmp_path / "store"),
         }
     )
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        cwd=BASE_DIR,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     process = subprocess.Popen(
         [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
         cwd=BASE_DIR,

@@ -248,9 +248,17 @@ class TestTheCloseInOneProcess:
         assert AuditEvent.objects.get(action=AuditEvent.Action.RECIPIENTS_OPENED).actor == admin
 
     def test_a_user_without_the_permission_cannot_close(self) -> None:
+        # A sharer does not reach the admin at all; an administrator without the permission
+        # reaches it but cannot close.
         clerk = User.objects.create_user("clerk", password="x" * 16, is_staff=True)
-        client = staff_client(clerk)
-        response = client.post("/admin/accounts/recipientaccess/", {"action": "close"})
+        response = staff_client(clerk).post("/admin/accounts/recipientaccess/", {"action": "close"})
+        assert response.status_code == 302 and "/admin/login/" in response["Location"]
+        deputy = User.objects.create_user(
+            "deputy", password="x" * 16, is_staff=True, role=User.Role.ADMIN
+        )
+        response = staff_client(deputy).post(
+            "/admin/accounts/recipientaccess/", {"action": "close"}
+        )
         assert response.status_code == 403
         assert selectors.recipients_closed() is None
 
