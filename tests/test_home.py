@@ -27,7 +27,7 @@ def test_it_speaks_french_to_a_french_browser() -> None:
     assert '<html lang="fr">' in html
     assert "Saisissez le code d’accès inscrit sur votre courrier" in html
     # Each language keeps its own name, whatever the page's language.
-    assert '>English</button>' in html and '>Français</button>' in html
+    assert ">English</button>" in html and ">Français</button>" in html
 
 
 def test_a_code_typed_on_the_home_page_opens_the_share(sms_dir: Path) -> None:

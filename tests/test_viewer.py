@@ -7,6 +7,7 @@ import io
 import json
 import re
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -320,6 +321,14 @@ def test_a_patient_sees_the_first_image_at_once_and_pages_through_the_series(
     page.locator(".series-pick").nth(1).click()
     expect(counter).to_have_text("1 / 5")
     expect(page.locator("#viewer-presets")).to_be_hidden()
+
+    # The whole study, as a ZIP laid out like a CD.
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download the study (DICOM)").click()
+    with zipfile.ZipFile(download.value.path()) as archive:
+        names = archive.namelist()
+    assert "DICOMDIR" in names and "INDEX.HTM" in names
+    assert sum(1 for name in names if name.startswith("DICOM/")) == CT_SLICES + 5
     assert csp_violations == []
 
 
