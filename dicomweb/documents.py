@@ -16,7 +16,6 @@ from django.utils import formats
 from django.utils.translation import gettext as _
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     AcquisitionContextSRStorage,
     BasicTextSRStorage,
@@ -91,7 +90,7 @@ class UnreadableDocument(Exception):
 def _read(path: Path, **kwargs: Any) -> Dataset:
     try:
         return dcmread(path, **kwargs)
-    except (InvalidDicomError, OSError, ValueError, EOFError, RecursionError) as exc:
+    except Exception as exc:  # pydicom raises many types on garbage (and RecursionError)
         raise UnreadableDocument(f"{type(exc).__name__} reading {path.name}") from exc
 
 
@@ -275,8 +274,11 @@ def structured_report(path: Path) -> Report:
             report.truncated = True
             break
         depth = len(stack) - 1
-        name = _code_meaning(item, "ConceptNameCodeSequence")
-        value_type = str(item.get("ValueType", "")).strip().upper()
+        try:
+            name = _code_meaning(item, "ConceptNameCodeSequence")
+            value_type = str(item.get("ValueType", "")).strip().upper()
+        except Exception:  # an element pydicom cannot decode: the item is shown without it
+            name, value_type = "", ""
         if value_type == "CONTAINER":
             level = min(2 + depth, 6)
             if len(stack) >= MAX_DEPTH:
@@ -287,7 +289,7 @@ def structured_report(path: Path) -> Report:
             continue
         try:
             value = _value_text(item, value_type)
-        except (AttributeError, TypeError, ValueError, IndexError):
+        except Exception:  # likewise: the item is there, its value unreadable
             value = "?"
         report.lines.append(ReportLine(Entry.ITEM, name=name, value=value, depth=depth))
         # Items under a non-container (the properties of a finding, PS3.3 C.17.3.2.4) follow
