@@ -6,8 +6,17 @@ from django.db.models import F, QuerySet
 
 from accounts.models import Share
 from dicomweb.archive import ArchiveInstance
+from dicomweb.documents import Kind, document_kind
 from studies.models import Instance
 from studies.store import instance_file
+
+
+@dataclass
+class ViewerDocument:
+    """An instance the viewer opens for what it is: a PDF, or a structured report as text."""
+
+    sop_instance_uid: str
+    kind: Kind
 
 
 @dataclass
@@ -21,6 +30,10 @@ class ViewerSeries:
     # What the viewer pages through, in display order: (SOP Instance UID, frame number), one
     # entry per frame of each instance that has pixels (Rows present, PS3.3 C.7.6.3).
     slices: list[tuple[str, int]] = field(default_factory=list)
+    # Its instances without pixels that the viewer opens (dicomweb.documents), and how many
+    # others it cannot show (they are in the download).
+    documents: list[ViewerDocument] = field(default_factory=list)
+    others: int = 0
 
     @property
     def displayable(self) -> bool:
@@ -44,8 +57,9 @@ class ViewerStudy:
 
 def viewer_studies(share: Share) -> list[ViewerStudy]:
     """The share's studies as the viewer pages through them, newest first: series by series
-    number, their instances by instance number, restricted to what the share grants. One
-    query, whatever the number of instances. Empty while the store does not hold the study
+    number, their instances by instance number, restricted to what the share grants; the
+    instances without pixels as documents to open, or others to download. One query, whatever
+    the number of instances. Empty while the store does not hold the study
     yet."""
     rows = (
         share_instances(share)
@@ -70,6 +84,7 @@ def viewer_studies(share: Share) -> list[ViewerStudy]:
             "sop_instance_uid",
             "rows",
             "number_of_frames",
+            "sop_class_uid",
         )
     )
     studies: dict[str, ViewerStudy] = {}
@@ -86,6 +101,7 @@ def viewer_studies(share: Share) -> list[ViewerStudy]:
         sop_uid,
         image_rows,
         frames,
+        sop_class_uid,
     ) in rows:
         study = studies.get(study_uid)
         if study is None:
@@ -107,6 +123,12 @@ def viewer_studies(share: Share) -> list[ViewerStudy]:
         current.instances += 1
         if image_rows:
             current.slices.extend((sop_uid, n) for n in range(1, (frames or 1) + 1))
+            continue
+        kind = document_kind(sop_class_uid)
+        if kind is None:
+            current.others += 1
+        else:
+            current.documents.append(ViewerDocument(sop_instance_uid=sop_uid, kind=kind))
     return list(studies.values())
 
 

@@ -28,6 +28,13 @@ _FRAME = _INSTANCE + "/frames/<int:number>"
 
 urlpatterns = [
     path("viewer/", views.viewer, name="viewer"),
+    # What is not an image (dicomweb.documents): an encapsulated PDF, a structured report.
+    path(
+        "viewer/document/<uid:study>/<uid:series>/<uid:instance>.pdf",
+        views.document,
+        name="document",
+    ),
+    path("viewer/report/<uid:study>/<uid:series>/<uid:instance>", views.report, name="report"),
     # QIDO-RS (PS3.18 §10.6)
     path("dicomweb/studies", views.qido_studies, name="qido-studies"),
     path("dicomweb/series", views.qido_series, name="qido-all-series"),

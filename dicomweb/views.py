@@ -4,6 +4,7 @@
 import datetime
 import logging
 from functools import partial
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -28,7 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from accounts import access, services
 from accounts import selectors as account_selectors
 from accounts.models import AuditEvent, Share
-from dicomweb import archive, bearer, media, multipart, ohif, qido, rendering, selectors
+from dicomweb import archive, bearer, documents, media, multipart, ohif, qido, rendering, selectors
 from studies import metadata
 from studies.models import Instance
 from studies.store import instance_file
@@ -130,6 +131,59 @@ def viewer(request: access.RecipientRequest) -> HttpResponse:
             ),
         },
     )
+
+
+# --- Documents: what is not an image, opened for what it is (dicomweb.documents) ---------------
+
+# The PDF opens in a tab of its own, in the browser's PDF viewer. Its policy replaces the
+# portal's for this answer only: `sandbox` gives the document an opaque origin, so that what
+# a hostile PDF may run (PDF viewers run scripts of their own) reaches neither the session's
+# cookies nor the portal's URLs; nothing is loaded from anywhere and nothing may frame it.
+# Chromium's viewer renders a top-level PDF under this policy (and X-Frame-Options: DENY):
+# tests/test_viewer_documents.py opens one.
+# The header is set by the view, and django-csp leaves a response's own policy as it is.
+DOCUMENT_CONTENT_SECURITY_POLICY = "sandbox; default-src 'none'; frame-ancestors 'none'"
+
+
+def _document(share: Share, study: str, series: str, instance: str, kind: documents.Kind) -> Path:
+    """The file of a granted instance of that kind, or 404 (another kind is not there)."""
+    stored = _instance(share, study, series, instance)
+    if documents.document_kind(stored.sop_class_uid) != kind:
+        raise Http404
+    return instance_file(stored)
+
+
+@require_GET
+@access.recipient_required
+def document(
+    request: access.RecipientRequest, study: str, series: str, instance: str
+) -> HttpResponse:
+    """An Encapsulated PDF's document, byte for byte, shown inline (the session's share only)."""
+    path = _document(request.share, study, series, instance, documents.Kind.PDF)
+    try:
+        pdf = documents.encapsulated_pdf(path)
+    except documents.UnreadableDocument:
+        raise Http404 from None
+    access.record_view(request, share=request.share, study_instance_uid=study)
+    response = HttpResponse(pdf, content_type="application/pdf")
+    response["Content-Disposition"] = 'inline; filename="report.pdf"'
+    response["Content-Security-Policy"] = DOCUMENT_CONTENT_SECURITY_POLICY
+    return response
+
+
+@require_GET
+@access.recipient_required
+def report(
+    request: access.RecipientRequest, study: str, series: str, instance: str
+) -> HttpResponse:
+    """A structured report's content tree as a page (the session's share only)."""
+    path = _document(request.share, study, series, instance, documents.Kind.REPORT)
+    try:
+        content = documents.structured_report(path)
+    except documents.UnreadableDocument:
+        raise Http404 from None
+    access.record_view(request, share=request.share, study_instance_uid=study)
+    return render(request, "dicomweb/report.html", {"report": content})
 
 
 # --- DICOMweb (PS3.18) for the session's share ------------------------------------------------
