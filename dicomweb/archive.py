@@ -38,8 +38,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.fileset import DIRECTORY_RECORDERS
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
-from pydicom.valuerep import PersonName
 from stream_zip import NO_COMPRESSION_32, NO_COMPRESSION_64, MemberFile, Method, stream_zip
+
+from studies import dicom
 
 logger = logging.getLogger(__name__)
 
@@ -432,11 +433,6 @@ def _readme() -> str:
     return "\r\n".join(lines)
 
 
-def _display_name(value: str) -> str:
-    name = PersonName(value)
-    return " ".join(part for part in (name.given_name, name.family_name) if part) or value
-
-
 def _display_date(value: str) -> str:
     if len(value) == 8 and value.isdigit():
         return f"{value[:4]}-{value[4:6]}-{value[6:]}"
@@ -467,7 +463,7 @@ def _index(studies: list[_Study]) -> str:
         heading = " — ".join(
             part
             for part in (
-                _display_name(first.patient_name),
+                dicom.display_name(first.patient_name),
                 _display_date(first.study_date),
                 first.study_description,
             )

@@ -38,7 +38,8 @@ from pydicom.uid import (
     WaveformAnnotationSRStorage,
     XRayRadiationDoseSRStorage,
 )
-from pydicom.valuerep import PersonName
+
+from studies import dicom
 
 
 class Kind(enum.StrEnum):
@@ -161,19 +162,6 @@ def _code_meaning(ds: Dataset, keyword: str) -> str:
     return str(sequence[0].get("CodeMeaning", "") or sequence[0].get("CodeValue", ""))
 
 
-def person_name_text(value: object) -> str:
-    """A DICOM PN as people write it: given name, then family name."""
-    name = PersonName(str(value))
-    return " ".join(part for part in (name.given_name, name.family_name) if part) or str(value)
-
-
-def _date(value: object) -> datetime.date | None:
-    try:
-        return datetime.datetime.strptime(str(value), "%Y%m%d").date()
-    except ValueError:
-        return None
-
-
 def _datetime_text(value: object) -> str:
     text = str(value)
     try:
@@ -228,12 +216,12 @@ def _value_text(item: Dataset, value_type: str) -> str:
     if value_type == "DATETIME":
         return _datetime_text(item.get("DateTime", ""))
     if value_type == "DATE":
-        day = _date(item.get("Date", ""))
+        day = dicom.date_value(item.get("Date", ""))
         return formats.date_format(day, "DATE_FORMAT") if day else str(item.get("Date", ""))
     if value_type == "TIME":
         return _time_text(item.get("Time", ""))
     if value_type == "PNAME":
-        return person_name_text(item.get("PersonName", ""))
+        return dicom.display_name(item.get("PersonName", ""))
     if value_type == "UIDREF":
         return str(item.get("UID", ""))
     return _other_text(value_type)
@@ -254,9 +242,9 @@ def structured_report(path: Path) -> Report:
         complete=_flag(ds, "CompletionFlag", "COMPLETE", "PARTIAL"),
         verified=_flag(ds, "VerificationFlag", "VERIFIED", "UNVERIFIED"),
         verifier=(
-            person_name_text(observers[-1].get("VerifyingObserverName", "")) if observers else ""
+            dicom.display_name(observers[-1].get("VerifyingObserverName", "")) if observers else ""
         ),
-        content_date=_date(ds.get("ContentDate", "")),
+        content_date=dicom.date_value(ds.get("ContentDate", "")),
     )
     # An explicit stack rather than recursion: the depth of a file is the sender's choice.
     # Each frame is the iterator over one container's children.

@@ -1,7 +1,6 @@
 """What recipients get: the viewer page of a recipient session, and share-scoped DICOMweb
 (which the viewer, OHIF and Weasis read). Both build on the same share check."""
 
-import datetime
 import logging
 from functools import partial
 from pathlib import Path
@@ -30,25 +29,11 @@ from accounts import access, services
 from accounts import selectors as account_selectors
 from accounts.models import AuditEvent, Share
 from dicomweb import archive, bearer, documents, media, multipart, ohif, qido, rendering, selectors
-from studies import metadata
+from studies import dicom, metadata
 from studies.models import Instance
 from studies.store import instance_file
 
 logger = logging.getLogger(__name__)
-
-
-def _dicom_date(value: str) -> datetime.date | None:
-    try:
-        return datetime.datetime.strptime(value, "%Y%m%d").date()
-    except ValueError:
-        return None
-
-
-def _person_name(value: str) -> str:
-    # DICOM PN: Family^Given^Middle^Prefix^Suffix, with "=" separating ideographic forms.
-    family, _sep, rest = value.split("=", 1)[0].partition("^")
-    given = rest.split("^", 1)[0]
-    return " ".join(part for part in (given, family) if part)
 
 
 # The viewport of the rendered frames the viewer asks for, as one side of a square: the first
@@ -106,8 +91,8 @@ def viewer(request: access.RecipientRequest) -> HttpResponse:
             "share": share,
             "studies": studies,
             "study": study,
-            "patient_name": _person_name(study.patient_name) if study else "",
-            "study_date": _dicom_date(study.study_date) if study else None,
+            "patient_name": dicom.display_name(study.patient_name) if study else "",
+            "study_date": dicom.date_value(study.study_date) if study else None,
             "first_series": shown[0][1] if shown else None,
             "first_image_url": _first_image_url(*shown[0]) if shown else None,
             "viewer_data": {
@@ -542,7 +527,7 @@ def _preview(instance: archive.ArchiveInstance) -> bytes | None:
 
 
 def _download_filename(study: archive.ArchiveInstance) -> str:
-    date = _dicom_date(study.study_date)
+    date = dicom.date_value(study.study_date)
     return f"IMAGES-{date:%Y-%m-%d}.zip" if date else "IMAGES.zip"
 
 

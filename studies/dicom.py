@@ -3,6 +3,7 @@
 Nothing here talks to the network or the database.
 """
 
+import datetime
 import functools
 import re
 import struct
@@ -24,6 +25,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.valuerep import PersonName
 from pydicom.values import convert_string
 
 # UIDs become directory and file names in the store: only this shape is ever accepted, which
@@ -567,3 +569,20 @@ def check_complete(handle: BinaryIO, transfer_syntax_uid: str) -> None:
     # the transport can tell (over DIMSE, the last fragment is flagged). A well-formed object
     # without pixel data (a dose report, a presentation state, some image IODs as real
     # archives hold them) is kept: Orthanc and dcmtk keep it too.
+
+
+# --- Values as people read them ---------------------------------------------------------------
+
+
+def display_name(value: object) -> str:
+    """A DICOM PN as people write it: given name, then family name (the alphabetic group)."""
+    name = PersonName(str(value))
+    return " ".join(part for part in (name.given_name, name.family_name) if part) or str(value)
+
+
+def date_value(value: object) -> datetime.date | None:
+    """A DICOM DA (YYYYMMDD) as a date, or None when it is empty or malformed."""
+    try:
+        return datetime.datetime.strptime(str(value), "%Y%m%d").date()
+    except ValueError:
+        return None
