@@ -12,6 +12,7 @@ import mimetypes
 from pathlib import Path
 
 from csp.decorators import csp
+from django.conf import settings
 from django.core.exceptions import SuspiciousFileOperation
 from django.http import FileResponse, Http404, HttpRequest, HttpResponseBase
 from django.shortcuts import redirect
@@ -26,19 +27,13 @@ from dicomweb import ohif
 # violations:
 # - style-src 'unsafe-inline': its UI libraries set style attributes and insert <style>
 #   elements. (No inline script: the installer moved the published page's into a file.)
-# - img-src data: blob:: icons inlined as data: URLs, images made in the browser as blob: ones.
+# - img-src data: blob:: icons inlined as data: URLs, images made in the browser as blob: ones
+#   (the portal's own policy allows them already).
+# - worker-src 'self': its decoders run in web workers of its own files.
 OHIF_CONTENT_SECURITY_POLICY = {
-    "default-src": ["'self'"],
-    "script-src": ["'self'"],
-    "worker-src": ["'self'"],
+    **settings.CONTENT_SECURITY_POLICY["DIRECTIVES"],
     "style-src": ["'self'", "'unsafe-inline'"],
-    "img-src": ["'self'", "data:", "blob:"],
-    "connect-src": ["'self'"],
-    "font-src": ["'self'"],
-    "object-src": ["'none'"],
-    "base-uri": ["'none'"],
-    "form-action": ["'self'"],
-    "frame-ancestors": ["'none'"],
+    "worker-src": ["'self'"],
 }
 # A web worker runs under the policy its own script is served with. OHIF's image decoders
 # (JPEG, JPEG-LS, JPEG 2000, HTJ2K) are WebAssembly built with Emscripten's embind, which makes
