@@ -214,16 +214,17 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
         f"dcmtk storescp and movescu {tools:.2f}, Orthanc {orthanc_dcmtk:.2f}"
     )
     return [
+        # The anchor is the same work as the portal's: the bytes on disk and their digest.
         Result(
-            name=f"C-MOVE retrieval, {slices}-slice CT (dcmtk)",
+            name=f"C-MOVE retrieval, {slices}-slice CT (dcmtk + sha256sum)",
             portal=statistics.median(portal_times),
-            anchor=statistics.median(dcmtk_times),
+            anchor=statistics.median(hash_times),
             target=1.0,
         ),
         Result(
-            name="  the same, anchor dcmtk then sha256sum",
+            name="  the same, anchor bare dcmtk storescp",
             portal=statistics.median(portal_times),
-            anchor=statistics.median(hash_times),
+            anchor=statistics.median(dcmtk_times),
             target=None,
         ),
     ]
