@@ -1,5 +1,6 @@
 """`pacs` and `retrieve`: what operators type, and the errors they get for bad input."""
 
+import base64
 import json
 import os
 import re
@@ -11,13 +12,16 @@ import time
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
 from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.test import Client
 from django.utils import timezone
+from django_otp.oath import TOTP
 from django_otp.plugins.otp_totp.models import TOTPDevice
 from pytest_django.fixtures import Settings
 
@@ -197,6 +201,26 @@ def test_demo_data_twice_keeps_one_copy_of_everything_and_prints_working_credent
     assert Share.objects.count() == 2
     assert f"{settings.BASE_URL}/s/" in second
     assert re.search(r"Access code:  [0-9A-Z]{4}(-[0-9A-Z]{4})+", second)
+
+    # The staff login printed works with the printed password and a code from the printed secret.
+    login = re.search(r"Staff login:  (\S+)", second)
+    secret = re.search(r"otpauth://totp/\S*?secret=([A-Z2-7]+)", second)
+    assert login is not None and secret is not None
+    key = base64.b32decode(secret.group(1) + "=" * (-len(secret.group(1)) % 8))
+    token = f"{TOTP(key, device.step, device.t0, device.digits).token():06d}"
+    client = Client()
+    answer = client.post(
+        urlsplit(login.group(1)).path,
+        {
+            "username": "demo",
+            "password": password.group(1),
+            "otp_device": device.persistent_id,
+            "otp_token": token,
+            "next": "/admin/",
+        },
+    )
+    assert answer.status_code == 302, answer.content[:300]
+    assert client.get("/admin/").status_code == 200
 
 
 def _children(pid: int) -> dict[int, str]:

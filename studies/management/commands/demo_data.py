@@ -14,6 +14,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
+from django.urls import NoReverseMatch, reverse
 from django_otp.plugins.otp_totp.models import TOTPDevice
 from pydicom.uid import generate_uid
 
@@ -75,7 +76,7 @@ class Command(BaseCommand):
         studies = [self._ensure_study(demo) for demo in DEMO_STUDIES]
         password, otpauth_uri = self._ensure_staff_user()
         self.stdout.write("")
-        self.stdout.write(f"Staff login:  {settings.BASE_URL}/staff/login/")
+        self.stdout.write(f"Staff login:  {settings.BASE_URL}{_staff_login_path()}")
         self.stdout.write(f"              user {DEMO_USERNAME}, password {password}")
         self.stdout.write(f"TOTP secret:  {otpauth_uri}")
         self.stdout.write(
@@ -150,3 +151,12 @@ def _create_demo_share(study: Study, write: Any) -> None:
     write(f"Demo share:   {created.url}")
     write(f"Access code:  {created.access_code}")
     write(f'              (the one-time code "sent" to {DEMO_PHONE} is printed by the server)')
+
+
+def _staff_login_path() -> str:
+    """The staff workspace's login once it exists; until then the admin's, which takes the
+    same password and TOTP code."""
+    try:
+        return reverse("staff:login")
+    except NoReverseMatch:
+        return reverse("admin:login")
