@@ -18,6 +18,7 @@ ends every token minted from it.
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -135,6 +136,8 @@ class ViewerGrant:
 
     share_id: int
     study_instance_uid: str
+    # When it was minted (seconds since the epoch): an emergency close ends older ones.
+    issued_at: float
 
 
 def _viewer_signer() -> signing.TimestampSigner:
@@ -149,6 +152,7 @@ def sign_viewer_token(*, share_id: int, study_instance_uid: str) -> str:
         "share": share_id,
         "study": study_instance_uid,
         "nonce": secrets.token_urlsafe(TOKEN_BYTES),
+        "iat": int(time.time()),
     }
     return _viewer_signer().sign_object(payload)
 
@@ -166,10 +170,10 @@ def unsign_viewer_token(token: str) -> ViewerGrant | None:
         return None
     if not isinstance(payload, dict):
         return None
-    share_id, study = payload.get("share"), payload.get("study")
-    if not isinstance(share_id, int) or not isinstance(study, str):
+    share_id, study, issued = payload.get("share"), payload.get("study"), payload.get("iat")
+    if not isinstance(share_id, int) or not isinstance(study, str) or not isinstance(issued, int):
         return None
-    return ViewerGrant(share_id=share_id, study_instance_uid=study)
+    return ViewerGrant(share_id=share_id, study_instance_uid=study, issued_at=issued)
 
 
 def lockout_key_for_code(code: str | None, typed: str) -> str:

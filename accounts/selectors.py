@@ -88,10 +88,14 @@ class ViewerAccess:
 
 def share_for_viewer_token(token: str) -> ViewerAccess | None:
     """The share and study a bearer token opens, or None: a bad signature, a token past
-    settings.VIEWER_TOKEN_MINUTES, or a share revoked, expired or locked since it was minted
-    (checked at every request: nothing about the token is stored)."""
+    settings.VIEWER_TOKEN_MINUTES, a share revoked, expired or locked since it was minted, or a
+    token minted before the last emergency close (which ends every recipient session, and so
+    what they minted). Checked at every request: nothing about the token is stored."""
     grant = credentials.unsign_viewer_token(token)
     if grant is None:
+        return None
+    last_closed = recipient_access().last_closed_at
+    if last_closed is not None and grant.issued_at <= last_closed.timestamp():
         return None
     share = Share.objects.filter(pk=grant.share_id).first()
     if share is None or not share_open_to_verified(share):

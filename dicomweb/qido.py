@@ -92,8 +92,14 @@ def _wildcard(value: str) -> str:
     )
 
 
+# The longest text value a matching key takes (LO and each PN component group are 64 chars).
+_MAX_TEXT = 64
+
+
 def _condition(key: Key, value: str, name: str) -> Q:
     lookup = key.lookup
+    if "\x00" in value:
+        raise QueryError(f"{name}: a value may not hold a NUL character.")
     if key.match == Match.UIDS:
         uids = [uid for uid in re.split(r"[,\\]", value) if uid]
         if not all(re.fullmatch(r"[0-9.]{1,64}", uid) for uid in uids):
@@ -118,6 +124,11 @@ def _condition(key: Key, value: str, name: str) -> Q:
         return Q(**{lookup: int(value)})
     if key.match == Match.MODALITY:
         return Q(**{f"{lookup}__in": [m for m in re.split(r"[,\\]", value) if m]})
+    # Runs of "*" match as one; past _MAX_TEXT characters nothing stored could match anyway, and
+    # the database's regular expressions have their own limits.
+    value = re.sub(r"\*+", "*", value)
+    if len(value) > _MAX_TEXT:
+        raise QueryError(f"{name}: at most {_MAX_TEXT} characters.")
     if "*" in value or "?" in value:
         suffix = "iregex" if key.match == Match.NAME else "regex"
         return Q(**{f"{lookup}__{suffix}": _wildcard(value)})

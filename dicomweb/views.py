@@ -410,11 +410,25 @@ def bulkdata(
     return HttpResponse(b"".join(parts.chunks()), content_type=parts.content_type)
 
 
-def _frame_numbers(text: str) -> list[int]:
+# Frames one request may ask for, and the pixel bytes they may hold: a viewer asks for one or a
+# few; a list of thousands (repeats included) would hold gigabytes in the serving process.
+MAX_FRAMES_PER_REQUEST = 64
+MAX_FRAME_BYTES_PER_REQUEST = 256 * 1024 * 1024
+
+
+def _frame_numbers(text: str, stored: Instance) -> list[int]:
     numbers = text.split(",")
     if not all(n.isdigit() and len(n) <= 9 for n in numbers):
         raise rendering.InvalidParameterError("frames: expected frame numbers separated by commas.")
-    return [int(n) for n in numbers]
+    values = [int(n) for n in numbers]
+    if len(values) > MAX_FRAMES_PER_REQUEST or len(set(values)) != len(values):
+        raise rendering.InvalidParameterError(
+            f"frames: at most {MAX_FRAMES_PER_REQUEST} frames, each once."
+        )
+    # Samples and bytes per sample are not in the index: 3 samples of 2 bytes is the most.
+    if (stored.rows or 0) * (stored.columns or 0) * 6 * len(values) > MAX_FRAME_BYTES_PER_REQUEST:
+        raise rendering.InvalidParameterError("frames: too many frames of this size at once.")
+    return values
 
 
 @require_GET
@@ -434,7 +448,7 @@ def frames(
         return _not_acceptable()
     path = instance_file(stored)
     try:
-        wanted_frames = _frame_numbers(numbers)
+        wanted_frames = _frame_numbers(numbers, stored)
         if as_stored:
             values, syntax = metadata.stored_frames(path, wanted_frames), stored.transfer_syntax_uid
         else:
@@ -587,7 +601,7 @@ def _session_token(request: HttpRequest, study: str) -> tuple[Share, str]:
     """A new viewer token for a study of the session's share (404 outside it). A session
     only: a token never mints another, so no token outlives its minutes."""
     share = access.recipient_share(request)
-    if share is None:
+    if share is None or not dicom.is_valid_uid(study):
         raise Http404
     _scope(share, study)
     token = services.viewer_token_create(share=share, study_instance_uid=study, request=request)
@@ -634,6 +648,10 @@ def weasis(request: HttpRequest, study: str) -> HttpResponse:
     triggers sends the token to the visitor's own Weasis, never to that site. Mail scanners and
     link previews have no session and get 404.
     """
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in {"same-origin", "none"}:
+        # Another site sending the signed-in patient here would launch their Weasis and write
+        # to their history: only the portal's own link (or a typed address) mints a token.
+        raise Http404
     share, token = _session_token(request, study)
     # Weasis's requests carry the token, not the session: the view is recorded here.
     access.record_view(request, share=share, study_instance_uid=study)

@@ -210,6 +210,21 @@ class TestMalloryWithABadToken:
 
         assert _is_invalid_token(weasis.get(metadata))
 
+    def test_an_emergency_close_ends_tokens_minted_before_it(
+        self, token: str, stored: StoredStudies
+    ) -> None:
+        """The close ends every recipient session for good, and so what they minted: reopening
+        does not bring the token back."""
+        weasis = _weasis(token)
+        metadata = f"/dicomweb/studies/{stored.alice.uid}/metadata"
+        assert weasis.get(metadata).status_code == 200
+
+        services.recipients_close(message="")
+        assert weasis.get(metadata).status_code == 503
+        services.recipients_open()
+
+        assert _is_invalid_token(weasis.get(metadata))
+
     def test_an_expired_share_kills_its_tokens(
         self, token: str, alice_share: services.CreatedShare, stored: StoredStudies
     ) -> None:
@@ -296,7 +311,7 @@ class TestMinting:
     def test_only_for_a_study_of_the_sessions_share(
         self, alice: Client, stored: StoredStudies
     ) -> None:
-        for study in (stored.other.uid, "1.2.3", "", "../../etc"):
+        for study in (stored.other.uid, "1.2.3", "", "../../etc", "1.2\x00", "1.2\n"):
             assert alice.post("/dicomweb/token", {"study": study}).status_code == 404
 
     def test_not_without_a_session(self, stored: StoredStudies) -> None:
@@ -350,6 +365,12 @@ class TestWeasis:
 
     def test_no_session_is_404(self, stored: StoredStudies) -> None:
         assert Client().get(f"/viewer/weasis/{stored.alice.uid}").status_code == 404
+
+    def test_another_site_cannot_launch_it(self, alice: Client, stored: StoredStudies) -> None:
+        """A page elsewhere sending the signed-in patient to the launch link mints nothing."""
+        response = alice.get(f"/viewer/weasis/{stored.alice.uid}", HTTP_SEC_FETCH_SITE="cross-site")
+        assert response.status_code == 404
+        assert not AuditEvent.objects.filter(action=AuditEvent.Action.VIEWER_TOKEN).exists()
 
 
 class TestTokensNeverReachALog:

@@ -193,6 +193,30 @@ def test_a_malformed_query_gets_400_with_its_reason(
     assert reason in response.content.decode()
 
 
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ({"PatientID": "A\x00B"}, "NUL"),
+        ({"ModalitiesInStudy": "\x00"}, "NUL"),
+        ({"StudyDescription": "x" * 65}, "64 characters"),
+    ],
+)
+def test_hostile_text_gets_400_never_a_server_error(
+    alice: Client, query: dict[str, str], reason: str
+) -> None:
+    response = alice.get("/dicomweb/studies", query)
+
+    assert response.status_code == 400
+    assert reason in response.content.decode()
+
+
+def test_a_run_of_wildcards_matches_as_one(alice: Client) -> None:
+    """Thousands of "*" would be a regular expression the database refuses: they are one."""
+    response = alice.get("/dicomweb/studies", {"PatientID": "*" * 3000 + "LATIN1"})
+
+    assert len(_json(response)) == 1
+
+
 def test_a_key_the_index_cannot_match_is_ignored_with_a_warning(alice: Client) -> None:
     response = alice.get("/dicomweb/studies", {"PatientWeight": "70"})
 
@@ -510,6 +534,12 @@ def test_frames_come_uncompressed_or_as_stored(alice: Client, loaded: PacsStudie
 
         assert alice.get(_instance_path(instance) + "/frames/2").status_code == 404
         assert alice.get(_instance_path(instance) + "/frames/1,x").status_code == 400
+        # A list of thousands of frames would hold gigabytes in the server: refused unread.
+        assert (
+            alice.get(_instance_path(instance) + "/frames/" + ",".join(["1"] * 2000)).status_code
+            == 400
+        )
+        assert alice.get(_instance_path(instance) + "/frames/1,1").status_code == 400
         assert alice.get(path, HTTP_ACCEPT="image/png").status_code == 406
 
 
