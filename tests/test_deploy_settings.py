@@ -12,20 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.support import free_port
-from tests.test_settings import BASE_DIR, manage, new_installation
+from tests.test_settings import BASE_DIR, manage, new_installation, python
 
 SETUP = "import django; django.setup(); print('started')"
-
-
-def python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=BASE_DIR,
-        env=new_installation({**env, "DJANGO_SETTINGS_MODULE": "portal.settings"}),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_it_refuses_to_start_with_the_demo_key_when_debug_is_off() -> None:

@@ -284,7 +284,7 @@ def test_an_ae_title_is_printable_ascii_without_backslash(value: str, valid: boo
     assert dicom.is_valid_ae_title(value) is valid
 
 
-def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Python in a fresh process with the environment of a new installation plus `env`."""
     return subprocess.run(
         [sys.executable, "-c", code],
@@ -305,11 +305,11 @@ def test_importing_the_settings_creates_no_folder_and_starting_the_apps_does(
         "DATABASE_URL": f"sqlite:///{folder / 'db' / 'portal.sqlite3'}",
         "PORTAL_BROKER_DIR": str(folder / "broker"),
     }
-    imported = _python("import portal.settings", env)
+    imported = python("import portal.settings", env)
     assert imported.returncode == 0, imported.stderr
     assert list(folder.iterdir()) == []
 
-    started = _python("import django; django.setup()", env)
+    started = python("import django; django.setup()", env)
     assert started.returncode == 0, started.stderr
     assert (folder / "db").is_dir()
     assert {p.name for p in (folder / "broker").iterdir()} == {"queue", "processed", "control"}
@@ -320,7 +320,7 @@ def test_a_secret_may_come_from_a_file(tmp_path: Path) -> None:
     key = secrets.token_urlsafe(64)
     (tmp_path / "secret_key").write_text(key + "\n")  # as `echo KEY > file` writes it
 
-    result = _python(
+    result = python(
         "from django.conf import settings; print(repr(settings.SECRET_KEY))",
         {"PORTAL_SECRET_KEY_FILE": str(tmp_path / "secret_key")},
     )
