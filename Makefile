@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := orthanc orthanc-dicomweb dcmtk chromium redis-server postgresql unzip
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb dcmtk chromium redis-server postgresql unzip nginx
 DEMO_PORT ?= 8000
 
 LOCK := requirements.lock

@@ -303,6 +303,11 @@ OTP_THROTTLE_FACTOR = env.int("PORTAL_OTP_THROTTLE_FACTOR", default=1)
 # Recipient sessions: idle and absolute limits, in seconds.
 RECIPIENT_SESSION_IDLE = 15 * 60
 RECIPIENT_SESSION_MAX = 2 * 60 * 60
+# Staff sessions (accounts.staff): idle and absolute limits, and how long a second factor
+# counts as recent for sensitive actions.
+STAFF_SESSION_IDLE = 30 * 60
+STAFF_SESSION_MAX = 12 * 60 * 60
+STAFF_REAUTH_SECONDS = 10 * 60
 # Minutes a viewer token (the bearer token a recipient session mints for Weasis or another
 # DICOMweb client) is accepted after it was minted (accounts.credentials).
 VIEWER_TOKEN_MINUTES = env.int("PORTAL_VIEWER_TOKEN_MINUTES", default=10)
