@@ -4,7 +4,7 @@ from enum import StrEnum
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import models
-from django.db.models import Q
+from django.db.models import Case, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -47,6 +47,21 @@ class ShareQuerySet(models.QuerySet["Share"]):
 
     def dead(self, *, now: datetime | None = None) -> "ShareQuerySet":
         return self.exclude(_live_q(now or timezone.now()))
+
+    def with_refusal(self, *, now: datetime | None = None) -> "ShareQuerySet":
+        """Each share with `refusal_reason`: the value of `Share.refusal()` computed by the database
+        (NULL while live), for lists filtered and counted by status. Its conditions are those
+        of `_live_q`, taken in the order of `Share.refusal`."""
+        now = now or timezone.now()
+        return self.annotate(
+            refusal_reason=Case(
+                When(revoked_at__isnull=False, then=Value(Refusal.REVOKED.value)),
+                When(expires_at__lte=now, then=Value(Refusal.EXPIRED.value)),
+                When(single_use=True, used_at__isnull=False, then=Value(Refusal.USED.value)),
+                default=Value(None),
+                output_field=models.CharField(),
+            )
+        )
 
 
 def _live_q(now: datetime) -> Q:
@@ -292,6 +307,13 @@ class AuditEvent(models.Model):
             _("Changed instance of a shared study refused"),
         )
         FAILURE_ALERT = "failure_alert", _("Many failed codes across all shares")
+        SHARE_EXTENDED = "share_extended", _("Share extended")
+        PATIENT_SHARES_REVOKED = "patient_shares_revoked", _("Every share of a patient revoked")
+        PACS_NODE_CREATED = "pacs_node_created", _("PACS node added")
+        PACS_NODE_UPDATED = "pacs_node_updated", _("PACS node changed")
+        PACS_NODE_DELETED = "pacs_node_deleted", _("PACS node removed")
+        PACS_NODE_ECHO = "pacs_node_echo", _("PACS node checked (C-ECHO)")
+        PACS_NODE_WAY_BACK = "pacs_node_way_back", _("PACS node's way back checked")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     action = models.CharField(_("what"), max_length=32, choices=Action.choices)

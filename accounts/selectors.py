@@ -1,13 +1,13 @@
 """Reads of the accounts domain."""
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from axes.helpers import get_cool_off
 from axes.models import AccessAttempt
 from django.conf import settings
-from django.db.models import QuerySet, Sum
+from django.db.models import Q, QuerySet, Sum
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.functional import Promise
@@ -65,6 +65,19 @@ def share_is_locked(share: Share) -> bool:
     if share_lock_is_final(share):
         return True
     return share.locked_until is not None and share.locked_until > timezone.now()
+
+
+def share_locked_q(*, now: datetime | None = None) -> Q:
+    """`share_is_locked` as a query condition, for lists of shares: the final lock (too many
+    wrong one-time codes over the share's life) or a lock whose cool-off runs."""
+    now = now or timezone.now()
+    return Q(otp_failures__gte=settings.OTP_LIFETIME_MAX_FAILURES) | Q(locked_until__gt=now)
+
+
+def share_extend_limit(share: Share) -> datetime:
+    """The latest a share may expire: settings.SHARE_MAX_DAYS from its creation, however
+    often it is extended (the ceiling of a share's life, as `share_create` applies it)."""
+    return share.created_at + timedelta(days=settings.SHARE_MAX_DAYS)
 
 
 def share_open_to_verified(share: Share) -> bool:

@@ -21,7 +21,7 @@ from django.db.models import F
 from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.urls import reverse
-from django.utils import timezone
+from django.utils import formats, timezone
 from django.utils.translation import gettext as _
 
 from accounts import credentials, net, selectors, sms
@@ -249,6 +249,49 @@ def share_revoke(
         share.save(update_fields=["revoked_at", "revoked_by"])
         audit(AuditEvent.Action.SHARE_REVOKED, request=request, share=share, actor=by)
     share_release_code(share)
+    return share
+
+
+def share_extend(
+    *, share: Share, days: int, by: User | None = None, request: HttpRequest | None = None
+) -> Share:
+    """Push a live share's expiry `days` further, never past settings.SHARE_MAX_DAYS from its
+    creation (accounts.selectors.share_extend_limit). A share that can no longer be opened is
+    not brought back: its code may already be another share's (share_release_code), and a
+    revoked share stays revoked; the study is shared again instead."""
+    with transaction.atomic():
+        share = _locked_row(share)
+        if share.refusal() is not None:
+            raise ValidationError(
+                {"days": [_("This share has ended and cannot be extended: share the study again.")]}
+            )
+        limit = selectors.share_extend_limit(share)
+        if days < 1:
+            raise ValidationError({"days": [_("Extend by at least one day.")]})
+        new_expiry = share.expires_at + timedelta(days=days)
+        if new_expiry > limit:
+            room = max(0, (limit - share.expires_at).days)
+            message = _(
+                "A share lasts at most %(max)d days from its creation, that is until "
+                "%(limit)s: this one can be extended by %(room)d more days at most."
+            ) % {
+                "max": settings.SHARE_MAX_DAYS,
+                "limit": formats.date_format(timezone.localtime(limit), "SHORT_DATETIME_FORMAT"),
+                "room": room,
+            }
+            raise ValidationError({"days": [message]})
+        previous = share.expires_at
+        share.expires_at = new_expiry
+        share.save(update_fields=["expires_at"])
+    audit(
+        AuditEvent.Action.SHARE_EXTENDED,
+        request=request,
+        share=share,
+        actor=by,
+        days=days,
+        previous=previous.isoformat(),
+        expires=new_expiry.isoformat(),
+    )
     return share
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 
 from django.conf import settings
 from pydicom.dataset import Dataset
@@ -29,6 +30,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    generate_uid,
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import Association
@@ -51,6 +53,9 @@ logger = logging.getLogger(__name__)
 # A C-MOVE or C-GET that ended with some sub-operations failed (PS3.4 C.4.2.1.5); pynetdicom
 # names no such status.
 _SUB_OPERATIONS_WARNING = 0xB000
+# Failed: identifier does not match SOP class (PS3.4 C.4.2.1.5); pynetdicom names no such
+# status either.
+_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 
 
 class PacsError(Exception):
@@ -537,3 +542,107 @@ def get_study(
             _retrieve_identifier(study_uid), StudyRootQueryRetrieveInformationModelGet
         )
         return _follow(responses, assoc, peer, "C-GET", progress)
+
+
+# --- the way back: does the PACS know where the portal is? ---------------------------------
+
+
+class WayBackError(PacsError):
+    """The check of the way back could not be made: the node was not reached, fell silent or
+    broke the protocol. Says nothing about whether the node knows the portal."""
+
+
+class WayBack(StrEnum):
+    """What a node's answer to a C-MOVE of a made-up study says about the portal's AE title."""
+
+    # It took the request from the portal and did not object to the destination.
+    KNOWN = "known"
+    # It answered 0xA801, Move destination unknown (PS3.4 C.4.2.1.5).
+    DESTINATION_UNKNOWN = "destination_unknown"
+    # It refused the association as coming from an unknown calling AE title (PS3.8 9.3.4), or
+    # closed it without answering, which is how Orthanc refuses an AE title it does not know:
+    # a node that does not take requests from the portal's AE title does not send to it either.
+    PORTAL_UNKNOWN = "portal_unknown"
+    # It refused the association because its own AE title is not the one configured.
+    CALLED_AE_WRONG = "called_ae_wrong"
+    # It does not offer study-root C-MOVE at all.
+    NO_MOVE = "no_move"
+    # Another refusal (out of resources, …): its status says more than a sentence can.
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class WayBackCheck:
+    outcome: WayBack
+    destination: str
+    # The final C-MOVE status, when the node gave one.
+    status: int | None = None
+
+
+def check_way_back(peer: Peer, destination: str | None = None) -> WayBackCheck:
+    """Ask the node to C-MOVE a study that exists nowhere (a UID made up now) to `destination`
+    (the portal's AE title by default) and tell what the answer says about the way back.
+
+    A node that does not know the destination answers 0xA801. One that knows it finds nothing
+    to send: success with no sub-operations, or a failure about the study (0xCxxx; Orthanc, for
+    one, looks the study up before the destination and answers 0xC000 whatever the
+    destination). Either way no image moves. The waits are the connection and DIMSE timeouts:
+    with nothing to send, an answer that takes longer than a C-FIND's is no answer.
+    """
+    destination = destination or str(settings.DICOM_AE_TITLE)
+    move_model = str(StudyRootQueryRetrieveInformationModelMove)
+    try:
+        association = move_scu.associate(
+            peer.host,
+            peer.port,
+            calling_ae=settings.DICOM_AE_TITLE,
+            called_ae=peer.ae_title,
+            abstract_syntax=move_model,
+            timeout=settings.DICOM_CONNECT_TIMEOUT,
+        )
+    except move_scu.Rejected as exc:
+        by_service_user = exc.source == 0x01
+        if by_service_user and exc.reason == 0x03:
+            return WayBackCheck(WayBack.PORTAL_UNKNOWN, destination)
+        if by_service_user and exc.reason == 0x07:
+            return WayBackCheck(WayBack.CALLED_AE_WRONG, destination)
+        raise WayBackError(f"{peer} rejected the association ({exc})") from exc
+    except move_scu.NotSupported:
+        return WayBackCheck(WayBack.NO_MOVE, destination)
+    except move_scu.MoveError as exc:
+        raise WayBackError(f"cannot reach {peer}: {exc}") from exc
+
+    final: Response | None = None
+    answered = False
+    try:
+        with association:
+            for response in association.c_move(
+                move_model,
+                _retrieve_identifier(generate_uid()),
+                destination,
+                settings.DICOM_DIMSE_TIMEOUT,
+            ):
+                answered = True
+                if not response.pending:
+                    final = response
+    except move_scu.Closed as exc:
+        if answered:
+            raise WayBackError(f"{peer} dropped the association during the C-MOVE") from exc
+        return WayBackCheck(WayBack.PORTAL_UNKNOWN, destination)
+    except move_scu.MoveError as exc:
+        raise WayBackError(f"{peer} did not answer the C-MOVE: {exc}") from exc
+    if final is None:
+        raise WayBackError(f"{peer} ended the C-MOVE without a final status")
+    return WayBackCheck(_way_back_outcome(final.status), destination, final.status)
+
+
+def _way_back_outcome(status: int) -> WayBack:
+    if status == Status.MOVE_DESTINATION_UNKNOWN:
+        return WayBack.DESTINATION_UNKNOWN
+    if status in {Status.SUCCESS, _SUB_OPERATIONS_WARNING, Status.CANCEL}:
+        return WayBack.KNOWN
+    # "Unable to process" (0xCxxx) and "identifier does not match SOP class" (0xA900) are
+    # about the made-up study: the destination was accepted, or not looked at (see above).
+    if (status & 0xF000) == 0xC000 or status == _IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS:
+        return WayBack.KNOWN
+    return WayBack.REFUSED
