@@ -20,6 +20,7 @@ class PacsNodeForm(forms.Form):
     host = forms.CharField(label=_("Host"), max_length=255)
     port = forms.IntegerField(label=_("Port"), min_value=1, max_value=65535)
     dicomweb_url = forms.URLField(
+        assume_scheme="https",
         label=_("DICOMweb URL"),
         required=False,
         help_text=_("Optional; needed for WADO-RS retrieval."),
