@@ -581,13 +581,19 @@ class WayBackCheck:
 
 def check_way_back(peer: Peer, destination: str | None = None) -> WayBackCheck:
     """Ask the node to C-MOVE a study that exists nowhere (a UID made up now) to `destination`
-    (the portal's AE title by default) and tell what the answer says about the way back.
+    (the portal's AE title by default) and tell what the answer says about the way back. No
+    image moves.
 
-    A node that does not know the destination answers 0xA801. One that knows it finds nothing
-    to send: success with no sub-operations, or a failure about the study (0xCxxx; Orthanc, for
-    one, looks the study up before the destination and answers 0xC000 whatever the
-    destination). Either way no image moves. The waits are the connection and DIMSE timeouts:
-    with nothing to send, an answer that takes longer than a C-FIND's is no answer.
+    The portal calls with its own AE title, which is also the destination, and PACSs tell
+    apart the peers they know by AE title: one that does not know the portal refuses the
+    association (PS3.8 9.3.4: calling AE title not recognized) or, like Orthanc, closes it
+    unanswered. One that knows the portal answers the C-MOVE: 0xA801 (move destination
+    unknown) when it looks the destination up first and does not find it; otherwise success
+    with no sub-operations (dcmtk's dcmqrscp), or a failure about the study (Orthanc answers
+    0xC000 for a study it lacks, before looking at the destination at all).
+
+    The waits are the connection and DIMSE timeouts: with nothing to send, an answer that
+    takes longer than a C-FIND's is no answer.
     """
     destination = destination or str(settings.DICOM_AE_TITLE)
     move_model = str(StudyRootQueryRetrieveInformationModelMove)

@@ -189,8 +189,8 @@ def way_back_sentence(node: PacsNode, check: WayBackCheck) -> str:
     sentences = {
         WayBack.KNOWN: _(
             "%(name)s knows the way back: it takes requests from the portal's AE title "
-            "%(portal)s and did not refuse it as a destination. Images asked for will be "
-            "sent to %(portal)s."
+            "%(portal)s and did not refuse it as a destination. (Some PACSs look at the "
+            "address only when there are images to send: the first retrieval confirms it.)"
         ),
         WayBack.DESTINATION_UNKNOWN: _(
             "%(name)s does not know the portal's AE title %(portal)s as a destination: it "
@@ -202,8 +202,9 @@ def way_back_sentence(node: PacsNode, check: WayBackCheck) -> str:
             "%(address)s on the PACS."
         ),
         WayBack.CALLED_AE_WRONG: _(
-            "%(name)s refused the request because its AE title is not %(aet)s: correct the "
-            "node's AE title here."
+            "%(name)s refused the portal, saying its own AE title is not %(aet)s: check the "
+            "node's AE title here, and that the PACS knows the portal's AE title %(portal)s "
+            "(some PACSs answer this way to an AE title they do not know)."
         ),
         WayBack.NO_MOVE: _(
             "%(name)s does not offer C-MOVE: choose C-GET or WADO-RS as its retrieve method."
