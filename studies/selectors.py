@@ -129,3 +129,14 @@ def pacs_node_jobs_unfinished(node: PacsNode) -> int:
     return RetrievalJob.objects.filter(
         pacs=node, status__in=[RetrievalJob.Status.QUEUED, RetrievalJob.Status.RUNNING]
     ).count()
+
+
+def live_shares_of_unknown_patient(*, now: datetime | None = None) -> ShareQuerySet:
+    """Live shares one of whose studies has no row in the index yet (not a single image has
+    arrived): whose patient they are, the portal cannot tell. Listed beside a revocation by
+    patient, which cannot include them."""
+    indexed = Study.objects.values("study_instance_uid")
+    unknown = SharedStudy.objects.filter(share=OuterRef("pk")).exclude(
+        study_instance_uid__in=indexed
+    )
+    return share_list_with_status(now=now).live(now=now).filter(Exists(unknown))

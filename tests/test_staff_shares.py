@@ -424,3 +424,24 @@ class TestRevokeEveryShareOfAPatient:
         response = staff_client(bob).post("/staff/shares/revoke-patient/", {"patient_id": "P-ONE"})
         assert response.status_code == 403
         assert not Share.objects.filter(revoked_at__isnull=False).exists()
+
+    def test_a_share_whose_study_has_not_arrived_is_shown_apart_and_left(
+        self, alice: User, patients: dict[str, list[Share]]
+    ) -> None:
+        """Nothing of its study is in the index: whose it is, the portal cannot tell; staff
+        see it beside the list, to revoke it themselves."""
+        arriving = make_share(PENDING_UID).share
+        client = staff_client(alice)
+
+        page = client.get("/staff/shares/revoke-patient/", {"patient_id": "P-ONE"})
+        text = page.content.decode()
+        assert "Shares whose patient is not known yet" in text
+        assert (
+            text.split("Shares whose patient is not known yet")[1].count(
+                f"/staff/shares/{arriving.pk}/log/"
+            )
+            == 1
+        )
+
+        client.post("/staff/shares/revoke-patient/", {"patient_id": "P-ONE"})
+        assert Share.objects.get(pk=arriving.pk).revoked_at is None

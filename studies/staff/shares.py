@@ -173,7 +173,12 @@ def shares_revoke_patient(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "studies/staff/shares_revoke_patient.html",
-        {"staff_section": "shares", "form": form, "shares": shares},
+        {
+            "staff_section": "shares",
+            "form": form,
+            "shares": shares,
+            "unknown": list(selectors.live_shares_of_unknown_patient()) if form.is_bound else [],
+        },
     )
 
 
