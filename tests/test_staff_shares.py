@@ -130,7 +130,7 @@ class TestTheList:
         assert _listed(client.get("/staff/shares/", {"patient": "marie dupont"})) == [dupont.pk]
         assert _listed(client.get("/staff/shares/", {"patient": "Nobody"})) == []
         page = client.get("/staff/shares/", {"patient": "PID-DUPONT"}).content.decode()
-        assert "DUPONT^Marie" in page
+        assert "Marie DUPONT" in page and "DUPONT^Marie" not in page
 
     def test_it_pages_newest_first(self, alice: User) -> None:
         make_study()
