@@ -2,6 +2,8 @@
 check of the way back, against the session's Orthanc and dcmtk's dcmqrscp. carol is an
 administrator, alice a sharer, bob an auditor; mallory forges requests."""
 
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -303,3 +305,19 @@ class TestTheWayBackElsewhere:
         event = AuditEvent.objects.get(action=AuditEvent.Action.PACS_NODE_WAY_BACK)
         assert event.detail["outcome"] == "destination_unknown"
         assert event.detail["status"] == 0xA801
+
+
+def test_a_silent_peer_is_an_error_within_the_timeouts(settings: Any) -> None:
+    """A node that accepts the connection and then says nothing: the check gives up after the
+    connection timeout, with an error, not an answer about the way back."""
+    settings.DICOM_CONNECT_TIMEOUT = 0.5
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+    try:
+        with pytest.raises(pacs.WayBackError):
+            pacs.check_way_back(pacs.Peer("SILENT", "127.0.0.1", listener.getsockname()[1]))
+    finally:
+        for connection in accepted:
+            connection.close()
+        listener.close()
