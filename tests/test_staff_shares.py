@@ -142,6 +142,16 @@ class TestTheList:
         assert first == [s.pk for s in reversed(shares)][:25]
         assert second == [s.pk for s in reversed(shares)][25:]
 
+    def test_it_reads_a_page_in_a_fixed_number_of_queries(
+        self, alice: User, django_assert_max_num_queries: Any
+    ) -> None:
+        make_study()
+        for _ in range(30):
+            make_share(created_by=alice)
+        client = staff_client(alice)
+        with django_assert_max_num_queries(8):
+            assert len(_listed(client.get("/staff/shares/", {"status": "active"}))) == 25
+
     def test_a_bad_filter_is_ignored_not_an_error(self, alice: User) -> None:
         make_study()
         share = make_share().share
