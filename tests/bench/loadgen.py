@@ -428,6 +428,11 @@ def main() -> int:
                 )
                 phases[name] = run_phase(server, browsing, args.seconds, attacker=attacker)
     finally:
+        # This process's own connection first: PostgreSQL drops no database still in use.
+        if "django" in sys.modules:
+            from django.db import connections
+
+            connections.close_all()
         drop_database(server_url, pg_name)
         shutil.rmtree(workdir, ignore_errors=True)
     results, notes = figures(phases, args)
