@@ -76,13 +76,11 @@ def unthrottle(user: User) -> None:
     )
 
 
-def password_step(
-    client: Client, username: str, password: str = PASSWORD, **extra: Any
-) -> HttpResponse:
+def password_step(client: Client, username: str, password: str = PASSWORD, **extra: Any) -> Any:
     return client.post("/staff/login/", {"username": username, "password": password, **extra})
 
 
-def sign_in(client: Client, user: User, **extra: Any) -> HttpResponse:
+def sign_in(client: Client, user: User, **extra: Any) -> Any:
     answer = password_step(client, user.username, **extra)
     assert answer.status_code == 302 and answer["Location"] == "/staff/login/second-factor/"
     return client.post("/staff/login/second-factor/", {"otp": code(device_of(user))})
@@ -556,10 +554,10 @@ class TestAdmin:
 
 
 class TestPasskeys:
-    def _post_json(self, client: Client, url: str, body: str = "{}") -> HttpResponse:
+    def _post_json(self, client: Client, url: str, body: str = "{}") -> Any:
         return client.post(url, body, content_type="application/json")
 
-    def _add(self, client: Client, authenticator: SoftAuthenticator) -> HttpResponse:
+    def _add(self, client: Client, authenticator: SoftAuthenticator) -> Any:
         options = self._post_json(client, "/staff/security/passkeys/options/")
         assert options.status_code == 200, options.content
         credential = authenticator.register(json.loads(options.content))
