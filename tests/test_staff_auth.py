@@ -533,6 +533,7 @@ class TestAdmin:
     def test_a_change_needs_a_recent_second_factor(self, alice: User, bob: User) -> None:
         client = staff_client(alice, second_factor_at=time.time() - 3600)
         assert client.get("/admin/accounts/user/").status_code == 200
+        assert client.get(f"/admin/accounts/user/{bob.pk}/change/").status_code == 200
 
         answer = client.post(
             f"/admin/accounts/user/{bob.pk}/change/",
@@ -551,6 +552,16 @@ class TestAdmin:
             fresh.post("/admin/accounts/recipientaccess/", {"action": "close"}).status_code == 302
         )
         assert AuditEvent.objects.filter(action=AuditEvent.Action.RECIPIENTS_CLOSED).exists()
+
+    def test_signing_out_of_the_admin_ends_the_staff_session(self, alice: User) -> None:
+        client = staff_client(alice)
+        stolen = cookie(client)
+
+        answer = client.post("/admin/logout/")
+
+        assert answer["Location"] == "/staff/login/"
+        assert not Session.objects.filter(session_key=stolen).exists()
+        assert client.get("/admin/").status_code == 302
 
 
 class TestPasskeys:
