@@ -30,11 +30,8 @@ from accounts.staff import recent_second_factor_required, staff_required
 from accounts.staff_auth import Check, Outcome
 from accounts.staff_forms import PasswordForm, RecoveryCodeForm, TotpForm
 
-_NOTICES = {
-    "expired": "expired",
-    "signed-out": "signed-out",
-    "locked": "locked",
-}
+# What the sign-in page may say after a redirect (accounts.staff.NOTICE).
+_NOTICES = {"expired", "signed-out", "locked"}
 
 
 def _signed_in(request: HttpRequest) -> User | None:
@@ -96,7 +93,9 @@ def login(request: HttpRequest) -> HttpResponse:
                 # AxesMiddleware turns this into the 429 page (accounts.views.lockout).
                 return lockout_response(request)
             form.add_error(None, _("This username and password do not match."))
-    context = {"form": form, "next": next_url or "", "notice": _NOTICES.get(notice or "")}
+    if notice not in _NOTICES:
+        notice = None
+    context = {"form": form, "next": next_url or "", "notice": notice}
     return _no_store(render(request, "accounts/staff/login.html", context))
 
 
@@ -156,14 +155,10 @@ def _factor_context(user: User, totp_form: TotpForm, recovery_form: RecoveryCode
     return {
         "totp_form": totp_form,
         "recovery_form": recovery_form,
-        "has_totp": any(not isinstance(d, StaffPasskey) for d in _primary(user)),
+        "has_totp": any(not isinstance(d, StaffPasskey) for d in staff_auth.primary_devices(user)),
         "has_passkey": staff_auth.has_passkey(user),
         "has_recovery": staff_auth.recovery_codes_left(user) > 0,
     }
-
-
-def _primary(user: User) -> list[Any]:
-    return staff_auth.primary_devices(user)
 
 
 @require_http_methods(["GET", "POST"])

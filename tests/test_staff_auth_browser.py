@@ -4,14 +4,17 @@ alice adds a passkey (Chromium's virtual authenticator) and signs in with it. Ev
 is checked with axe-core at WCAG 2.1 AA."""
 
 import base64
+import io
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import zxingcpp
 from axe_playwright_python.sync_playwright import Axe
 from django_otp.oath import TOTP
 from django_otp.plugins.otp_totp.models import TOTPDevice
+from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
 from accounts.models import AuditEvent, StaffPasskey, User
@@ -97,8 +100,12 @@ def test_dave_enrols_his_app_then_signs_in_with_a_code(
     accessible(page)
     fits_the_screen(page)
     secret = page.locator("#totp-secret").get_attribute("data-secret") or ""
-    # The key typed by hand is the one shown in groups.
+    # The key typed by hand is the one shown in groups, and the QR code, as a phone reads it,
+    # carries the same key.
     assert page.locator("#totp-secret").inner_text().replace(" ", "") == secret
+    read = zxingcpp.read_barcodes(Image.open(io.BytesIO(qr.screenshot())))
+    assert [r.text for r in read] == [TOTPDevice.objects.get(user__username="dave").config_url]
+    assert f"secret={secret}" in read[0].text
 
     page.get_by_label("Code from your authenticator app").fill(totp_code(secret))
     page.get_by_role("button", name="Confirm").click()
