@@ -4,6 +4,12 @@ role may do what, and when a sensitive action needs the second factor again.
 Every staff view is wrapped in `staff_required(...)`; sensitive actions (a share to a contact
 typed by hand, unlocking a share, regenerating a code, staff and node management, emergency
 close) also in `recent_second_factor_required`.
+
+Signing in has two stages (accounts.staff_views): the password makes a new session that only
+remembers whose password it was (`begin_pending`; nobody is signed in yet), and the second
+factor signs the user in with Django's and django-otp's `login` (`complete_login`), each with a
+new session key. StaffSessionMiddleware ends a signed-in session past its idle or absolute limit
+or whose account got locked (`session_end_reason`).
 """
 
 import time
