@@ -279,10 +279,11 @@ def recovery_codes_create(*, user: User, request: HttpRequest) -> list[str]:
     in clear this once: only their hashes are stored."""
     made = [credentials.new_recovery_code() for _i in range(RECOVERY_CODES)]
     with transaction.atomic():
-        RecoveryCodeDevice.objects.filter(user=user).delete()
-        device = RecoveryCodeDevice.objects.create(
-            user=user, name=_("Recovery codes"), confirmed=True
+        # The device stays (a session it verified stays verified); its codes are replaced.
+        device, _created = RecoveryCodeDevice.objects.get_or_create(
+            user=user, defaults={"name": _("Recovery codes"), "confirmed": True}
         )
+        device.codes.all().delete()
         RecoveryCode.objects.bulk_create(
             RecoveryCode(device=device, code_hash=hashed) for _shown, hashed in made
         )
@@ -290,9 +291,9 @@ def recovery_codes_create(*, user: User, request: HttpRequest) -> list[str]:
     return [shown for shown, _hashed in made]
 
 
-def device_remove(*, user: User, kind: str, pk: int, request: HttpRequest) -> None:
+def device_remove(*, user: User, kind: str, pk: int, request: HttpRequest) -> Device:
     """Remove one of the user's authenticator apps or passkeys, never the last one: an account
-    always keeps a second factor."""
+    always keeps a second factor. Returns one that remains."""
     with transaction.atomic():
         _locked_user(user)
         model = {"totp": TOTPDevice, "passkey": StaffPasskey}.get(kind)
@@ -304,6 +305,8 @@ def device_remove(*, user: User, kind: str, pk: int, request: HttpRequest) -> No
                 _("This is your only second factor: add another one before removing it.")
             )
         device.delete()
+        remaining = primary_devices(user)[0]
     services.audit(
         AuditEvent.Action.STAFF_DEVICE_REMOVED, request=request, actor=user, kind=kind, device=pk
     )
+    return remaining

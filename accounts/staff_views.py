@@ -10,6 +10,7 @@ from base64 import b32encode
 from typing import Any
 from urllib.parse import urlencode
 
+import django_otp
 import segno
 from axes.helpers import get_cool_off
 from django.contrib import messages
@@ -23,6 +24,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from accounts import services, staff, staff_auth, staff_passkeys
 from accounts.models import AuditEvent, StaffPasskey, User
@@ -388,13 +390,23 @@ def recovery_codes_regenerate(request: HttpRequest) -> HttpResponse:
 def device_remove(request: HttpRequest, kind: str, pk: int) -> HttpResponse:
     user = request.user
     assert isinstance(user, User)
+    verified_by = getattr(user, "otp_device", None)
     try:
-        staff_auth.device_remove(user=user, kind=kind, pk=pk, request=request)
+        remaining = staff_auth.device_remove(user=user, kind=kind, pk=pk, request=request)
     except ValidationError as exc:
         messages.error(request, " ".join(exc.messages))
     else:
+        if verified_by is not None and verified_by.persistent_id == _persistent_id(kind, pk):
+            # The session was verified by the device just removed: it stays verified (the user
+            # proved a second factor minutes ago), now by one that remains.
+            django_otp.login(request, remaining)
         messages.success(request, _("The second factor is removed."))
     return redirect("staff:security")
+
+
+def _persistent_id(kind: str, pk: int) -> str:
+    model = StaffPasskey if kind == "passkey" else TOTPDevice
+    return f"{model.model_label()}/{pk}"
 
 
 @require_POST

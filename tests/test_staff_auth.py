@@ -317,6 +317,9 @@ class TestRecoveryCodes:
         again = mallory.post("/staff/login/second-factor/", {"recovery_code": codes[0]})
         assert again.status_code == 200 and not is_signed_in(mallory)
 
+        # Signed in with a recovery code, bob makes new ones and stays signed in.
+        assert len(self._codes(client)) == 10 and is_signed_in(client)
+
     def test_new_codes_kill_the_old_ones(self, bob: User) -> None:
         client = staff_client(bob)
         old = self._codes(client)
@@ -632,6 +635,8 @@ class TestPasskeys:
         assert "Remove" in client.get("/staff/security/").content.decode()
         client.post(f"/staff/security/devices/totp/{totp.pk}/remove/")
         assert not TOTPDevice.objects.filter(pk=totp.pk).exists()
+        # The app that verified this session is gone; the session stays signed in.
+        assert is_signed_in(client)
         assert AuditEvent.Action.STAFF_DEVICE_REMOVED in actions(actor=bob)
         # The passkey is now the last one.
         client.post(f"/staff/security/devices/passkey/{passkey.pk}/remove/")
