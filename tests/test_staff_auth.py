@@ -667,3 +667,12 @@ def test_a_sensitive_view_asks_for_the_second_factor_again(bob: User) -> None:
     stale = staff_client(bob, second_factor_at=time.time() - settings.STAFF_REAUTH_SECONDS - 1)
     answer = stale.get("/sensitive/")
     assert answer.status_code == 302 and answer["Location"].startswith("/staff/reauth/")
+
+
+def test_the_sign_in_speaks_french(bob: User) -> None:
+    client = Client(HTTP_ACCEPT_LANGUAGE="fr-FR,fr;q=0.9")
+    page = client.get("/staff/login/").content.decode()
+    assert "Connexion du personnel" in page and "Mot de passe" in page
+    password_step(client, "bob")
+    page = client.get("/staff/login/second-factor/").content.decode()
+    assert "Code de votre application d’authentification" in page
