@@ -10,14 +10,17 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from django_otp.models import (
     CooldownMixin,
+    Device,
     DeviceManager,
     SideChannelDevice,
     ThrottlingMixin,
     TimestampMixin,
 )
 
+from accounts import credentials
 
-class User(AbstractUser):
+
+class User(AbstractUser):  # type: ignore[django-manager-missing]  # django-otp is untyped
     """A member of hospital staff. Recipients (patients, physicians) are not users."""
 
     class Role(models.TextChoices):
@@ -26,6 +29,12 @@ class User(AbstractUser):
         ADMIN = "admin", _("Administrator")
 
     role = models.CharField(_("role"), max_length=16, choices=Role.choices, default=Role.SHARER)
+    # Wrong second factors (codes, recovery codes, passkeys) since the last right one: past
+    # settings.STAFF_SECOND_FACTOR_MAX_FAILURES the account is locked (`locked_at`) until an
+    # administrator unlocks it (accounts.staff_auth.staff_unlock). A password cool-off does not
+    # lift it: whoever typed them had the password.
+    second_factor_failures = models.PositiveIntegerField(_("wrong second factors"), default=0)
+    locked_at = models.DateTimeField(_("locked since"), null=True, blank=True)
 
 
 class Refusal(StrEnum):
@@ -314,6 +323,16 @@ class AuditEvent(models.Model):
         PACS_NODE_DELETED = "pacs_node_deleted", _("PACS node removed")
         PACS_NODE_ECHO = "pacs_node_echo", _("PACS node checked (C-ECHO)")
         PACS_NODE_WAY_BACK = "pacs_node_way_back", _("PACS node's way back checked")
+        STAFF_LOGIN = "staff_login", _("Staff member signed in")
+        STAFF_LOGIN_FAILED = "staff_login_failed", _("Staff sign-in refused")
+        STAFF_SECOND_FACTOR_FAILED = "staff_second_factor_failed", _("Wrong second factor")
+        STAFF_LOCKED = "staff_locked", _("Staff account locked")
+        STAFF_UNLOCKED = "staff_unlocked", _("Staff account unlocked")
+        STAFF_REAUTH = "staff_reauth", _("Second factor confirmed again")
+        STAFF_DEVICE_ADDED = "staff_device_added", _("Second factor added")
+        STAFF_DEVICE_REMOVED = "staff_device_removed", _("Second factor removed")
+        STAFF_RECOVERY_CODES = "staff_recovery_codes", _("Recovery codes made")
+        STAFF_RECOVERY_CODE_USED = "staff_recovery_code_used", _("Recovery code used")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     action = models.CharField(_("what"), max_length=32, choices=Action.choices)
@@ -363,3 +382,61 @@ class RecipientAccess(models.Model):
 
     def __str__(self) -> str:
         return "closed" if self.closed_at is not None else "open"
+
+
+class StaffPasskey(TimestampMixin, Device):
+    """A member of staff's passkey (WebAuthn), as a django-otp device: signing in with it goes
+    through `django_otp.login`, so the session is verified as with a TOTP code. There is no token
+    to type: accounts.staff_passkeys checks the browser's signed answer instead."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="staff_passkeys")
+    credential_id = models.BinaryField(unique=True)
+    public_key = models.BinaryField()
+    sign_count = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        verbose_name = _("staff passkey")
+
+    def verify_token(self, token: object) -> bool:
+        return False
+
+
+class RecoveryCodeDevice(Device):
+    """A member of staff's recovery codes, for the day the phone is lost: one device holding
+    the codes (RecoveryCode), each stored as a salted hash, shown once when made, good once.
+    Unlike django-otp's static device, no code is ever stored in clear. Checking them is in
+    accounts.staff_auth; they are a fallback, never the account's only second factor."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="recovery_code_devices")
+
+    class Meta:
+        verbose_name = _("recovery codes")
+
+    def verify_token(self, token: object) -> bool:
+        """Use up the unused code `token` is (typed in any case, with or without dashes).
+        Every unused code is hashed against, so a wrong code takes as long as a right one."""
+        typed = credentials.normalize_recovery_code(str(token))
+        match = None
+        for code in self.codes.select_for_update().filter(used_at__isnull=True):
+            if credentials.recovery_code_matches(typed or "", code.code_hash) and match is None:
+                match = code
+        if typed is None or match is None:
+            return False
+        # Only if still unused: two requests with the same code cannot both use it.
+        return bool(
+            RecoveryCode.objects.filter(pk=match.pk, used_at__isnull=True).update(
+                used_at=timezone.now()
+            )
+        )
+
+
+class RecoveryCode(models.Model):
+    device = models.ForeignKey(RecoveryCodeDevice, on_delete=models.CASCADE, related_name="codes")
+    code_hash = models.CharField(max_length=128)
+    used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("recovery code")
+
+    def __str__(self) -> str:
+        return f"recovery code {self.pk} ({'used' if self.used_at else 'unused'})"

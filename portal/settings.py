@@ -90,6 +90,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     # Tells whether a second factor verified this session's user (the admin requires it).
     "django_otp.middleware.OTPMiddleware",
+    # Staff sessions: idle and absolute limits, locked accounts signed out (accounts.staff).
+    "accounts.middleware.StaffSessionMiddleware",
     # Emergency close of recipient access: before the recipient fence and the views.
     "accounts.middleware.RecipientClosureMiddleware",
     "accounts.middleware.RecipientSessionMiddleware",
@@ -308,6 +310,11 @@ RECIPIENT_SESSION_MAX = 2 * 60 * 60
 STAFF_SESSION_IDLE = 30 * 60
 STAFF_SESSION_MAX = 12 * 60 * 60
 STAFF_REAUTH_SECONDS = 10 * 60
+# Wrong second factors in a row (codes, recovery codes, passkeys) after which a staff account
+# is locked until an administrator unlocks it (accounts.staff_auth).
+STAFF_SECOND_FACTOR_MAX_FAILURES = 10
+# The name authenticator apps show beside a staff member's TOTP entry.
+OTP_TOTP_ISSUER = env.str("PORTAL_TOTP_ISSUER", default="Image portal")
 # Minutes a viewer token (the bearer token a recipient session mints for Weasis or another
 # DICOMweb client) is accepted after it was minted (accounts.credentials).
 VIEWER_TOKEN_MINUTES = env.int("PORTAL_VIEWER_TOKEN_MINUTES", default=10)
