@@ -21,6 +21,7 @@ from typing import Any
 from django.conf import settings
 from django.db.models import Count, QuerySet
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 from pydicom.dataset import Dataset
 
 from studies import wado
@@ -264,7 +265,12 @@ def _outcome(
 ) -> tuple[SourceOutcome, list[StudyHit]]:
     label = node.name
     if not future.done():
-        problem = _("did not answer within %(seconds)d seconds") % {"seconds": round(timeout)}
+        seconds = max(1, round(timeout))
+        problem = ngettext(
+            "still silent after %(seconds)d second",
+            "still silent after %(seconds)d seconds",
+            seconds,
+        ) % {"seconds": seconds}
         return SourceOutcome(node.name, label, answered=False, problem=problem), []
     try:
         node_hits = future.result()
