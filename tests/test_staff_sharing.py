@@ -561,7 +561,12 @@ class TestProgress:
         )
         job = shared.jobs[0]
         RetrievalJob.objects.filter(pk=job.pk).update(
-            status=RetrievalJob.Status.FAILED, received=0, expected=12, failed=12, error="x"
+            status=RetrievalJob.Status.FAILED,
+            received=0,
+            expected=12,
+            failed=12,
+            error="12 of 12 instances could not be retrieved.",
+            error_kind=RetrievalJob.Failure.PARTIAL,
         )
         share = shared.created.share
         data = client.get(reverse("staff:share_progress", args=[share.pk])).json()
@@ -594,3 +599,79 @@ class TestProgress:
         job = other.jobs[0]
         response = client.post(reverse("staff:share_retry", args=[share.pk]), {"job": job.pk})
         assert response.status_code == 404
+
+
+# --- failures told in words -----------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+class TestFailuresInWords:
+    """Real retrievals failing against real peers; the share page words each failure for the
+    radiology desk (from its kind, never from the technical message), with a retry button."""
+
+    def _share_and_run(self, client: Client, node: PacsNode, uid: str) -> str:
+        from studies import retrieval
+
+        shared = services.study_share(
+            study_instance_uid=uid,
+            node=node,
+            recipient="patient",
+            channel="sms",
+            contact="+33612345642",
+        )
+        retrieval.retrieval_job_run(shared.jobs[0].pk)
+        share = shared.created.share
+        page = client.get(reverse("staff:share_detail", args=[share.pk])).content.decode()
+        assert "Try again" in page
+        return page
+
+    def test_a_study_the_pacs_lacks(self, client: Client, orthanc_node: PacsNode) -> None:
+        page = self._share_and_run(client, orthanc_node, "1.2.826.0.1.3680043.8.498.77006")
+        job = RetrievalJob.objects.get()
+        assert job.error_kind == RetrievalJob.Failure.STUDY_MISSING
+        assert "The PACS orthanc does not have this study (any more)." in page
+
+    def test_a_pacs_that_cannot_be_reached(self, client: Client, db: Any) -> None:
+        node = services.pacs_node_create(
+            name="closed", ae_title="CLOSED", host="127.0.0.1", port=free_port()
+        )
+        page = self._share_and_run(client, node, "1.2.826.0.1.3680043.8.498.77007")
+        assert RetrievalJob.objects.get().error_kind == RetrievalJob.Failure.UNREACHABLE
+        assert "The portal cannot reach the PACS closed at CLOSED (127.0.0.1:" in page
+
+    def test_a_pacs_that_does_not_know_the_portal(
+        self, client: Client, orthanc_node: PacsNode, pacs_studies: PacsStudies, settings: Any
+    ) -> None:
+        settings.DICOM_AE_TITLE = "STRANGER"
+        page = self._share_and_run(client, orthanc_node, pacs_studies.latin1.uid)
+        assert RetrievalJob.objects.get().error_kind == RetrievalJob.Failure.PORTAL_UNKNOWN
+        assert "it does not know the portal&#x27;s AE title STRANGER" in page
+
+    def test_a_pacs_that_does_not_know_where_to_send_the_images(
+        self, client: Client, settings: Any, db: Any
+    ) -> None:
+        """(The test PACS knows the portal; tests/test_pacs_move.py has a PACS that answers
+        "move destination unknown" and checks that it raises DestinationUnknown.)"""
+        # The page's words for it, with the portal's own AE title and DICOM port.
+        settings.DICOM_PORT = 11112
+        node = services.pacs_node_create(
+            name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port()
+        )
+        shared = services.study_share(
+            study_instance_uid="1.2.826.0.1.3680043.8.498.77008",
+            node=node,
+            recipient="patient",
+            channel="sms",
+            contact="+33612345642",
+        )
+        RetrievalJob.objects.filter(pk=shared.jobs[0].pk).update(
+            status=RetrievalJob.Status.FAILED,
+            error_kind=RetrievalJob.Failure.DESTINATION_UNKNOWN,
+        )
+        page = client.get(
+            reverse("staff:share_detail", args=[shared.created.share.pk])
+        ).content.decode()
+        assert (
+            "The PACS pacs could not send the images back to the portal: it does not know "
+            "the portal&#x27;s AE title PORTAL at 127.0.0.1:11112."
+        ) in page

@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import segno
 from cryptography.fernet import Fernet, InvalidToken
@@ -255,31 +255,71 @@ def _share(pk: int) -> Share:
 
 
 def failure_sentence(item: StudyProgress) -> str:
-    """What went wrong with a study's retrieval, in words for the radiology desk."""
+    """What went wrong with a study's retrieval, in words for the radiology desk (from the
+    kind of failure the worker recorded; the technical account is shown below it)."""
     job = item.job
     if item.state != RetrievalJob.Status.FAILED or job is None:
         return ""
     node = job.pacs
-    where = (
-        _("%(node)s (%(ae)s at %(host)s:%(port)s)")
-        % {"node": node.name, "ae": node.ae_title, "host": node.host, "port": node.port}
-        if node is not None
-        else _("a PACS node that has since been removed")
-    )
-    if job.failed:
-        return _(
-            "%(node)s could not send %(failed)d of the %(total)d images. Try again; if it "
-            "happens again, call the PACS administrator."
-        ) % {"node": where, "failed": job.failed, "total": job.failed + job.received}
-    if job.received:
-        return _(
-            "%(node)s sent the images, but the portal could not keep all of them. Try again; "
-            "if it happens again, call the portal's administrator."
-        ) % {"node": where}
-    return _(
-        "The images could not be brought from %(node)s. Try again; if it happens again, "
-        "call the PACS administrator with the details below."
-    ) % {"node": where}
+    if node is None:
+        return _("The PACS node this study was to come from has been removed.")
+    words = {
+        "node": node.name,
+        "pacs": f"{node.ae_title} ({node.host}:{node.port})",
+        "ae": settings.DICOM_AE_TITLE,
+        "portal": f"{urlsplit(settings.BASE_URL).hostname}:{settings.DICOM_PORT}",
+        "failed": job.failed,
+        "total": job.failed + job.received,
+    }
+    Failure = RetrievalJob.Failure
+    sentences = {
+        Failure.DESTINATION_UNKNOWN: _(
+            "The PACS %(node)s could not send the images back to the portal: it does not "
+            "know the portal's AE title %(ae)s at %(portal)s. Ask the PACS administrator to "
+            "add the portal to its DICOM nodes, then try again."
+        ),
+        Failure.PORTAL_UNKNOWN: _(
+            "The PACS %(node)s refuses to talk to the portal: it does not know the portal's "
+            "AE title %(ae)s. Ask the PACS administrator to add the portal to its DICOM "
+            "nodes, then try again."
+        ),
+        Failure.UNREACHABLE: _(
+            "The portal cannot reach the PACS %(node)s at %(pacs)s: it may be stopped, or the "
+            "network between them cut. Try again in a few minutes; if it goes on, call the "
+            "PACS administrator."
+        ),
+        Failure.SILENT: _(
+            "The PACS %(node)s stopped answering while it was sending the images. Try again; "
+            "if it goes on, call the PACS administrator."
+        ),
+        Failure.STUDY_MISSING: _(
+            "The PACS %(node)s does not have this study (any more). Search for it again: it "
+            "may be on another PACS."
+        ),
+        Failure.PARTIAL: _(
+            "The PACS %(node)s could not send %(failed)d of the %(total)d images. Try again; "
+            "if it happens again, call the PACS administrator."
+        ),
+        Failure.NOTHING_SENT: _(
+            "The PACS %(node)s sent no image of this study. Try again; if it happens again, "
+            "call the PACS administrator."
+        ),
+        Failure.NOT_INDEXED: _(
+            "The PACS %(node)s sent the images, but the portal could not keep all of them. "
+            "Try again; if it happens again, call the portal's administrator."
+        ),
+        Failure.STORE: _(
+            "The portal could not store the images (its disk may be full). Call the portal's "
+            "administrator."
+        ),
+    }
+    sentence = sentences.get(RetrievalJob.Failure(job.error_kind)) if job.error_kind else None
+    if sentence is None:
+        sentence = _(
+            "The images could not be brought from the PACS %(node)s. Try again; if it happens "
+            "again, call the PACS administrator with the details below."
+        )
+    return sentence % words
 
 
 def _state_label(item: StudyProgress) -> str:
