@@ -110,7 +110,9 @@ class ShareForm(forms.Form):
     )
     note = forms.CharField(
         label=_("Note for the recipient"),
-        help_text=_("Printed on the handout and shown with the images. 500 characters at most."),
+        help_text=_(
+            "Printed on the handout and written in the email with the link. 500 characters at most."
+        ),
         required=False,
         max_length=500,
         widget=forms.Textarea(attrs={"rows": 3}),
