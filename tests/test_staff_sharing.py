@@ -413,6 +413,19 @@ class TestShareForm:
         assert "Ouvrez ce lien" in message["body"]
         assert AuditEvent.objects.filter(action=AuditEvent.Action.SHARE_LINK_SENT).count() == 1
 
+    def test_a_source_that_does_not_answer_sends_back_to_the_search_with_a_reason(
+        self, client: Client, db: Any
+    ) -> None:
+        services.pacs_node_create(
+            name="closed", ae_title="CLOSED", host="127.0.0.1", port=free_port()
+        )
+        response = client.get(
+            _share_form_url("1.2.826.0.1.3680043.8.498.77009", "closed"), follow=True
+        )
+        assert response.redirect_chain == [(reverse("staff:home"), 302)]
+        assert "The PACS closed did not answer" in response.content.decode()
+        assert not Share.objects.exists()
+
     def test_an_unknown_study_or_source_is_404(self, client: Client, db: Any) -> None:
         assert client.get(_share_form_url("1.2.3.4", "local")).status_code == 404
         assert client.get(_share_form_url("1.2.3.4", "nowhere")).status_code == 404

@@ -22,8 +22,10 @@ from PIL import Image
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, expect
 
 from accounts.models import Share, User
+from studies import retrieval, services
 from studies.demo import synthetic
-from studies.models import PacsNode
+from studies.models import PacsNode, RetrievalJob
+from tests.support import free_port
 from tests.support.access import last_code
 from tests.support.orthanc import OrthancServer
 from tests.support.staff import staff_client
@@ -196,7 +198,9 @@ def test_staff_share_a_pacs_study_with_a_prior_and_the_patient_opens_the_printed
     assert share.study_uids == [patient_studies.current, patient_studies.prior]
     code = page.locator(".secrets .code").inner_text()
 
-    # --- live progress, to 100 % ----------------------------------------------------------
+    # --- live progress, to 100 %, without reloading the page -------------------------------
+    loads: list[str] = []
+    page.on("load", lambda loaded: loads.append(loaded.url))
     bars = page.locator("progress")
     expect(bars).to_have_count(2)
     states = page.locator(".study-progress .state")
@@ -208,6 +212,7 @@ def test_staff_share_a_pacs_study_with_a_prior_and_the_patient_opens_the_printed
             f"{patient_studies.prior_count} / {patient_studies.prior_count}",
         ]
     )
+    assert loads == [], "the page reloaded instead of updating itself"
     _accessible(page)
     _fits_a_phone(page)
 
@@ -246,4 +251,46 @@ def test_staff_share_a_pacs_study_with_a_prior_and_the_patient_opens_the_printed
         time.sleep(0.3)
     finally:
         patient.close()
+    assert violations == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_share_page_follows_a_retrieval_as_it_goes_and_words_its_failure(
+    staff_context: BrowserContext, live_server: Any
+) -> None:
+    """The worker's progress, written to the job's row, reaches the page without a reload;
+    a failure brings its explanation and the retry button."""
+    node = services.pacs_node_create(
+        name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port()
+    )
+    uid = "1.2.826.0.1.3680043.8.498.88001"
+    shared = services.study_share(
+        study_instance_uid=uid, recipient="patient", channel="sms", contact="+33612345642"
+    )
+    # Queued as study_share does, without a worker to take it: the test plays the worker.
+    job = retrieval.retrieval_job_create(node=node, study_uid=uid)
+    violations: list[str] = []
+    page = staff_context.new_page()
+    _watch_csp(page, violations)
+    page.goto(f"{live_server.url}/staff/share/{shared.created.share.pk}/")
+    expect(page.locator(".state")).to_have_text("Waiting for its turn")
+    loads: list[str] = []
+    page.on("load", lambda loaded: loads.append(loaded.url))
+
+    RetrievalJob.objects.filter(pk=job.pk).update(
+        status=RetrievalJob.Status.RUNNING, received=3, expected=12
+    )
+    expect(page.locator(".counts")).to_have_text("3 / 12")
+    expect(page.locator(".state")).to_have_text("Arriving")
+    expect(page.locator("progress")).to_have_attribute("value", "25")
+    assert loads == []
+
+    RetrievalJob.objects.filter(pk=job.pk).update(
+        status=RetrievalJob.Status.FAILED,
+        error="cannot reach PACS@127.0.0.1: no association",
+        error_kind=RetrievalJob.Failure.UNREACHABLE,
+    )
+    alert = page.get_by_role("alert")
+    expect(alert).to_contain_text("The portal cannot reach the PACS pacs at PACS (127.0.0.1:")
+    expect(alert.get_by_role("button", name="Try again")).to_be_visible()
     assert violations == []

@@ -105,6 +105,10 @@ def _source(request: HttpRequest) -> PacsNode | None:
     return node
 
 
+class _SourceSilent(Exception):
+    """The node the study comes from did not answer: nothing to share from it for now."""
+
+
 @dataclass
 class _Candidates:
     study: StudyHit
@@ -117,6 +121,8 @@ def _candidates(request: HttpRequest, study_uid: str, node: PacsNode | None) -> 
     nodes = [node] if node is not None else []
     found = studies_search(StudyQuery(study_instance_uid=study_uid), nodes=nodes)
     matches = [hit for hit in found.studies if hit.study_instance_uid == study_uid]
+    if not matches and found.silent:
+        raise _SourceSilent(node.name if node is not None else "")
     if not matches:
         raise Http404("no such study")
     study = matches[0]
@@ -152,7 +158,18 @@ def _display_date(da: str) -> str:
 def share_new(request: HttpRequest) -> HttpResponse:
     study_uid = request.GET.get("study", "")
     node = _source(request)
-    candidates = _candidates(request, study_uid, node)
+    try:
+        candidates = _candidates(request, study_uid, node)
+    except _SourceSilent as exc:
+        messages.error(
+            request,
+            _(
+                "The PACS %(node)s did not answer: the study cannot be shared from it now. "
+                "Try again in a moment."
+            )
+            % {"node": str(exc)},
+        )
+        return redirect("staff:home")
     choices = [(hit.study_instance_uid, _prior_label(hit)) for hit in candidates.priors]
     if request.method == "POST":
         return _share_create(request, candidates, node, choices)
