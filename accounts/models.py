@@ -303,6 +303,7 @@ class AuditEvent(models.Model):
         SHARE_LINK_SENT = "share_link_sent", _("Link sent to the recipient")
         SHARE_LINK_SEND_FAILED = "share_link_send_failed", _("Link could not be sent")
         RETRIEVAL_RETRIED = "retrieval_retried", _("Retrieval started again")
+        HANDOUT_PRINTED = "handout_printed", _("Handout printed")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     action = models.CharField(_("what"), max_length=32, choices=Action.choices)

@@ -530,6 +530,9 @@ class TestAfterTheShare:
         assert "Hôpital Saint-Exemple" in page and "01 23 45 67 89" in page
         assert settings.BASE_URL in page and "Jeûne inutile." in page
         assert 'lang="en"' in page and "In three steps" in page
+        assert AuditEvent.objects.filter(
+            action=AuditEvent.Action.HANDOUT_PRINTED, share=share
+        ).exists()
 
     def test_the_handout_is_in_the_language_chosen_for_the_share(
         self, client: Client, db: Any

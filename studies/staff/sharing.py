@@ -511,6 +511,13 @@ def share_handout(request: HttpRequest, pk: int) -> HttpResponse:
         }
         if secrets is not None and secrets.access_code is not None:
             context["qr"] = _qr_svg(secrets.url, _("QR code of your link"))
+            # The page that carries the code in clear: who opened it, and when.
+            account_services.audit(
+                AuditEvent.Action.HANDOUT_PRINTED,
+                request=request,
+                share=share,
+                language=share.language,
+            )
         response = render(request, "studies/staff/handout.html", context)
     add_never_cache_headers(response)
     return response
