@@ -171,8 +171,10 @@ def test_staff_share_a_pacs_study_with_a_prior_and_the_patient_opens_the_printed
     page.goto(live_server.url + "/staff/")
     expect(page.get_by_role("heading", name="Search studies")).to_be_visible()
     _accessible(page)
-    page.get_by_label("Patient ID").fill(PATIENT_ID)
-    page.get_by_role("button", name="Search").click()
+    # With the keyboard alone, as on the rest of the way to the share.
+    page.get_by_label("Patient ID").focus()
+    page.keyboard.type(PATIENT_ID)
+    page.keyboard.press("Enter")
     expect(page.get_by_role("heading", name="BERNARD Lucie")).to_be_visible()
     rows = page.locator("table.studies tbody tr")
     expect(rows).to_have_count(2)
@@ -184,14 +186,21 @@ def test_staff_share_a_pacs_study_with_a_prior_and_the_patient_opens_the_printed
     _fits_a_phone(page)
 
     # --- the share form ---------------------------------------------------------------------
-    rows.first.get_by_role("link", name="Share").click()
+    rows.first.get_by_role("link", name="Share").focus()
+    page.keyboard.press("Enter")
     expect(page.get_by_role("heading", name="Share a study")).to_be_visible()
     _accessible(page)
     _fits_a_phone(page)
-    page.get_by_label("IRM GENOU").check()
-    page.get_by_label("Mobile phone").fill("06 12 34 56 42")
+    page.get_by_label("IRM GENOU").focus()
+    page.keyboard.press("Space")
+    expect(page.get_by_label("IRM GENOU")).to_be_checked()
+    page.keyboard.press("Tab")  # to the recipient's kind: patient, already chosen
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("", "none"), "the focused control shows no focus"
+    page.get_by_label("Mobile phone").focus()
+    page.keyboard.type("06 12 34 56 42")
     with _tasks_to(worker):
-        page.get_by_role("button", name="Share", exact=True).click()
+        page.keyboard.press("Enter")  # submits the form
         expect(page.get_by_role("heading", name="Link and access code")).to_be_visible()
     share = Share.objects.get()
     assert share.contact == "+33612345642"

@@ -4,6 +4,7 @@ itself is the selector studies.search; each search is audited)."""
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import path
+from django.views.decorators.http import require_GET
 
 from accounts import services as account_services
 from accounts.models import AuditEvent, User
@@ -13,6 +14,7 @@ from studies.staff.forms import SearchForm
 
 
 @staff_required(User.Role.SHARER)
+@require_GET
 def home(request: HttpRequest) -> HttpResponse:
     # A search is a GET (a bookmarkable, repeatable read); an empty form is the start page.
     searched = bool(request.GET)
