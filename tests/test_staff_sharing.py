@@ -426,6 +426,31 @@ class TestShareForm:
         assert "The PACS closed did not answer" in response.content.decode()
         assert not Share.objects.exists()
 
+    def test_send_now_emails_a_physician_the_link_with_the_note(
+        self, client: Client, db: Any
+    ) -> None:
+        from django.core import mail
+
+        study = make_study()
+        response = client.post(
+            _share_form_url(study.study_instance_uid, "local"),
+            _share_data(
+                recipient="physician",
+                channel="email",
+                phone="",
+                email="dr.martin@example.org",
+                send_now="on",
+                note="Compare with the 2024 CT.",
+            ),
+        )
+        assert response.status_code == 302
+        page = client.get(response["Location"]).content.decode()
+        (message,) = mail.outbox
+        assert message.to == ["dr.martin@example.org"]
+        assert message.subject == "Your images are ready to view"
+        assert _link_on(page) in message.body and "Compare with the 2024 CT." in message.body
+        assert _code_on(page) not in message.body  # the code travels on paper only
+
     def test_an_unknown_study_or_source_is_404(self, client: Client, db: Any) -> None:
         assert client.get(_share_form_url("1.2.3.4", "local")).status_code == 404
         assert client.get(_share_form_url("1.2.3.4", "nowhere")).status_code == 404
