@@ -137,6 +137,12 @@ class Share(models.Model):
     # resets it, only staff do (accounts.services.share_unlock). Past
     # settings.OTP_LIFETIME_MAX_FAILURES the share stays locked until they do.
     otp_failures = models.PositiveIntegerField(_("wrong one-time codes"), default=0)
+    # What staff tell the recipient (shown on the handout and the viewer), and the language
+    # of the handout and of the messages the recipient gets.
+    note = models.TextField(_("note for the recipient"), max_length=500, blank=True)
+    language = models.CharField(
+        _("language"), max_length=8, choices=settings.LANGUAGES, default="en"
+    )
 
     objects = ShareQuerySet.as_manager()
 
@@ -333,6 +339,12 @@ class AuditEvent(models.Model):
         STAFF_DEVICE_REMOVED = "staff_device_removed", _("Second factor removed")
         STAFF_RECOVERY_CODES = "staff_recovery_codes", _("Recovery codes made")
         STAFF_RECOVERY_CODE_USED = "staff_recovery_code_used", _("Recovery code used")
+        STUDY_SEARCH = "study_search", _("Studies searched")
+        SHARE_REGENERATED = "share_regenerated", _("Link and code replaced")
+        SHARE_LINK_SENT = "share_link_sent", _("Link sent to the recipient")
+        SHARE_LINK_SEND_FAILED = "share_link_send_failed", _("Link could not be sent")
+        RETRIEVAL_RETRIED = "retrieval_retried", _("Retrieval started again")
+        HANDOUT_PRINTED = "handout_printed", _("Handout printed")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     action = models.CharField(_("what"), max_length=32, choices=Action.choices)

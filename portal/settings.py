@@ -321,6 +321,18 @@ VIEWER_TOKEN_MINUTES = env.int("PORTAL_VIEWER_TOKEN_MINUTES", default=10)
 # Who a locked-out or lost recipient should call; shown on the lockout and help pages.
 SUPPORT_CONTACT = env.str("PORTAL_SUPPORT_CONTACT", default="")
 
+# --- Staff workspace (studies.staff) -----------------------------------------------------------
+# The region of phone numbers typed without a country code (ISO 3166 code, e.g. FR, BE).
+PHONE_REGION = env.str("PORTAL_PHONE_REGION", default="FR")
+# The handout: the hospital's name, its logo (a path under the static files or an https URL),
+# and the help desk a locked-out recipient calls.
+HOSPITAL_NAME = env.str("PORTAL_HOSPITAL_NAME", default="")
+HOSPITAL_LOGO = env.str("PORTAL_HOSPITAL_LOGO", default="")
+HELPDESK_PHONE = env.str("PORTAL_HELPDESK_PHONE", default="")
+# Seconds the staff search waits for the PACS nodes: one that has not answered by then is
+# shown as such, and the others' results come all the same.
+SEARCH_TIMEOUT = env.float("PORTAL_SEARCH_TIMEOUT", default=15.0)
+
 # Brute force (django-axes): failed links and codes are counted by client address and by share
 # (accounts.backends.axes_username); 5 failures lock for the cool-off, in the database so that
 # every process and machine sees the same state.

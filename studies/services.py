@@ -274,6 +274,8 @@ def study_share(
     days: int | None = None,
     allow_download: bool = True,
     single_use: bool = False,
+    note: str = "",
+    language: str = "",
     created_by: User | None = None,
     request: HttpRequest | None = None,
 ) -> SharedStudy:
@@ -298,6 +300,8 @@ def study_share(
         days=days,
         allow_download=allow_download,
         single_use=single_use,
+        note=note,
+        language=language,
         created_by=created_by,
         request=request,
     )
@@ -309,3 +313,27 @@ def study_share(
             tasks.retrieval_job_enqueue(job)
             jobs.append(job)
     return SharedStudy(created=created, jobs=jobs, in_store=not missing)
+
+
+def retrieval_job_retry(
+    *, job: RetrievalJob, by: User | None = None, request: HttpRequest | None = None
+) -> RetrievalJob:
+    """Try a failed retrieval again, at staff's request (once the cause is fixed: the PACS
+    back up, the portal added to its nodes): a new job for the same study and node, queued
+    at once. A job not failed is returned as it is; so is one whose node was removed."""
+    if job.status != RetrievalJob.Status.FAILED or job.pacs is None:
+        return job
+    new = retrieval.retrieval_job_create(
+        node=job.pacs, study_uid=job.study_instance_uid, requested_by=by
+    )
+    tasks.retrieval_job_enqueue(new)
+    account_services.audit(
+        AuditEvent.Action.RETRIEVAL_RETRIED,
+        request=request,
+        actor=by,
+        study=job.study_instance_uid,
+        node=job.pacs.name,
+        job=new.pk,
+        failed_job=job.pk,
+    )
+    return new

@@ -66,6 +66,31 @@ class _RequestFailed(PacsError):
     """The PACS answered a retrieval with a failure status, which seldom says why."""
 
 
+# What went wrong, told apart by type (never by the message) where a person can act on it:
+# the staff workspace words each for the radiology desk.
+
+
+class PacsUnreachable(PacsError):
+    """No connection to the PACS: it is down, or the address or a firewall is wrong."""
+
+
+class PacsSilent(PacsError):
+    """The PACS stopped answering within the time allowed."""
+
+
+class PortalUnknown(PacsError):
+    """The PACS refuses the portal's AE title: the portal is not among its DICOM nodes."""
+
+
+class DestinationUnknown(PacsError):
+    """The PACS does not know where to send a C-MOVE: the portal's AE title, host and port
+    are not among its DICOM nodes."""
+
+
+class StudyMissing(PacsError):
+    """The PACS does not have the study."""
+
+
 @dataclass(frozen=True)
 class Peer:
     ae_title: str
@@ -131,15 +156,20 @@ def _association(
             tls_args=(context, peer.host) if context is not None else None,
         )
     except (OSError, ValueError) as exc:
-        raise PacsError(f"cannot reach {peer}: {exc}") from exc
+        raise PacsUnreachable(f"cannot reach {peer}: {exc}") from exc
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive
         reason = _rejection_reason(
             getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None), peer
         )
-        raise PacsError(f"{peer} rejected the association: {reason}")
+        error = _rejection_error(
+            getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None)
+        )
+        raise error(f"{peer} rejected the association: {reason}")
     if not assoc.is_established:
-        raise PacsError(f"cannot reach {peer}: no association (connection refused or timed out)")
+        raise PacsUnreachable(
+            f"cannot reach {peer}: no association (connection refused or timed out)"
+        )
     try:
         yield assoc
     finally:
@@ -156,6 +186,11 @@ def _rejection_reason(source: int | None, reason: int | None, peer: Peer) -> str
     if by_service_user and reason == 0x07:
         return f"its AE title is not {peer.ae_title!r}"
     return "is the portal's AE title known to it, and is its own AE title right?"
+
+
+def _rejection_error(source: int | None, reason: int | None) -> type[PacsError]:
+    """PortalUnknown when the PACS says it does not know the calling AE title (PS3.8 9.3.4)."""
+    return PortalUnknown if source == 0x01 and reason == 0x03 else PacsError
 
 
 def _check_alive(assoc: Association, peer: Peer, what: str) -> None:
@@ -181,10 +216,10 @@ def _unanswered(
     """A request whose answers stopped: the peer fell silent, or closed the association after
     some answers, or before any (which is how Orthanc refuses an AE title it does not know)."""
     if timed_out:
-        return PacsError(f"{peer} sent no answer to the {what} within {timeout:g} s")
+        return PacsSilent(f"{peer} sent no answer to the {what} within {timeout:g} s")
     if answered:
         return PacsError(f"{peer} dropped the association during the {what}")
-    return PacsError(
+    return PortalUnknown(
         f"{peer} closed the association instead of answering the {what} "
         f"(does it know the portal's AE title {settings.DICOM_AE_TITLE!r}?)"
     )
@@ -411,7 +446,7 @@ def _tally(
         # The error comment seldom helps a person, but may help whoever reads the PACS's log.
         logger.warning("%s ended the %s with 0x%04X: %r", peer, what, code, final.error_comment)
     if code == Status.MOVE_DESTINATION_UNKNOWN:
-        raise PacsError(
+        raise DestinationUnknown(
             f"{peer} does not know the move destination {destination!r}: "
             "add the portal to the PACS's list of DICOM nodes"
         )
@@ -449,7 +484,7 @@ def move_study(
         # Many PACSs (Orthanc, for one) answer "unable to process" for a study they do not
         # have: say which it is.
         if _lacks_study(peer, study_uid):
-            raise PacsError(f"{peer} does not have study {study_uid}") from exc
+            raise StudyMissing(f"{peer} does not have study {study_uid}") from exc
         raise
 
 
@@ -468,14 +503,15 @@ def _move(
         )
     except move_scu.Rejected as exc:
         reason = _rejection_reason(exc.source, exc.reason, peer)
-        raise PacsError(f"{peer} rejected the association: {reason}") from exc
+        error = _rejection_error(exc.source, exc.reason)
+        raise error(f"{peer} rejected the association: {reason}") from exc
     except move_scu.NotSupported as exc:
         raise PacsError(f"{peer} does not offer study-root C-MOVE") from exc
     except move_scu.MoveProtocolError as exc:
         raise PacsError(f"{peer} broke the DICOM protocol: {exc}") from exc
     except move_scu.MoveError as exc:
         # The same words as when pynetdicom cannot associate; the cause stays in the chain.
-        raise PacsError(
+        raise PacsUnreachable(
             f"cannot reach {peer}: no association (connection refused or timed out)"
         ) from exc
 
@@ -514,7 +550,7 @@ def get_study(
     """Retrieve a study over the same association (C-GET); each instance goes to on_store."""
     sop_classes = set(instances_in_study(peer, study_uid).values()) - {""}
     if not sop_classes:
-        raise PacsError(f"{peer} does not have study {study_uid}")
+        raise StudyMissing(f"{peer} does not have study {study_uid}")
     if len(sop_classes) > _MAX_CONTEXTS - 1:
         raise PacsError(f"study {study_uid} has too many SOP classes for one C-GET association")
     ae = _application_entity()
