@@ -11,7 +11,7 @@ from django.http import HttpRequest
 from django.utils.translation import gettext as _
 
 from accounts import services as account_services
-from accounts.models import User
+from accounts.models import AuditEvent, Share, User
 from accounts.services import CreatedShare
 from studies import dicom, retrieval, tasks
 from studies.models import PacsNode, RetrievalJob, Study
@@ -130,3 +130,59 @@ def study_share(
             tasks.retrieval_job_enqueue(job)
             jobs.append(job)
     return SharedStudy(created=created, jobs=jobs, in_store=not missing)
+
+
+def _last_source(study_instance_uid: str) -> PacsNode | None:
+    """The node the study was last retrieved from (still configured)."""
+    job = (
+        RetrievalJob.objects.filter(study_instance_uid=study_instance_uid, pacs__isnull=False)
+        .select_related("pacs")
+        .order_by("-created_at", "-pk")
+        .first()
+    )
+    return job.pacs if job is not None else None
+
+
+def share_rearm(
+    *,
+    share: Share,
+    node: PacsNode | None = None,
+    by: User | None = None,
+    request: HttpRequest | None = None,
+) -> list[RetrievalJob]:
+    """Retrieve again the studies of a live share that the store no longer holds (purged
+    after the share expired and staff extended it, or to bring the store under its cap): from
+    `node`, else from the node each study last came from. Nothing is queued unless every
+    missing study has a node. Returns the jobs queued (none if the store has everything)."""
+    if share.refusal() is not None:
+        raise ValidationError(
+            {"share": [_("This share has ended: extend it before retrieving its studies again.")]}
+        )
+    missing = [uid for uid in share.study_uids if not study_in_store(uid)]
+    sources = {uid: node or _last_source(uid) for uid in missing}
+    unknown = [uid for uid, source in sources.items() if source is None]
+    if unknown:
+        raise ValidationError(
+            {
+                "node": [
+                    _("No PACS node is known for study %(uid)s: choose one to retrieve it from.")
+                    % {"uid": unknown[0]}
+                ]
+            }
+        )
+    jobs = []
+    for uid, source in sources.items():
+        assert source is not None
+        job = retrieval.retrieval_job_create(node=source, study_uid=uid, requested_by=by)
+        tasks.retrieval_job_enqueue(job)
+        jobs.append(job)
+    if jobs:
+        account_services.audit(
+            AuditEvent.Action.SHARE_REARMED,
+            request=request,
+            share=share,
+            actor=by,
+            studies=missing,
+            jobs=[job.pk for job in jobs],
+        )
+    return jobs
