@@ -78,10 +78,7 @@ class TestAccess:
         assert "Audit log" in html
         assert 'aria-current="page"' in html
         assert ids_on_page(html) == AuditEvent.objects.count()
-        assert (
-            response["Cache-Control"].startswith("max-age=0")
-            or "no-store" in response["Cache-Control"]
-        )
+        assert "no-store" in response["Cache-Control"]
 
     def test_an_administrator_sees_it_too(self, db: Any) -> None:
         bob = user("bob", User.Role.ADMIN)
@@ -186,7 +183,7 @@ class TestExport:
         assert response.status_code == 200
         assert response["Content-Type"] == "text/csv; charset=utf-8"
         assert response["Content-Disposition"].startswith('attachment; filename="audit-')
-        assert "no-store" in response["Cache-Control"] or "max-age=0" in response["Cache-Control"]
+        assert "no-store" in response["Cache-Control"]
         return list(csv.DictReader(io.StringIO(response.content.decode())))
 
     def test_it_writes_the_filtered_events_with_the_commands_writer(
