@@ -302,3 +302,24 @@ def test_rearm_refuses_a_study_with_no_known_node_and_queues_nothing() -> None:
         call_command("share", "rearm", str(share.pk), "--pacs", "nowhere")
     assert not RetrievalJob.objects.exists()
     assert not AuditEvent.objects.filter(action=AuditEvent.Action.SHARE_REARMED).exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "check_id"),
+    [
+        ("AUDIT_RETENTION_DAYS", 0, "accounts.E030"),
+        ("STORE_MAX_BYTES", -1, "studies.E010"),
+        ("PURGE_INTERVAL_MINUTES", 0, "studies.E011"),
+    ],
+)
+def test_bad_retention_settings_fail_at_start_up(
+    settings: Any, name: str, value: int, check_id: str
+) -> None:
+    from django.core.checks import run_checks
+
+    def ids() -> set[str]:
+        return {message.id for message in run_checks() if message.id}
+
+    assert check_id not in ids()
+    setattr(settings, name, value)
+    assert check_id in ids()
