@@ -389,3 +389,22 @@ def test_the_migration_chains_events_recorded_before_it() -> None:
     assert run("verify").strip() == "intact, 3 events"
     account_services.audit(AuditEvent.Action.VIEW)
     assert run("verify").strip() == "intact, 4 events"
+
+
+@pytest.mark.django_db
+def test_the_admin_shows_events_read_only() -> None:
+    from tests.support.staff import admin_user, staff_client
+
+    event = some_events(1)[0]
+    client = staff_client(admin_user())
+    base = f"/admin/accounts/auditevent/{event.pk}"
+    assert client.get(f"{base}/change/").status_code == 200  # to read
+    assert client.post(f"{base}/change/", {"user_agent": "edited"}).status_code == 403
+    assert client.post(f"{base}/delete/", {"post": "yes"}).status_code == 403
+    response = client.post(
+        "/admin/accounts/auditevent/",
+        {"action": "delete_selected", "_selected_action": [event.pk], "post": "yes"},
+    )
+    assert response.status_code in {200, 302}
+    assert AuditEvent.objects.filter(pk=event.pk).exists()
+    assert run("verify").strip() == "intact, 1 events"
