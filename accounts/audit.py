@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -243,13 +243,28 @@ def csv_cell(value: Any) -> str:
     return text
 
 
-def write_csv(events: Iterable[AuditEvent], out: TextOut) -> int:
-    writer = csv.writer(out)
-    writer.writerow(CSV_COLUMNS)
-    count = 0
+class _Line:
+    """What csv.writer writes to: it hands each row back as its text."""
+
+    def write(self, text: str) -> str:
+        return text
+
+
+def csv_lines(events: Iterable[AuditEvent]) -> Iterator[str]:
+    """The CSV export line by line, header first (for a streamed response)."""
+    writer = csv.writer(_Line())
+    yield writer.writerow(CSV_COLUMNS)
     for event in events:
         record = event_record(event)
-        writer.writerow([csv_cell(record[column]) for column in CSV_COLUMNS])
+        yield writer.writerow([csv_cell(record[column]) for column in CSV_COLUMNS])
+
+
+def write_csv(events: Iterable[AuditEvent], out: TextOut) -> int:
+    lines = csv_lines(events)
+    out.write(next(lines))
+    count = 0
+    for line in lines:
+        out.write(line)
         count += 1
     return count
 

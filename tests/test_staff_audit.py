@@ -179,12 +179,13 @@ class TestFilters:
 
 class TestExport:
     def export(self, client: Client, **params: Any) -> list[dict[str, str]]:
-        response = client.get(EXPORT, params)
+        response: Any = client.get(EXPORT, params)
         assert response.status_code == 200
         assert response["Content-Type"] == "text/csv; charset=utf-8"
         assert response["Content-Disposition"].startswith('attachment; filename="audit-')
         assert "no-store" in response["Cache-Control"]
-        return list(csv.DictReader(io.StringIO(response.content.decode())))
+        body = b"".join(response.streaming_content).decode()
+        return list(csv.DictReader(io.StringIO(body)))
 
     def test_it_writes_the_filtered_events_with_the_commands_writer(
         self, alice: User, trail: dict[str, Share]
