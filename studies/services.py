@@ -150,13 +150,15 @@ def share_rearm(
     by: User | None = None,
     request: HttpRequest | None = None,
 ) -> list[RetrievalJob]:
-    """Retrieve again the studies of a live share that the store no longer holds (purged
-    after the share expired and staff extended it, or to bring the store under its cap): from
-    `node`, else from the node each study last came from. Nothing is queued unless every
-    missing study has a node. Returns the jobs queued (none if the store has everything)."""
+    """Retrieve again the studies of a live share that the store no longer holds (a copy
+    lost to a purge that raced the share's creation, a store restored from an older backup, a
+    share made without a node for a study the store lacked): from `node`, else from the node
+    each study last came from. Nothing is queued unless every missing study has a node. An
+    ended share is refused: it cannot come back (accounts.services.share_extend), the study is
+    shared again instead. Returns the jobs queued (none if the store has everything)."""
     if share.refusal() is not None:
         raise ValidationError(
-            {"share": [_("This share has ended: extend it before retrieving its studies again.")]}
+            {"share": [_("This share has ended: share the study again instead.")]}
         )
     missing = [uid for uid in share.study_uids if not study_in_store(uid)]
     sources = {uid: node or _last_source(uid) for uid in missing}

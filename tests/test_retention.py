@@ -231,7 +231,7 @@ def data_set(part10: bytes) -> bytes:
 
 @pytest.mark.dicom
 @pytest.mark.django_db(transaction=True)
-def test_staff_rearm_an_extended_share_whose_study_was_purged(
+def test_staff_rearm_a_live_share_whose_study_copy_is_gone(
     orthanc_node: PacsNode,
     pacs_studies: PacsStudies,
     settings: Any,
@@ -260,11 +260,12 @@ def test_staff_rearm_an_extended_share_whose_study_was_purged(
     share.refresh_from_db()
     with pytest.raises(ValidationError) as info:
         services.share_rearm(share=share)
-    assert "extend it" in info.value.messages[0]
+    assert "share the study again" in info.value.messages[0]
     assert queued == []
 
-    # Staff extend it (the staff workspace's service): the patient would see "being prepared"
-    # for ever. Re-armed, it retrieves its study again from the node it came from.
+    # A live share without its copy: what a purge racing the share's creation leaves, or a
+    # store restored from an older backup. Its patient would see "being prepared" for ever.
+    # Re-armed, it retrieves its study again from the node it came from.
     Share.objects.filter(pk=share.pk).update(expires_at=timezone.now() + timedelta(days=7))
     out = StringIO()
     call_command("share", "rearm", str(share.pk), stdout=out)
