@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
-from django.utils import timezone
+from django.utils import timezone, translation
 
 from accounts.models import AuditEvent, Share
 from accounts.selectors import share_status
@@ -258,7 +258,7 @@ def test_staff_rearm_a_live_share_whose_study_copy_is_gone(
     assert retention.store_purge().studies == [study.uid]
     assert files_of(study.uid, settings) == []
     share.refresh_from_db()
-    with pytest.raises(ValidationError) as info:
+    with translation.override("en"), pytest.raises(ValidationError) as info:
         services.share_rearm(share=share)
     assert "share the study again" in info.value.messages[0]
     assert queued == []
@@ -297,6 +297,7 @@ def test_rearm_refuses_a_study_with_no_known_node_and_queues_nothing() -> None:
     from django.core.management import CommandError
 
     share = make_share("1.2.826.0.1.3680043.8.498.7777").share
+    translation.activate("en")  # whatever a test before left active
     with pytest.raises(CommandError, match="No PACS node is known"):
         call_command("share", "rearm", str(share.pk))
     with pytest.raises(CommandError, match="No PACS node named 'nowhere'"):
