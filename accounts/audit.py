@@ -280,6 +280,7 @@ def write_ndjson(events: Iterable[AuditEvent], out: TextOut) -> int:
 # DICOM PS3.16 CID 400 (Audit Event ID), the codes FHIR's AuditEvent.type takes from DCM.
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 _DCM_TYPES = {
+    "110100": "Application Activity",
     "110101": "Audit Log Used",
     "110103": "DICOM Instances Accessed",
     "110105": "DICOM Study Deleted",
@@ -309,6 +310,25 @@ _FHIR_KIND: dict[str, tuple[str, str]] = {
     _A.STUDY_PURGED: ("110105", "D"),
     _A.AUDIT_EXPORTED: ("110101", "R"),
     _A.AUDIT_PRUNED: ("110101", "D"),
+    # Each step of a recipient's authentication.
+    **{
+        action: ("110114", "E")
+        for action in (
+            _A.LINK_OPENED,
+            _A.LINK_FAILED,
+            _A.CODE_OK,
+            _A.CODE_FAILED,
+            _A.OTP_SENT,
+            _A.OTP_SEND_FAILED,
+            _A.OTP_SEND_LIMIT,
+            _A.OTP_OK,
+            _A.OTP_FAILED,
+            _A.PASSKEY_OK,
+            _A.PASSKEY_FAILED,
+            _A.LOGOUT,
+            _A.SESSION_EXPIRED,
+        )
+    },
 }
 _FAILURES = {
     _A.LINK_FAILED,
@@ -328,7 +348,8 @@ STAFF_SYSTEM = "urn:x-image-portal:staff"
 
 def fhir_audit_event(event: AuditEvent) -> dict[str, Any]:
     """One event as a FHIR R4 AuditEvent resource (R4B, whose AuditEvent is R4's)."""
-    code, fhir_action = _FHIR_KIND.get(event.action, ("110114", "E"))
+    # An action without a code of its own is the portal's activity (staff work on nodes…).
+    code, fhir_action = _FHIR_KIND.get(event.action, ("110100", "E"))
     if event.actor is not None:
         username = event.actor.get_username()
         who: dict[str, Any] = {

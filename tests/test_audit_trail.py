@@ -408,3 +408,16 @@ def test_the_admin_shows_events_read_only() -> None:
     assert response.status_code in {200, 302}
     assert AuditEvent.objects.filter(pk=event.pk).exists()
     assert run("verify").strip() == "intact, 1 events"
+
+
+@pytest.mark.django_db
+def test_every_kind_of_event_is_a_valid_fhir_audit_event() -> None:
+    for action in AuditEvent.Action.values:
+        account_services.audit(action, note="x")
+    for line in export("--format", "fhir-ndjson").splitlines():
+        resource = FhirAuditEvent.model_validate_json(line)
+        assert resource.type.system == audit.DCM
+        assert resource.type.code in {"110100", "110101", "110103", "110105", "110106"} | {
+            "110113",
+            "110114",
+        }
