@@ -419,4 +419,4 @@ def test_every_kind_of_event_is_a_valid_fhir_audit_event() -> None:
         assert resource.type.system == audit.DCM
         # DICOM PS3.16 CID 400: application activity, audit log used, instances accessed,
         # study deleted, export, security alert, user authentication.
-        assert resource.type.code in "110100 110101 110103 110105 110106 110113 110114".split()
+        assert resource.type.code in ["110100", "110101", "110103", "110105", "110106", "110113", "110114"]
