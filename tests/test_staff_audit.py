@@ -80,6 +80,19 @@ class TestAccess:
         assert ids_on_page(html) == AuditEvent.objects.count()
         assert "no-store" in response["Cache-Control"]
 
+    def test_what_a_visitor_sent_is_shown_as_text(self, alice: User) -> None:
+        """mallory's browser name and a detail she chose are HTML she hopes an auditor's
+        browser runs."""
+        account_services.audit_trail.event_append(
+            action=AuditEvent.Action.LINK_FAILED,
+            user_agent="<script>alert('ua')</script>",
+            detail={"reason": "<img src=x onerror=alert(1)>"},
+        )
+        html = staff_client(alice).get(AUDIT).content.decode()
+        assert "<script>alert" not in html and "<img src=x" not in html
+        assert "&lt;script&gt;alert(&#x27;ua&#x27;)&lt;/script&gt;" in html
+        assert "&lt;img src=x onerror=alert(1)&gt;" in html
+
     def test_an_administrator_sees_it_too(self, db: Any) -> None:
         bob = user("bob", User.Role.ADMIN)
         assert staff_client(bob).get(AUDIT).status_code == 200
