@@ -1,5 +1,6 @@
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
@@ -288,9 +289,35 @@ class PhysicianPasskey(models.Model):
         return f"passkey of {self.email}"
 
 
+class AuditTrailImmutable(Exception):
+    """An audit event was to be changed or deleted: the trail is append-only (only
+    accounts.audit.audit_prune removes events, the oldest, past the retention)."""
+
+
+class AuditEventQuerySet(models.QuerySet["AuditEvent"]):
+    """Bulk writes would bypass the chain (accounts.audit.event_append) or break it."""
+
+    def update(self, **kwargs: Any) -> int:
+        raise AuditTrailImmutable("audit events cannot be changed")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise AuditTrailImmutable("audit events cannot be deleted")
+
+    def bulk_create(  # type: ignore[override]
+        self, *args: Any, **kwargs: Any
+    ) -> list["AuditEvent"]:
+        raise AuditTrailImmutable("audit events are appended one by one to the chain")
+
+    def bulk_update(self, *args: Any, **kwargs: Any) -> int:
+        raise AuditTrailImmutable("audit events cannot be changed")
+
+
 class AuditEvent(models.Model):
-    """Append-only: created by accounts.services.audit and nothing else; the admin shows it
-    read-only. Never holds a token, a code or a one-time code."""
+    """Append-only and hash-chained: created by accounts.audit.event_append (through
+    accounts.services.audit) and nothing else; the admin shows it read-only. Each event's
+    `digest` covers its fields and the digest of the event before it (`prev_digest`), so that
+    a changed, inserted or deleted row breaks the chain (`manage.py audit verify`). Never holds
+    a token, a code or a one-time code."""
 
     class Action(models.TextChoices):
         SHARE_CREATED = "share_created", _("Share created")
@@ -345,6 +372,12 @@ class AuditEvent(models.Model):
         SHARE_LINK_SEND_FAILED = "share_link_send_failed", _("Link could not be sent")
         RETRIEVAL_RETRIED = "retrieval_retried", _("Retrieval started again")
         HANDOUT_PRINTED = "handout_printed", _("Handout printed")
+        SHARE_EXPIRED = "share_expired", _("Share ended (expired or used)")
+        SHARE_REARMED = "share_rearmed", _("Share re-armed (study retrieved again)")
+        STUDY_PURGED = "study_purged", _("Study copy deleted from the store")
+        STORE_OVER_CAP = "store_over_cap", _("Store over its size cap")
+        AUDIT_EXPORTED = "audit_exported", _("Audit log exported")
+        AUDIT_PRUNED = "audit_pruned", _("Audit events past the retention pruned")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     action = models.CharField(_("what"), max_length=32, choices=Action.choices)
@@ -358,6 +391,13 @@ class AuditEvent(models.Model):
     ip_address = models.GenericIPAddressField(_("from"), null=True, blank=True)
     user_agent = models.CharField(_("browser"), max_length=255, blank=True)
     detail = models.JSONField(default=dict, blank=True)
+    # SHA-256 (hex) of the previous event's digest and this event's fields
+    # (accounts.audit.event_digest); the first event's prev_digest is empty, or after a prune
+    # the digest of the last pruned event (AuditChain.anchor_digest).
+    prev_digest = models.CharField(max_length=64, blank=True, default="", editable=False)
+    digest = models.CharField(max_length=64, blank=True, default="", editable=False)
+
+    objects = AuditEventQuerySet.as_manager()
 
     class Meta:
         ordering = ["-at", "-pk"]
@@ -367,6 +407,36 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.action}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise AuditTrailImmutable("audit events cannot be changed")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise AuditTrailImmutable("audit events cannot be deleted")
+
+
+class AuditChain(models.Model):
+    """The head of the audit chain: one row (pk 1). Appending an event locks it, so that
+    concurrent writers (every web process, worker and SCP) take their turn and the chain never
+    forks; its digest also shows when events were cut off the end. `anchor_digest` is the
+    digest of the last event pruned past the retention: the first kept event chains to it."""
+
+    SINGLETON = 1
+
+    head_digest = models.CharField(max_length=64, blank=True, default="")
+    events = models.PositiveBigIntegerField(default=0)
+    anchor_digest = models.CharField(max_length=64, blank=True, default="")
+    pruned_events = models.PositiveBigIntegerField(default=0)
+    pruned_through = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("audit chain")
+        verbose_name_plural = _("audit chain")
+
+    def __str__(self) -> str:
+        return f"audit chain ({self.events} events)"
 
 
 class RecipientAccess(models.Model):

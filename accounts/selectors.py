@@ -1,5 +1,6 @@
 """Reads of the accounts domain."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -149,6 +150,36 @@ def share_check_code(typed: str) -> AccessCheck:
         return AccessCheck(None, share if code else None, Refusal.UNKNOWN)
     reason = share.refusal()
     return AccessCheck(None if reason else share, share, reason)
+
+
+def audit_events(
+    *,
+    share_id: int | None = None,
+    actor_username: str = "",
+    action: str = "",
+    since: datetime | None = None,
+    until: datetime | None = None,
+    study_uids: Iterable[str] | None = None,
+) -> QuerySet[AuditEvent]:
+    """The audit log as auditors filter it, newest first. `study_uids` (a patient's studies,
+    which the studies app finds) keeps the events of shares of those studies and of what
+    was done to the studies themselves (a copy purged)."""
+    events = AuditEvent.objects.select_related("actor", "share")
+    if share_id is not None:
+        events = events.filter(share_id=share_id)
+    if actor_username:
+        events = events.filter(actor__username=actor_username)
+    if action:
+        events = events.filter(action=action)
+    if since is not None:
+        events = events.filter(at__gte=since)
+    if until is not None:
+        events = events.filter(at__lt=until)
+    if study_uids is not None:
+        uids = list(study_uids)
+        of_shares = SharedStudy.objects.filter(study_instance_uid__in=uids).values("share_id")
+        events = events.filter(Q(share_id__in=of_shares) | Q(detail__study__in=uids))
+    return events.order_by("-at", "-pk")
 
 
 def share_events(share: Share) -> QuerySet[AuditEvent]:

@@ -25,6 +25,7 @@ from django.urls import reverse
 from django.utils import formats, timezone, translation
 from django.utils.translation import gettext as _
 
+from accounts import audit as audit_trail
 from accounts import credentials, net, selectors, sms
 from accounts.models import (
     AuditEvent,
@@ -57,12 +58,13 @@ def audit(
     actor: User | None = None,
     **detail: Any,
 ) -> AuditEvent:
-    """Record one event. The only way events are written; there is no update or delete."""
+    """Record one event: appended to the hash chain (accounts.audit.event_append). The only
+    way events are written; there is no update or delete."""
     if actor is None and request is not None:
         user = getattr(request, "user", None)
         if user is not None and user.is_authenticated and isinstance(user, User):
             actor = user
-    return AuditEvent.objects.create(
+    return audit_trail.event_append(
         action=action,
         share=share,
         actor=actor,
@@ -363,13 +365,25 @@ def share_release_code(share: Share) -> Share:
 def shares_release_dead_codes(*, now: datetime | None = None) -> int:
     """share_release_code for every share expired, revoked or used up: for `purge` and other
     scheduled work. (share_create also does it, lazily, for a prefix it draws.)"""
-    return Share.objects.dead(now=now).filter(code_prefix__isnull=False).update(code_prefix=None)
+    dead = Share.objects.dead(now=now).filter(code_prefix__isnull=False)
+    return sum(_share_end(share, now=now) for share in dead.iterator())
+
+
+def _share_end(share: Share, *, now: datetime | None = None) -> int:
+    """Release the code of a share that can no longer be opened; one that ended by itself
+    (expired, used up) is recorded as ended here, once (a revoked one has its own event)."""
+    released = Share.objects.filter(pk=share.pk, code_prefix__isnull=False).update(code_prefix=None)
+    share.code_prefix = None
+    reason = share.refusal(now=now)
+    if released and reason is not None and share.revoked_at is None:
+        audit(AuditEvent.Action.SHARE_EXPIRED, share=share, reason=str(reason))
+    return released
 
 
 def _release_prefix_if_dead(prefix: str) -> None:
     holder = Share.objects.filter(code_prefix=prefix).first()
     if holder is not None and holder.refusal() is not None:
-        share_release_code(holder)
+        _share_end(holder)
 
 
 def share_unlock(

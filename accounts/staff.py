@@ -22,7 +22,8 @@ import django_otp
 from django.conf import settings
 from django.contrib import auth
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
 from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -31,7 +32,8 @@ from django_otp.models import Device
 from accounts.models import User
 
 P = ParamSpec("P")
-View = Callable[..., HttpResponse]
+# HttpResponseBase: a streamed response (the audit log's CSV export) is a view's answer too.
+View = Callable[..., HttpResponseBase]
 
 # When this session's user last proved a second factor (seconds since the epoch).
 SECOND_FACTOR_AT = "staff.second_factor_at"
@@ -88,7 +90,7 @@ def staff_required(*roles: str) -> Callable[[View], View]:
 
     def decorator(view: View) -> View:
         @wraps(view)
-        def wrapped(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
+        def wrapped(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponseBase:
             user = request.user
             if not isinstance(user, User) or not is_verified(user):
                 return redirect(_login_url(request))
@@ -107,7 +109,7 @@ def recent_second_factor_required(view: View) -> View:
     comes back to the page (`next` is the page the form was on) and submits again."""
 
     @wraps(view)
-    def wrapped(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
+    def wrapped(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponseBase:
         if second_factor_is_recent(request):
             return view(request, *args, **kwargs)
         back = request.get_full_path()

@@ -264,6 +264,27 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # worker killed mid-job never acknowledges): later than the lease, so that by then the job
     # can be taken over, and not while a job within its lease may still be running.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": RETRIEVAL_LEASE * 5 // 4 + 1}
+# A cap on the store's size, in GB (0: none). `purge` then also deletes unneeded copies that
+# are still within the grace hours, oldest first, until the store is under it; a copy a live
+# share needs is never deleted (the store stays over the cap, and says so in the log and the
+# audit trail).
+STORE_MAX_BYTES = int(env.float("PORTAL_STORE_MAX_GB", default=0.0) * 1e9)
+
+# --- Retention, scheduled by Celery beat (`celery -A portal beat`) ----------------------------
+# Audit events older than this many days are exported and pruned (`audit prune`).
+AUDIT_RETENTION_DAYS = env.int("PORTAL_AUDIT_RETENTION_DAYS", default=365)
+# Where beat's daily `audit prune` writes what it prunes (one JSON lines file per run).
+AUDIT_ARCHIVE_DIR = Path(env.str("PORTAL_AUDIT_ARCHIVE_DIR", default=str(VAR_DIR / "audit")))
+PURGE_INTERVAL_MINUTES = env.int("PORTAL_PURGE_INTERVAL_MINUTES", default=60)
+CELERY_BEAT_SCHEDULE = {
+    # Ends expired shares, deletes the copies no live share needs, clears expired sessions.
+    "purge": {
+        "task": "studies.tasks.purge",
+        "schedule": timedelta(minutes=PURGE_INTERVAL_MINUTES),
+    },
+    "audit-prune": {"task": "accounts.tasks.audit_prune", "schedule": timedelta(days=1)},
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Where `manage.py install_ohif` (`make ohif`) puts the OHIF viewer, served under /ohif/.
 OHIF_DIR = Path(env.str("PORTAL_OHIF_DIR", default=str(VAR_DIR / "ohif")))
 

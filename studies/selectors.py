@@ -211,3 +211,17 @@ def share_progress(study_uids: Sequence[str]) -> list[StudyProgress]:
             )
         )
     return progress
+
+
+def study_uids_of_patient(text: str) -> QuerySet[Study, str]:
+    """The Study Instance UIDs of the studies in the index whose patient ID is `text`, or
+    whose patient's name holds each of its words (DUPONT^Marie for "marie dupont")."""
+    words = text.replace("^", " ").split()
+    if not words:
+        return Study.objects.none().values_list("study_instance_uid", flat=True)
+    by_name = Q()
+    for word in words:
+        by_name &= Q(patient_name__icontains=word)
+    return Study.objects.filter(Q(patient_id=text.strip()) | by_name).values_list(
+        "study_instance_uid", flat=True
+    )

@@ -14,7 +14,7 @@ from django.http import HttpRequest
 from django.utils.translation import gettext as _
 
 from accounts import services as account_services
-from accounts.models import AuditEvent, User
+from accounts.models import AuditEvent, Share, User
 from accounts.services import CreatedShare
 from studies import dicom, retrieval, selectors, tasks
 from studies.dimse import pacs
@@ -337,3 +337,61 @@ def retrieval_job_retry(
         failed_job=job.pk,
     )
     return new
+
+
+def _last_source(study_instance_uid: str) -> PacsNode | None:
+    """The node the study was last retrieved from (still configured)."""
+    job = (
+        RetrievalJob.objects.filter(study_instance_uid=study_instance_uid, pacs__isnull=False)
+        .select_related("pacs")
+        .order_by("-created_at", "-pk")
+        .first()
+    )
+    return job.pacs if job is not None else None
+
+
+def share_rearm(
+    *,
+    share: Share,
+    node: PacsNode | None = None,
+    by: User | None = None,
+    request: HttpRequest | None = None,
+) -> list[RetrievalJob]:
+    """Retrieve again the studies of a live share that the store no longer holds (a copy
+    lost to a purge that raced the share's creation, a store restored from an older backup, a
+    share made without a node for a study the store lacked): from `node`, else from the node
+    each study last came from. Nothing is queued unless every missing study has a node. An
+    ended share is refused: it cannot come back (accounts.services.share_extend), the study is
+    shared again instead. Returns the jobs queued (none if the store has everything)."""
+    if share.refusal() is not None:
+        raise ValidationError(
+            {"share": [_("This share has ended: share the study again instead.")]}
+        )
+    missing = [uid for uid in share.study_uids if not selectors.study_in_store(uid)]
+    sources = {uid: node or _last_source(uid) for uid in missing}
+    unknown = [uid for uid, source in sources.items() if source is None]
+    if unknown:
+        raise ValidationError(
+            {
+                "node": [
+                    _("No PACS node is known for study %(uid)s: choose one to retrieve it from.")
+                    % {"uid": unknown[0]}
+                ]
+            }
+        )
+    jobs = []
+    for uid, source in sources.items():
+        assert source is not None
+        job = retrieval.retrieval_job_create(node=source, study_uid=uid, requested_by=by)
+        tasks.retrieval_job_enqueue(job)
+        jobs.append(job)
+    if jobs:
+        account_services.audit(
+            AuditEvent.Action.SHARE_REARMED,
+            request=request,
+            share=share,
+            actor=by,
+            studies=missing,
+            jobs=[job.pk for job in jobs],
+        )
+    return jobs

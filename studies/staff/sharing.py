@@ -19,6 +19,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http.response import HttpResponseBase
 from django.shortcuts import get_object_or_404, redirect, render
 from django.templatetags.static import static
 from django.urls import path, reverse
@@ -155,7 +156,7 @@ def _display_date(da: str) -> str:
 
 @staff_required(User.Role.SHARER)
 @require_http_methods(["GET", "POST"])
-def share_new(request: HttpRequest) -> HttpResponse:
+def share_new(request: HttpRequest) -> HttpResponseBase:
     study_uid = request.GET.get("study", "")
     node = _source(request)
     try:
