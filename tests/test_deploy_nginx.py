@@ -279,7 +279,15 @@ def test_the_patient_path_through_nginx_and_gunicorn(
     raw_token = token.split(".", 1)[0]
     code_letters = created.access_code.replace("-", "")
     for path, text in logs.items():
-        for secret in (token, raw_token, created.access_code, code_letters, sms_gateway.token):
+        for secret in (
+            token,
+            raw_token,
+            created.access_code,
+            code_letters,
+            sms_gateway.token,
+            # The patient's name, shown on the viewer page.
+            "DUPONT",
+        ):
             assert secret not in text, f"{path.name} holds a secret"
         # A fraction of a second in a time stamp may hold any six digits; the code may not.
         assert not re.search(rf"(?<![\d.]){otp}(?!\d)", text), f"{path.name} holds the code"
