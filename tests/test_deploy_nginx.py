@@ -29,6 +29,7 @@ from axes.models import AccessAttempt
 from django.conf import settings as django_settings
 from requests.adapters import HTTPAdapter
 
+from accounts.models import AuditEvent
 from accounts.selectors import failures_from_ip
 from tests.support import free_port
 from tests.support.access import link_token, make_share, make_study
@@ -221,6 +222,9 @@ def test_the_patient_path_through_nginx_and_gunicorn(
             timeout=30,
         )
         assert confirmed.status_code == 302 and confirmed.headers["Location"] == "/viewer/"
+        # The audit trail has the patient's address, as nginx saw it.
+        opened_from = AuditEvent.objects.filter(action=AuditEvent.Action.OTP_OK)
+        assert list(opened_from.values_list("ip_address", flat=True)) == [PATIENT_ADDRESS]
         viewer = patient.get(nginx.url + "/viewer/", timeout=30)
         assert viewer.status_code == 200
         assert "default-src 'self'" in viewer.headers["Content-Security-Policy"]
