@@ -66,7 +66,11 @@ class RequestIdFilter(logging.Filter):
 
 
 class RequestIdMiddleware:
-    """First in MIDDLEWARE, so that every line logged while the request runs carries its id."""
+    """First in MIDDLEWARE, so that every line logged while the request runs carries its id.
+
+    The id stays set after the middleware returns, until Django's `request_finished`
+    (`forget_request_id`): Django logs a 4xx or 5xx answer after the middleware chain, and a
+    streamed answer (a ZIP) is produced, and may fail, after it too."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
         self.get_response = get_response
@@ -75,10 +79,16 @@ class RequestIdMiddleware:
         proposed = None
         if from_trusted_proxy(request):
             proposed = valid_request_id(request.headers.get(REQUEST_ID_HEADER))
-        with request_id_bound(proposed or new_request_id()) as current:
-            response = self.get_response(request)
+        current = proposed or new_request_id()
+        request_id.set(current)
+        response = self.get_response(request)
         response[REQUEST_ID_HEADER] = current
         return response
+
+
+def forget_request_id(**kwargs: Any) -> None:
+    """Connected to `request_finished` (portal.apps): the request's lines are all written."""
+    request_id.set(None)
 
 
 class JsonFormatter(pythonjsonlogger_json.JsonFormatter):

@@ -10,10 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.signals import request_finished
 from django.http import HttpRequest, HttpResponse
 from django.test import Client, RequestFactory
 
-from portal.logs import REQUEST_ID_HEADER, RequestIdMiddleware, request_id, request_id_bound
+from portal.logs import (
+    REQUEST_ID_HEADER,
+    RequestIdFilter,
+    RequestIdMiddleware,
+    request_id,
+    request_id_bound,
+)
 from studies import retrieval, services
 from studies.tasks import retrieve_study
 from tests.support import free_port
@@ -83,6 +90,9 @@ def test_a_task_logs_with_the_id_of_the_request_that_queued_it(
     )
     assert failed["request_id"] == given
     assert failed["level"] == "WARNING" and failed["logger"] == "studies.retrieval"
+    # Until the answer is sent (streamed answers are produced after the middleware returns).
+    assert request_id.get() == given
+    request_finished.send(sender=None)
     assert request_id.get() is None
 
 
@@ -131,3 +141,19 @@ def test_debug_mode_logs_text_and_production_json(tmp_path: Path) -> None:
     line = json.loads(production.stderr.strip().splitlines()[-1])
     assert line["message"] == "hi" and line["logger"] == "x" and line["request_id"] == "-"
     assert debug.stderr.strip().endswith("WARNING x [-] hi")
+
+
+@pytest.mark.django_db
+def test_the_line_django_logs_for_an_error_answer_carries_the_request_id(
+    client: Client, settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Django logs a 5xx answer after the middleware chain has returned: the id is still
+    there."""
+    settings.CELERY_BROKER_URL = f"redis://127.0.0.1:{free_port()}/0"
+    caplog.handler.addFilter(RequestIdFilter())
+
+    response = client.get("/healthz")
+
+    assert response.status_code == 503
+    logged = [r for r in caplog.records if r.getMessage() == "Service Unavailable: /healthz"]
+    assert [r.request_id for r in logged] == [response[REQUEST_ID_HEADER]]  # type: ignore[attr-defined]
