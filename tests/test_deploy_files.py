@@ -4,15 +4,21 @@ gunicorn configuration loads (deploy/nginx/portal.conf is run by tests/test_depl
 
 import configparser
 import re
+import secrets
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import requests
 from django.conf import settings
+
+from tests.support.gunicorn import PortalServer
 
 BASE_DIR = Path(settings.BASE_DIR)
 DEPLOY = BASE_DIR / "deploy"
+GUNICORN_CONF = DEPLOY / "gunicorn.conf.py"
 UNITS = {
     "portal-web.service": "gunicorn --config /opt/portal/deploy/gunicorn.conf.py portal.wsgi",
     "portal-worker.service": "celery -A portal worker",
@@ -90,3 +96,37 @@ def test_the_gunicorn_configuration_loads() -> None:
     assert printed["logger_class"] == "portal.access_log.JsonLogger"
     assert int(printed["timeout"]) >= 300
     assert printed["control_socket_disable"] == "True"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_no_access_log_format_can_show_a_credential(tmp_path: Path) -> None:
+    """An operator who asks gunicorn (text logs) for the request line, the query string, the
+    referrer, the cookie and Authorization headers and the environment still gets no token."""
+    hostile = (
+        "%(r)s %(U)s %(q)s %(f)s %({cookie}i)s %({authorization}i)s %({referer}i)s"
+        " %({query_string}e)s %({raw_uri}e)s %({x-request-id}o)s"
+    )
+    link, query, session, bearer = (secrets.token_urlsafe(24) for _ in range(4))
+    env = {
+        "DJANGO_SETTINGS_MODULE": "portal.settings",
+        "PORTAL_LOG_FORMAT": "text",
+        "GUNICORN_CMD_ARGS": f"--access-logformat {shlex.quote(hostile)}",
+    }
+    with PortalServer(workdir=tmp_path / "gunicorn", config=GUNICORN_CONF, env=env) as web:
+        response = requests.get(
+            f"{web.url}/s/{link}?access_token={query}",
+            headers={
+                "Cookie": f"portal_session={session}",
+                "Authorization": f"Bearer {bearer}",
+                "Referer": f"https://elsewhere.example/s/{link}",
+            },
+            allow_redirects=False,
+            timeout=30,
+        )
+        assert response.status_code in {302, 404}
+    line = web.access_log.read_text().strip().splitlines()[-1]
+
+    assert line.startswith("GET /s/[redacted] HTTP/1.1 /s/[redacted] - - - - - - - ")
+    assert line.endswith(response.headers["X-Request-ID"])
+    for secret in (link, query, session, bearer):
+        assert secret not in web.logs()
