@@ -11,6 +11,7 @@ The only part played by the test is the SMS gateway's far end: a local HTTP serv
 the portal's JSON posts and keeps them, where the one-time codes are read.
 """
 
+import io
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,10 +33,12 @@ from requests.adapters import HTTPAdapter
 
 from accounts.models import AuditEvent
 from accounts.selectors import failures_from_ip
+from tests.conftest import synthetic_study
 from tests.support import free_port
-from tests.support.access import link_token, make_share, make_study
+from tests.support.access import link_token, make_share
 from tests.support.gunicorn import PortalServer
 from tests.support.nginx import NginxServer, certificate_authority
+from tests.support.stored import import_study
 
 BASE_DIR = Path(django_settings.BASE_DIR)
 GUNICORN_CONF = BASE_DIR / "deploy" / "gunicorn.conf.py"
@@ -169,8 +173,18 @@ def test_the_patient_path_through_nginx_and_gunicorn(
     collected = manage(env, "collectstatic", "--noinput")
     assert collected.returncode == 0, collected.stderr
 
-    make_study()
-    created = make_share()
+    # A real study in the store, which gunicorn shares with this process.
+    web.extra_env["PORTAL_STORE_DIR"] = str(settings.STORE_DIR)
+    study = import_study(
+        synthetic_study(
+            patient_name="DUPONT^Marie",
+            patient_id="PAT-NGINX",
+            charset="ISO_IR 100",
+            modalities=(("CT", 3), ("MR", 2)),
+        ),
+        tmp_path / "import",
+    )
+    created = make_share(study.uid)
     token = link_token(created)
     ca = nginx.certificates.ca
     with web, nginx:
@@ -229,6 +243,20 @@ def test_the_patient_path_through_nginx_and_gunicorn(
         assert viewer.status_code == 200
         assert "default-src 'self'" in viewer.headers["Content-Security-Policy"]
         assert "no-store" in viewer.headers["Cache-Control"]
+
+        # The whole study as a ZIP, streamed through nginx to the end.
+        with patient.get(
+            f"{nginx.url}/download/{study.uid}.zip", stream=True, timeout=60
+        ) as zipped:
+            assert zipped.status_code == 200
+            assert "no-store" in zipped.headers["Cache-Control"]
+            archive = zipfile.ZipFile(io.BytesIO(zipped.content))
+        assert archive.testzip() is None
+        names = archive.namelist()
+        assert "DICOMDIR" in names
+        assert len([n for n in names if n.startswith("DICOM/")]) == study.instance_count
+        # Patient data never landed in nginx's temporary files.
+        assert [p for p in (nginx.workdir / "temp").rglob("*") if p.is_file()] == []
 
         # The access code typed from the handout, by another visitor.
         typist = browser(PATIENT_ADDRESS, ca)
