@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import connection
+from django.db import DatabaseError, connection
 from kombu import Connection
 
 from studies.dimse import pacs
@@ -152,8 +152,12 @@ def health() -> Health:
     if not store_ok():
         report.store = FAILING
     if report.pacs is not None:
-        report.pacs = {
-            node.name: OK if pacs_reachable(node) else UNREACHABLE
-            for node in PacsNode.objects.order_by("name")
-        }
+        try:
+            nodes = list(PacsNode.objects.order_by("name"))
+        except DatabaseError as exc:
+            # The database answers but not this query (a migration not applied yet).
+            logger.warning("health: cannot list the PACS nodes: %s", type(exc).__name__)
+            report.pacs = None
+            return report
+        report.pacs = {node.name: OK if pacs_reachable(node) else UNREACHABLE for node in nodes}
     return report

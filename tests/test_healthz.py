@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from django.core.cache import cache
 from django.test import Client
 
 from studies import services
 from studies.models import PacsNode
 from tests.support import free_port
+from tests.support.gunicorn import PortalServer
 from tests.support.orthanc import OrthancServer
 from tests.support.proxy import TcpRelay
 
@@ -181,3 +183,21 @@ def test_a_pacs_moved_to_another_address_is_echoed_anew(
     PacsNode.objects.filter(pk=orthanc_node.pk).update(port=free_port())
 
     assert get_health(client)[1]["pacs"] == {"orthanc": "unreachable"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_database_that_does_not_answer_fails_the_node(tmp_path: Path) -> None:
+    """gunicorn serving a portal whose database is on a port nobody listens on: 503, and the
+    PACS nodes (which the database lists) unknown."""
+    env = {"DATABASE_URL": f"postgres://portal@127.0.0.1:{free_port()}/portal"}
+    with PortalServer(workdir=tmp_path / "gunicorn", workers=1, env=env) as web:
+        response = requests.get(web.url + "/healthz", timeout=30)
+
+    assert response.status_code == 503
+    assert response.json() == {
+        "status": "failing",
+        "database": "failing",
+        "broker": "ok",
+        "store": "ok",
+        "pacs": None,
+    }
