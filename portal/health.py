@@ -4,6 +4,8 @@
 - `broker`: the Celery broker accepts a connection within PORTAL_HEALTH_TIMEOUT seconds
   (without it no study is retrieved);
 - `store`: the store's folder takes a file and its disk has PORTAL_HEALTH_MIN_FREE_MB free;
+- `cache`: the shared cache (Redis in production) takes and gives back a value: lockout
+  attempts in progress and request budgets are counted there (accounts.throttle);
 - `pacs`: each configured node answers a C-ECHO. The answer is kept in the shared cache for
   PORTAL_HEALTH_PACS_CACHE_SECONDS: a load balancer polls every few seconds, from every node,
   and a PACS has better things to do than answer all of them.
@@ -16,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -39,6 +42,7 @@ class Health:
     database: str = OK
     broker: str = OK
     store: str = OK
+    cache: str = OK
     # Node name → OK or UNREACHABLE; None when the database could not list the nodes.
     pacs: dict[str, str] | None = field(default_factory=dict)
 
@@ -49,7 +53,7 @@ class Health:
         A PACS that does not answer is not part of it: every study already in the store is
         still served, and the PACS is shared by every node, so a load balancer that took the
         nodes out for it would take them all out and serve nobody."""
-        return OK == self.database == self.broker == self.store
+        return OK == self.database == self.broker == self.store == self.cache
 
     @property
     def status(self) -> str:
@@ -65,6 +69,7 @@ class Health:
             "database": self.database,
             "broker": self.broker,
             "store": self.store,
+            "cache": self.cache,
             "pacs": self.pacs,
         }
 
@@ -121,6 +126,18 @@ def store_ok() -> bool:
     return True
 
 
+def cache_ok() -> bool:
+    key = f"health:probe:{uuid.uuid4().hex}"
+    try:
+        cache.set(key, "ok", 10)
+        answered = cache.get(key) == "ok"
+        cache.delete(key)
+    except Exception as exc:
+        logger.warning("health: the cache does not answer: %s", type(exc).__name__)
+        return False
+    return answered
+
+
 def _pacs_cache_key(node: PacsNode) -> str:
     # The address is part of the key: a node changed to another address is echoed anew.
     return f"health:pacs:{node.pk}:{node.ae_title}@{node.host}:{node.port}"
@@ -129,7 +146,10 @@ def _pacs_cache_key(node: PacsNode) -> str:
 def pacs_reachable(node: PacsNode) -> bool:
     """Whether the node answered a C-ECHO, at most PORTAL_HEALTH_PACS_CACHE_SECONDS ago."""
     key = _pacs_cache_key(node)
-    known = cache.get(key)
+    try:
+        known = cache.get(key)
+    except Exception:  # reported as the cache's failure; the echo itself still tells
+        known = None
     if known is not None:
         return bool(known)
     try:
@@ -138,7 +158,10 @@ def pacs_reachable(node: PacsNode) -> bool:
     except pacs.PacsError as exc:
         logger.warning("health: PACS %s does not answer: %s", node.name, exc)
         reachable = False
-    cache.set(key, reachable, settings.HEALTH_PACS_CACHE_SECONDS)
+    try:
+        cache.set(key, reachable, settings.HEALTH_PACS_CACHE_SECONDS)
+    except Exception as exc:
+        logger.debug("health: C-ECHO of %s not remembered: %s", node.name, type(exc).__name__)
     return reachable
 
 
@@ -151,6 +174,8 @@ def health() -> Health:
         report.broker = FAILING
     if not store_ok():
         report.store = FAILING
+    if not cache_ok():
+        report.cache = FAILING
     if report.pacs is not None:
         try:
             nodes = list(PacsNode.objects.order_by("name"))

@@ -70,6 +70,7 @@ def test_it_answers_ok_when_every_part_works(
         "database": "ok",
         "broker": "ok",
         "store": "ok",
+        "cache": "ok",
         "pacs": {"orthanc": "ok"},
     }
 
@@ -199,5 +200,24 @@ def test_a_database_that_does_not_answer_fails_the_node(tmp_path: Path) -> None:
         "database": "failing",
         "broker": "ok",
         "store": "ok",
+        "cache": "ok",
         "pacs": None,
     }
+
+
+@pytest.mark.django_db
+def test_a_shared_cache_that_does_not_answer_fails_the_node(healthy: Any, client: Client) -> None:
+    """Lockout attempts in progress and request budgets live in the shared cache: without it
+    the node cannot count failures, so it must not take recipients."""
+    healthy.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": f"redis://127.0.0.1:{free_port()}/0",
+        }
+    }
+
+    status, body = get_health(client)
+
+    assert status == 503
+    assert body["cache"] == "failing"
+    assert body["database"] == body["broker"] == body["store"] == "ok"
