@@ -10,6 +10,6 @@ from portal.health import health
 def healthz(request: HttpRequest) -> JsonResponse:
     """For load balancers and monitoring (portal.health says what is checked): 200 while this
     node can serve ("ok", or "degraded" when a PACS does not answer), 503 when its database,
-    broker or store fails."""
+    broker, store or shared cache fails."""
     report = health()
     return JsonResponse(report.as_json(), status=200 if report.serving else 503)
