@@ -435,10 +435,11 @@ LOGGING: dict[str, Any] = {
             "formatter": "json" if LOG_FORMAT == "json" else "plain",
             "filters": ["redact_links"],
         },
-        # The development server's request lines ("GET /s/… HTTP/1.1" 302).
+        # The development server's request lines ("GET /s/… HTTP/1.1" 302), for a person at a
+        # terminal: text whatever PORTAL_LOG_FORMAT says (runserver serves no production).
         "server": {
             "class": "logging.StreamHandler",
-            "formatter": "json" if LOG_FORMAT == "json" else "server",
+            "formatter": "server",
             "filters": ["redact_links"],
         },
     },
