@@ -29,7 +29,6 @@ HARDENING = {
     "NoNewPrivileges": "yes",
     "ProtectSystem": "strict",
     "PrivateTmp": "yes",
-    "ReadWritePaths": "/srv/portal/store",
     "CapabilityBoundingSet": "",
 }
 
@@ -68,6 +67,10 @@ def test_each_unit_runs_its_part_hardened(unit: str, command: str) -> None:
     assert service["User"] == "portal"
     for key, value in HARDENING.items():
         assert service[key] == value, key
+    # Writable: the store (and, for the worker, the audit archive), nothing else.
+    writable = service["ReadWritePaths"].split()
+    assert writable[0] == "/srv/portal/store"
+    assert set(writable) <= {"/srv/portal/store", "/srv/portal/audit"}
 
 
 def test_the_gunicorn_configuration_loads() -> None:
