@@ -51,15 +51,20 @@ from studies.dimse.wire import (
     STORE_OUT_OF_RESOURCES,
     STORE_OVERWRITE_REFUSED,
 )
-from studies.models import PacsNode, Study
+from studies.models import PacsNode
 from studies.store import (
     STALE_INCOMING_SECONDS,
+    AnotherStudysInstance,
     HashingThread,
     IncomingInstance,
     Indexer,
+    Journal,
+    JournalEntry,
     OverwriteRefused,
     PlacedInstance,
     StoreError,
+    journal_replay,
+    studies_keep_in_archive,
     sweep_incoming,
     upsert_instances,
 )
@@ -104,9 +109,14 @@ def _addresses(host: str) -> set[str]:
 @dataclass
 class NodeDirectory:
     """Which (AE title, address) pairs may send to us; re-read from the database now and then
-    so that `pacs add` takes effect without a restart."""
+    so that a node removed is refused soon, and at once when an unknown caller comes: it may
+    be a node just added (`pacs add`), whose first association must not be refused (a PACS
+    reports that as a failed transfer). That re-read happens at most once per
+    `unknown_reload_seconds`, so that unknown callers hammering cost the database little."""
 
     refresh_seconds: float = 10.0
+    unknown_reload_seconds: float = 1.0
+    loads: int = 0  # how many times the list was read
     _allowed: dict[str, tuple[int, set[str]]] = field(default_factory=dict)
     _known_addresses: frozenset[str] = frozenset()
     _loaded_at: float = float("-inf")
@@ -115,6 +125,12 @@ class NodeDirectory:
 
     def node_for(self, ae_title: str, address: str) -> int | None:
         """The PacsNode id for a calling AE at an address, or None if it is not configured."""
+        node_id = self._node_for(ae_title, address)
+        if node_id is None and self._reload_for_unknown():
+            node_id = self._node_for(ae_title, address)
+        return node_id
+
+    def _node_for(self, ae_title: str, address: str) -> int | None:
         entry = self._current()[0].get(ae_title.strip())
         if entry is None:
             return None
@@ -122,13 +138,31 @@ class NodeDirectory:
         return node_id if address in addresses else None
 
     def knows_address(self, address: str) -> bool:
-        return address in self._current()[1]
+        if address in self._current()[1]:
+            return True
+        return self._reload_for_unknown() and address in self._current()[1]
+
+    def _reload_for_unknown(self) -> bool:
+        """Read the list again for an unknown caller, unless it was read less than
+        `unknown_reload_seconds` ago or is being read; True if it was read."""
+        with self._lock:
+            recent = time.monotonic() - self._loaded_at < self.unknown_reload_seconds
+            if recent or self._reloading:
+                return False
+            self._reloading = True
+        try:
+            self.load()
+        finally:
+            with self._lock:
+                self._reloading = False
+        return True
 
     def load(self) -> None:
         allowed, known = self._read()
         with self._lock:
             self._allowed, self._known_addresses = allowed, known
             self._loaded_at = time.monotonic()
+            self.loads += 1
 
     def _current(self) -> tuple[dict[str, tuple[int, set[str]]], frozenset[str]]:
         with self._lock:
@@ -192,6 +226,12 @@ class StorageServer:
 
     def start(self, block: bool = False) -> None:
         sweep_incoming(older_than=STALE_INCOMING_SECONDS)
+        try:
+            # What an earlier run confirmed to its senders but could not index.
+            journal_replay()
+        except Exception:
+            # The database may be down at start: the worker's regular sweep will do it.
+            logger.exception("could not index the instances the journals list")
         listener = socket.create_server(self.address, reuse_port=False, backlog=64)
         self._socket = listener
         self.address = listener.getsockname()[:2]
@@ -373,6 +413,8 @@ class StorageAssociation:
         self.indexer: Indexer | None = None
         self.index_worker = IndexWorker("")
         self.hasher: HashingThread | None = None
+        self.journal = Journal()
+        self.source_id: int | None = None
         # Studies that received instances no retrieval of ours asked for: local archive now.
         self.pushed_studies: set[str] = set()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -479,6 +521,7 @@ class StorageAssociation:
                     str(context.abstract_syntax),
                     str(context.transfer_syntax[0]),
                 )
+        self.source_id = node_id
         self.indexer = Indexer(
             source=PacsNode.objects.filter(pk=node_id).first(),
             peer=f"{self.calling_ae}@{self.address}",
@@ -506,16 +549,19 @@ class StorageAssociation:
             self.index_worker.finish()
             if self.hasher is not None:
                 self.hasher.close()
+            settled = not self.index_worker.orphans
             if self.pushed_studies:
-                self._keep_pushed_studies()
+                settled &= self._keep_pushed_studies()
+            # Anything left undone stays in the journal, for journal_replay.
+            self.journal.close(settled=settled)
 
-    def _keep_pushed_studies(self) -> None:
+    def _keep_pushed_studies(self) -> bool:
         try:
-            Study.objects.filter(
-                study_instance_uid__in=self.pushed_studies, retrieved_copy=True
-            ).update(retrieved_copy=False)
+            studies_keep_in_archive(self.pushed_studies)
         except Exception:
             logger.exception("could not mark the studies %r pushed to the archive", self.calling_ae)
+            return False
+        return True
 
     def _exchange(self) -> None:
         fragments = wire.CommandFragments()
@@ -611,9 +657,20 @@ class StorageAssociation:
 
     def _commit(self, incoming: IncomingInstance, command: "_Command") -> tuple[int, str] | None:
         try:
-            placed = incoming.place()
+            # No index lookup per slice: the index write refuses another study's instance.
+            placed = incoming.place(ask_index=False)
+            pushed = command.move_originator != self.server.ae_title.strip()
+            try:
+                # Before the sender is told it is stored: a confirmed instance always ends in
+                # the index, even when the database fails to take its row now.
+                self.journal.record(
+                    JournalEntry(relative=placed.relative, source_id=self.source_id, pushed=pushed)
+                )
+            except StoreError:
+                placed.discard()
+                raise
             self.index_worker.submit(placed)
-            if command.move_originator != self.server.ae_title.strip():
+            if pushed:
                 self.pushed_studies.add(placed.header.keys.study_uid)
         except OverwriteRefused as exc:
             logger.warning(
@@ -709,13 +766,16 @@ class IndexWorker:
     indexing meanwhile would compete with the receiving thread for the interpreter.
 
     The sender was told these instances are stored: a row that cannot be written leaves its
-    file in place and is logged (`import_dicom` on the store folder indexes such files), and
-    the association refuses further instances.
+    file in place and in the association's journal (`journal_replay` indexes it later), and
+    the association refuses further instances. An instance the index refuses because another
+    study holds its UID (see `upsert_instances`) is removed, the sender's answer
+    notwithstanding: no sender moves an instance from one study to another.
     """
 
     def __init__(self, calling_ae: str) -> None:
         self.calling_ae = calling_ae
         self.failed = False
+        self.orphans = 0  # instances confirmed but not indexed
         self._pending: list[PlacedInstance] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -773,22 +833,40 @@ class IndexWorker:
         if not batch:
             return
         try:
-            upsert_instances([p.build() for p in batch])
+            self._write(batch)
             return
         except Exception:
             logger.exception("could not index %d instances from %r", len(batch), self.calling_ae)
         # One bad row (or a database hiccup) must not cost the others their place.
         for placed in batch:
             try:
-                upsert_instances([placed.build()])
+                self._write([placed])
             except Exception:
                 self._orphan([placed])
+
+    def _write(self, batch: list[PlacedInstance]) -> None:
+        rows, refused = [], []
+        for placed in batch:
+            try:
+                rows.append((placed, placed.build()))
+            except AnotherStudysInstance:
+                refused.append(placed)
+        written = upsert_instances([row for _, row in rows])
+        refused += [placed for placed, row in rows if row.sop_instance_uid not in written]
+        for placed in refused:
+            placed.discard()
+            logger.error(
+                "removed instance %s from %r: its UID belongs to another study in the store",
+                placed.header.keys.sop_instance_uid,
+                self.calling_ae,
+            )
 
     def _orphan(self, placed: list[PlacedInstance]) -> None:
         for instance in placed:
             self.failed = True
+            self.orphans += 1
             logger.error(
-                "instance %s from %r is stored at %s but not indexed",
+                "instance %s from %r is stored at %s but not indexed yet (its journal keeps it)",
                 instance.header.keys.sop_instance_uid,
                 self.calling_ae,
                 instance.relative,

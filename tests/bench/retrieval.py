@@ -13,8 +13,14 @@ Two more figures explain the first: the CPU seconds each process spends (on two 
 processes compete for the same CPU), and, for information, dcmtk's time plus `sha256sum` of
 what it received, since the portal records every instance's SHA-256 before a job is done and
 storescp computes none.
+
+`run_on_databases` runs it on SQLite and, when DATABASE_URL names a PostgreSQL server, on
+PostgreSQL too, each in a process of its own (Django is set up once per process), and adds
+the ratio of the two: the production database must not slow the storage SCP down.
 """
 
+import argparse
+import json
 import os
 import resource
 import secrets
@@ -51,6 +57,59 @@ def _children_cpu_seconds() -> float:
     """CPU time of the child processes that ended (movescu, storescp, sha256sum)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def run_on_databases(*, runs: int = 5, slices: int = 300) -> list[Result]:
+    """The C-MOVE figures on SQLite and, with DATABASE_URL set to PostgreSQL, on PostgreSQL,
+    and PostgreSQL's time over SQLite's (target ≤ 1.1)."""
+    server_url = os.environ.get("DATABASE_URL", "")
+    databases = {"SQLite": ""}
+    if server_url.startswith(("postgres://", "postgresql://")):
+        databases["PostgreSQL"] = server_url
+    else:
+        print("C-MOVE retrieval on SQLite only: set DATABASE_URL to a PostgreSQL server to compare")
+    results: list[Result] = []
+    portal: dict[str, float] = {}
+    for label, url in databases.items():
+        env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+        if url:
+            env["DATABASE_URL"] = url
+        child = subprocess.run(
+            [sys.executable, "-m", "tests.bench.retrieval", f"--runs={runs}", f"--slices={slices}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+        *lines, last = child.stdout.rstrip("\n").split("\n")
+        print("\n".join(lines))
+        for figure in json.loads(last):
+            result = Result(**figure)
+            result.name = result.name.replace("C-MOVE retrieval,", f"C-MOVE retrieval ({label}),")
+            results.append(result)
+        portal[label] = results[-2].portal
+    if len(portal) == 2:
+        results.append(
+            Result(
+                name="  C-MOVE retrieval, PostgreSQL / SQLite",
+                portal=portal["PostgreSQL"],
+                anchor=portal["SQLite"],
+                target=1.1,
+            )
+        )
+    return results
+
+
+def main() -> None:
+    """One database's figures (DATABASE_URL's), the last line as JSON for run_on_databases."""
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.retrieval")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--slices", type=int, default=300)
+    args = parser.parse_args()
+    results = run(runs=args.runs, slices=args.slices)
+    sys.stdout.flush()
+    print(json.dumps([vars(result) for result in results]))
 
 
 def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
@@ -228,3 +287,7 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
             target=None,
         ),
     ]
+
+
+if __name__ == "__main__":
+    main()
