@@ -105,7 +105,7 @@ def held(*statements: str) -> Iterator[None]:
         holder.transaction(),
     ):
         for statement in statements:
-            holder.execute(statement)  # type: ignore[arg-type]
+            holder.execute(statement)
         yield
 
 
