@@ -257,6 +257,13 @@ RETRIEVAL_INDEX_WAIT = env.float("PORTAL_RETRIEVAL_INDEX_WAIT", default=30.0)
 # `purge` keeps a retrieved study this long after its last retrieval even when no share needs
 # it: staff who retrieve a study before sharing it must find it there.
 PURGE_GRACE_HOURS = env.float("PORTAL_PURGE_GRACE_HOURS", default=24.0)
+# Celery beat: what the storage SCP confirmed but could not index is indexed within minutes.
+CELERY_BEAT_SCHEDULE = {
+    "index-confirmed-instances": {
+        "task": "studies.tasks.index_confirmed_instances",
+        "schedule": 300.0,  # seconds
+    },
+}
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # Redis gives a message nobody acknowledged to another worker after this many seconds (a
     # worker killed mid-job never acknowledges): later than the lease, so that by then the job

@@ -27,7 +27,7 @@ from studies import dicom, wado
 from studies.dimse import pacs, wire
 from studies.models import Instance, PacsNode, RetrievalJob
 from studies.selectors import study_in_store
-from studies.store import Indexer, StoreError, study_mark_retrieved_copy
+from studies.store import Indexer, StoreError, store_is_full, study_mark_retrieved_copy
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +251,10 @@ def retrieval_job_run(job_id: int) -> RetrievalJob:
             f"The retrieval stopped on an unexpected error ({type(exc).__name__}: "
             f"{str(exc)[:300]}); the worker's log has the details."
         )
+    if status == RetrievalJob.Status.FAILED and store_is_full():
+        # The storage SCP answered the PACS "out of resources"; the PACS tells us only that
+        # sub-operations failed, or ends its C-MOVE with a failure of its own.
+        error = f"The portal's disk is full: {error}"
     _finish(job, status, error)
     if status == RetrievalJob.Status.DONE:
         # Only a study this job brought: one that was there before is the local archive's.

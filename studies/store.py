@@ -174,6 +174,24 @@ def _completed(value: str) -> "Future[str]":
     return future
 
 
+# Free space (beyond STORE_MIN_FREE_BYTES) below which the store counts as full: room for no
+# more than a few large instances. A retrieval that failed then says so.
+_FULL_MARGIN = 64 * 1024 * 1024
+
+
+def store_is_full() -> bool:
+    """Whether the store's disk is (nearly) full: what to tell staff when instances could not
+    be stored, since a PACS reports only how many of its C-STORE sub-operations failed."""
+    folder = store_dir()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return False
+    return free < settings.STORE_MIN_FREE_BYTES + _FULL_MARGIN
+
+
 class HashingThread:
     """Computes SHA-256 digests on a thread of its own, in the order they were asked for.
 

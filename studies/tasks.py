@@ -13,7 +13,7 @@ from django.db import transaction
 from studies import metadata, retrieval
 from studies.models import RetrievalJob
 from studies.selectors import retrieval_jobs_unfinished
-from studies.store import STALE_INCOMING_SECONDS, sweep_incoming
+from studies.store import STALE_INCOMING_SECONDS, journal_replay, sweep_incoming
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,15 @@ def retrieve_study(self, job_id: int) -> str:
 def build_study_metadata(study_instance_uid: str) -> int:
     """The DICOM JSON of a study just stored, so that the first viewer need not wait for it."""
     return metadata.study_metadata_fill(study_instance_uid)
+
+
+@shared_task(acks_late=True)
+def index_confirmed_instances() -> int:
+    """Index what the storage SCP confirmed to a sender but could not index (its database
+    was down, the SCP was killed before it wrote the rows): Celery beat runs this regularly
+    (settings.CELERY_BEAT_SCHEDULE), so that a confirmed instance always ends in the index.
+    Returns how many instances it indexed."""
+    return journal_replay().indexed
 
 
 def retrieval_job_enqueue(job: RetrievalJob) -> None:

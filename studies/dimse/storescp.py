@@ -108,11 +108,13 @@ def _addresses(host: str) -> set[str]:
 
 @dataclass
 class NodeDirectory:
-    """Which (AE title, address) pairs may send to us; re-read from the database now and then
-    so that a node removed is refused soon, and at once when an unknown caller comes: it may
-    be a node just added (`pacs add`), whose first association must not be refused (a PACS
-    reports that as a failed transfer). That re-read happens at most once per
-    `unknown_reload_seconds`, so that unknown callers hammering cost the database little."""
+    """Which (AE title, address) pairs may send to us; re-read from the database every
+    `refresh_seconds` (a node removed is refused soon), and when an unknown caller comes: it
+    may be a node just added (`pacs add`), whose first association must be accepted at once
+    (refused, a PACS reports a failed transfer). Unknown callers cause at most one reading per
+    `unknown_reload_seconds`, so that hammering costs the database little: an unknown AE title
+    waits (at most that long) for the next reading rather than be refused; a connection from
+    an unknown address, which the accept loop answers, is dropped unless a reading is due."""
 
     refresh_seconds: float = 10.0
     unknown_reload_seconds: float = 1.0
@@ -120,13 +122,16 @@ class NodeDirectory:
     _allowed: dict[str, tuple[int, set[str]]] = field(default_factory=dict)
     _known_addresses: frozenset[str] = frozenset()
     _loaded_at: float = float("-inf")
+    # When the last completed reading began, and the last one an unknown caller asked for.
+    _read_started_at: float = float("-inf")
+    _unknown_read_at: float = float("-inf")
     _reloading: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.Condition = field(default_factory=threading.Condition)
 
     def node_for(self, ae_title: str, address: str) -> int | None:
         """The PacsNode id for a calling AE at an address, or None if it is not configured."""
         node_id = self._node_for(ae_title, address)
-        if node_id is None and self._reload_for_unknown():
+        if node_id is None and self._reload_for_unknown(wait=True):
             node_id = self._node_for(ae_title, address)
         return node_id
 
@@ -138,30 +143,43 @@ class NodeDirectory:
         return node_id if address in addresses else None
 
     def knows_address(self, address: str) -> bool:
+        """Whether any node lives at this address. Asked by the accept loop, which must never
+        wait: an unknown address causes a reading only when one is due."""
         if address in self._current()[1]:
             return True
-        return self._reload_for_unknown() and address in self._current()[1]
+        return self._reload_for_unknown(wait=False) and address in self._current()[1]
 
-    def _reload_for_unknown(self) -> bool:
-        """Read the list again for an unknown caller, unless it was read less than
-        `unknown_reload_seconds` ago or is being read; True if it was read."""
+    def _reload_for_unknown(self, *, wait: bool) -> bool:
+        """Have the list read again for an unknown caller; True once a reading that began
+        after the caller came has completed. Without `wait`, False if none is due now."""
+        arrived = time.monotonic()
         with self._lock:
-            recent = time.monotonic() - self._loaded_at < self.unknown_reload_seconds
-            if recent or self._reloading:
-                return False
-            self._reloading = True
+            while True:
+                if self._read_started_at >= arrived:
+                    return True  # another caller's reading covers this one
+                now = time.monotonic()
+                due = self._unknown_read_at + self.unknown_reload_seconds
+                if not self._reloading and now >= due:
+                    self._reloading, self._unknown_read_at = True, now
+                    break
+                if not wait:
+                    return False
+                self._lock.wait(timeout=None if self._reloading else due - now)
         try:
             self.load()
         finally:
             with self._lock:
                 self._reloading = False
+                self._lock.notify_all()
         return True
 
     def load(self) -> None:
+        started = time.monotonic()
         allowed, known = self._read()
         with self._lock:
             self._allowed, self._known_addresses = allowed, known
             self._loaded_at = time.monotonic()
+            self._read_started_at = max(self._read_started_at, started)
             self.loads += 1
 
     def _current(self) -> tuple[dict[str, tuple[int, set[str]]], frozenset[str]]:
@@ -179,6 +197,7 @@ class NodeDirectory:
             finally:
                 with self._lock:
                     self._reloading = False
+                    self._lock.notify_all()
         with self._lock:
             return self._allowed, self._known_addresses
 
@@ -271,7 +290,10 @@ class StorageServer:
     def _accept_loop(self) -> None:
         assert self._socket is not None
         listener = self._socket
-        listener.settimeout(0.5)
+        try:
+            listener.settimeout(0.5)
+        except OSError:
+            return  # stopped before this thread began
         while not self._stopping.is_set():
             try:
                 conn, peer = listener.accept()

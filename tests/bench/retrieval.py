@@ -86,13 +86,13 @@ def run_on_databases(*, runs: int = 5, slices: int = 300) -> list[Result]:
         print("\n".join(lines))
         for figure in json.loads(last):
             result = Result(**figure)
-            result.name = result.name.replace("C-MOVE retrieval,", f"C-MOVE retrieval ({label}),")
+            result.name = result.name.replace("C-MOVE retrieval,", f"C-MOVE, {label},")
             results.append(result)
         portal[label] = results[-2].portal
     if len(portal) == 2:
         results.append(
             Result(
-                name="  C-MOVE retrieval, PostgreSQL / SQLite",
+                name="  C-MOVE, PostgreSQL / SQLite",
                 portal=portal["PostgreSQL"],
                 anchor=portal["SQLite"],
                 target=1.1,
