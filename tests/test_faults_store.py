@@ -271,6 +271,64 @@ def test_a_replay_leaves_the_journal_of_a_running_association_alone(
     assert_store_consistent()
 
 
+# --- Another study's instance, without an index lookup per slice ----------------------------
+
+
+def test_a_later_association_cannot_move_an_instance_into_another_study(
+    tmp_path: Path, storage_scp: StorageServer, modality_node: PacsNode
+) -> None:
+    """The SCP no longer asks the index about every slice: the index write itself refuses an
+    instance whose UID another study holds, and its file goes. The stored one stays."""
+    ds = synthetic.make_study(patient_name="First^Owner", patient_id="F", modalities=(("CT", 1),))[
+        0
+    ]
+    original = tmp_path / "original.dcm"
+    original.write_bytes(synthetic.to_bytes(ds))
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.123456789"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.123456790"
+    ds.PatientName = "Someone^Else"
+    impostor = tmp_path / "impostor.dcm"
+    impostor.write_bytes(synthetic.to_bytes(ds))
+    with association(storage_scp) as assoc:
+        assert send(assoc, original) == 0x0000
+    wait_until(lambda: not storage_scp._running())
+    with association(storage_scp) as assoc:
+        send(assoc, impostor)
+    wait_until(lambda: not storage_scp._running())
+
+    instance = Instance.objects.select_related("series__study").get()
+    assert instance.series.study.patient_name == "First^Owner"
+    assert instance.sha256 == dataset_sha256(original.read_bytes())
+    assert_store_consistent()
+
+
+def test_a_series_of_another_study_is_not_joined(
+    tmp_path: Path, storage_scp: StorageServer, modality_node: PacsNode
+) -> None:
+    """A new instance that names another study's series (and its own study) would be filed in
+    that series, and so show in that study: it is refused."""
+    first, second = synthetic.make_study(
+        patient_name="First^Owner", patient_id="F", modalities=(("CT", 2),)
+    )
+    stored = tmp_path / "stored.dcm"
+    stored.write_bytes(synthetic.to_bytes(first))
+    second.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.987654321"
+    second.PatientName = "Someone^Else"
+    intruder = tmp_path / "intruder.dcm"
+    intruder.write_bytes(synthetic.to_bytes(second))
+    with association(storage_scp) as assoc:
+        assert send(assoc, stored) == 0x0000
+    wait_until(lambda: not storage_scp._running())
+    with association(storage_scp) as assoc:
+        send(assoc, intruder)
+    wait_until(lambda: not storage_scp._running())
+
+    assert list(Instance.objects.values_list("sop_instance_uid", flat=True)) == [
+        str(first.SOPInstanceUID)
+    ]
+    assert_store_consistent()
+
+
 # --- A PACS node added while the SCP runs ----------------------------------------------------
 
 
