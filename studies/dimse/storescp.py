@@ -119,7 +119,7 @@ class NodeDirectory:
     refresh_seconds: float = 10.0
     unknown_reload_seconds: float = 1.0
     loads: int = 0  # how many times the list was read
-    _allowed: dict[str, tuple[int, set[str]]] = field(default_factory=dict)
+    _allowed: dict[str, tuple[PacsNode, set[str]]] = field(default_factory=dict)
     _known_addresses: frozenset[str] = frozenset()
     _loaded_at: float = float("-inf")
     # When the last completed reading began, and the last one an unknown caller asked for.
@@ -128,19 +128,22 @@ class NodeDirectory:
     _reloading: bool = False
     _lock: threading.Condition = field(default_factory=threading.Condition)
 
-    def node_for(self, ae_title: str, address: str) -> int | None:
-        """The PacsNode id for a calling AE at an address, or None if it is not configured."""
-        node_id = self._node_for(ae_title, address)
-        if node_id is None and self._reload_for_unknown(wait=True):
-            node_id = self._node_for(ae_title, address)
-        return node_id
+    def node_for(self, ae_title: str, address: str) -> PacsNode | None:
+        """The PacsNode of a calling AE at an address, or None if it is not configured.
 
-    def _node_for(self, ae_title: str, address: str) -> int | None:
+        As it was read, so that an association needs no query of its own for it (on
+        PostgreSQL, the connection that query would open costs more than the rest)."""
+        node = self._node_for(ae_title, address)
+        if node is None and self._reload_for_unknown(wait=True):
+            node = self._node_for(ae_title, address)
+        return node
+
+    def _node_for(self, ae_title: str, address: str) -> PacsNode | None:
         entry = self._current()[0].get(ae_title.strip())
         if entry is None:
             return None
-        node_id, addresses = entry
-        return node_id if address in addresses else None
+        node, addresses = entry
+        return node if address in addresses else None
 
     def knows_address(self, address: str) -> bool:
         """Whether any node lives at this address. Asked by the accept loop, which must never
@@ -182,7 +185,7 @@ class NodeDirectory:
             self._read_started_at = max(self._read_started_at, started)
             self.loads += 1
 
-    def _current(self) -> tuple[dict[str, tuple[int, set[str]]], frozenset[str]]:
+    def _current(self) -> tuple[dict[str, tuple[PacsNode, set[str]]], frozenset[str]]:
         with self._lock:
             stale = time.monotonic() - self._loaded_at > self.refresh_seconds
             # Until a first load, everyone waits for one rather than see an empty directory.
@@ -202,13 +205,13 @@ class NodeDirectory:
             return self._allowed, self._known_addresses
 
     @staticmethod
-    def _read() -> tuple[dict[str, tuple[int, set[str]]], frozenset[str]]:
-        allowed: dict[str, tuple[int, set[str]]] = {}
+    def _read() -> tuple[dict[str, tuple[PacsNode, set[str]]], frozenset[str]]:
+        allowed: dict[str, tuple[PacsNode, set[str]]] = {}
         try:
             for node in PacsNode.objects.all():
                 key = node.ae_title.strip()
-                node_id, addresses = allowed.get(key, (node.pk, set()))
-                allowed[key] = (node_id, addresses | _addresses(node.host))
+                first, addresses = allowed.get(key, (node, set()))
+                allowed[key] = (first, addresses | _addresses(node.host))
         finally:
             connection.close()
         known = frozenset(a for _, addresses in allowed.values() for a in addresses)
@@ -524,8 +527,8 @@ class StorageAssociation:
                 _reject_pdu(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLED_AE_NOT_RECOGNISED),
             )
             return False
-        node_id = self.server.nodes.node_for(self.calling_ae, self.address)
-        if node_id is None:
+        node = self.server.nodes.node_for(self.calling_ae, self.address)
+        if node is None:
             logger.warning(
                 "refused association from %r at %s: not a configured node",
                 self.calling_ae,
@@ -543,9 +546,9 @@ class StorageAssociation:
                     str(context.abstract_syntax),
                     str(context.transfer_syntax[0]),
                 )
-        self.source_id = node_id
+        self.source_id = node.pk
         self.indexer = Indexer(
-            source=PacsNode.objects.filter(pk=node_id).first(),
+            source=node,
             peer=f"{self.calling_ae}@{self.address}",
         )
         self.index_worker = IndexWorker(self.calling_ae)
