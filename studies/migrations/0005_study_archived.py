@@ -3,6 +3,13 @@
 from django.db import migrations, models
 
 
+def mark_the_archive(apps, schema_editor):
+    # What was not a retrieved copy was the local archive (pushed, imported, or there before
+    # its retrieval): it stays so whatever a later retrieval of the same study does.
+    Study = apps.get_model("studies", "Study")
+    Study.objects.filter(retrieved_copy=False).update(archived=True)
+
+
 class Migration(migrations.Migration):
 
     dependencies = [
@@ -15,4 +22,5 @@ class Migration(migrations.Migration):
             name='archived',
             field=models.BooleanField(default=False),
         ),
+        migrations.RunPython(mark_the_archive, migrations.RunPython.noop),
     ]
