@@ -273,6 +273,7 @@ RETRIEVAL_INDEX_WAIT = env.float("PORTAL_RETRIEVAL_INDEX_WAIT", default=30.0)
 # `purge` keeps a retrieved study this long after its last retrieval even when no share needs
 # it: staff who retrieve a study before sharing it must find it there.
 PURGE_GRACE_HOURS = env.float("PORTAL_PURGE_GRACE_HOURS", default=24.0)
+# Celery beat: what the storage SCP confirmed but could not index is indexed within minutes.
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # Redis gives a message nobody acknowledged to another worker after this many seconds (a
     # worker killed mid-job never acknowledges): later than the lease, so that by then the job
@@ -297,6 +298,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": timedelta(minutes=PURGE_INTERVAL_MINUTES),
     },
     "audit-prune": {"task": "accounts.tasks.audit_prune", "schedule": timedelta(days=1)},
+    # Indexes what the storage SCP confirmed to a sender but could not index (its journal).
+    "index-confirmed-instances": {
+        "task": "studies.tasks.index_confirmed_instances",
+        "schedule": timedelta(minutes=5),
+    },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Where `manage.py install_ohif` (`make ohif`) puts the OHIF viewer, served under /ohif/.

@@ -12,8 +12,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MediaStorageDirectoryStorage
 
 from studies import dicom, metadata
-from studies.models import Study
-from studies.store import Indexer, StoreError
+from studies.store import Indexer, StoreError, studies_keep_in_archive
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def dicom_import(paths: Iterable[Path]) -> ImportReport:
             report.already_present += 1
         report.studies.add(instance.series.study.study_instance_uid)
     # Staff imported these: they are the local archive now, whatever brought them first.
-    Study.objects.filter(study_instance_uid__in=report.studies).update(retrieved_copy=False)
+    studies_keep_in_archive(report.studies)
     for study_uid in sorted(report.studies):
         # Computed now, in the importing process, rather than for the first viewer.
         metadata.study_metadata_fill(study_uid)

@@ -39,6 +39,11 @@ class StudyQuerySet(models.QuerySet["Study"]):
         instance (a study row alone may be left by an interrupted transfer or a purge)."""
         return self.filter(series__instances__isnull=False).distinct()
 
+    def disposable(self) -> "StudyQuerySet":
+        """Copies `purge` may delete once no live share needs them: brought by a retrieval
+        for a share, and neither pushed nor imported (the local archive's) since."""
+        return self.filter(retrieved_copy=True, archived=False)
+
 
 class Study(models.Model):
     study_instance_uid = models.CharField(max_length=64, unique=True)
@@ -63,6 +68,9 @@ class Study(models.Model):
     # needs it. Anything else (pushed by a modality or a PACS, imported from a CD, or a study
     # that was there before it was retrieved) is the local archive, which `purge` keeps.
     retrieved_copy = models.BooleanField(default=False)
+    # Pushed to the storage SCP or imported at least once: the local archive's for good, even
+    # when a retrieval of ours brought it too (whichever ended last).
+    archived = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -62,7 +62,7 @@ def studies_unneeded(*, now: datetime | None = None, grace: bool = True) -> Quer
     # By UID, not by the share's study link: a share made before its study arrived has none.
     needed = access.shared_study_uids_live(now=now)
     return (
-        Study.objects.filter(retrieved_copy=True)
+        Study.objects.disposable()
         .exclude(study_instance_uid__in=busy)
         .exclude(study_instance_uid__in=needed)
         .order_by("created_at", "pk")

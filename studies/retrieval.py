@@ -25,9 +25,9 @@ from pynetdicom.status import Status
 from accounts.models import User
 from studies import dicom, wado
 from studies.dimse import pacs, wire
-from studies.models import Instance, PacsNode, RetrievalJob, Study
+from studies.models import Instance, PacsNode, RetrievalJob
 from studies.selectors import study_in_store
-from studies.store import Indexer, StoreError
+from studies.store import Indexer, StoreError, store_is_full, study_mark_retrieved_copy
 
 logger = logging.getLogger(__name__)
 
@@ -254,12 +254,14 @@ def retrieval_job_run(job_id: int) -> RetrievalJob:
             f"The retrieval stopped on an unexpected error ({type(exc).__name__}: "
             f"{str(exc)[:300]}); the worker's log has the details."
         )
+    if status == RetrievalJob.Status.FAILED and store_is_full():
+        # The storage SCP answered the PACS "out of resources"; the PACS tells us only that
+        # sub-operations failed, or ends its C-MOVE with a failure of its own.
+        error = f"The portal's disk is full: {error}"
     _finish(job, status, error, kind)
     if status == RetrievalJob.Status.DONE:
         # Only a study this job brought: one that was there before is the local archive's.
-        Study.objects.filter(
-            study_instance_uid=job.study_instance_uid, created_at__gte=job.created_at
-        ).update(retrieved_copy=True)
+        study_mark_retrieved_copy(study_uid=job.study_instance_uid, since=job.created_at)
     return RetrievalJob.objects.select_related("pacs").get(pk=job.pk)
 
 

@@ -291,27 +291,42 @@ def study_share(
     if not all(dicom.is_valid_uid(uid) for uid in uids):
         raise ValidationError({"study_uid": [_("This is not a valid Study Instance UID.")]})
     _check_one_patient(uids)
-    created = account_services.share_create(
-        study_instance_uid=study_instance_uid,
-        prior_study_instance_uids=uids[1:],
-        recipient=recipient,
-        channel=channel,
-        contact=contact,
-        days=days,
-        allow_download=allow_download,
-        single_use=single_use,
-        note=note,
-        language=language,
-        created_by=created_by,
-        request=request,
-    )
-    missing = [uid for uid in uids if not selectors.study_in_store(uid)]
-    jobs = []
-    if node is not None:
-        for uid in missing:
-            job = retrieval.retrieval_job_create(node=node, study_uid=uid, requested_by=created_by)
-            tasks.retrieval_job_enqueue(job)
-            jobs.append(job)
+    with transaction.atomic():
+        # Serialised with `purge` on the studies' rows (it locks the row of the copy it
+        # deletes, then checks again that no live share needs it): either the purge sees this
+        # share, or it ends before this looks at what the store holds and the study is
+        # retrieved again. Without the lock, a share made while a copy is being deleted would
+        # see the copy, queue no retrieval, and be left with nothing to show. Rows locked in
+        # one order, the purge's own included, so that two sharers never deadlock.
+        list(
+            Study.objects.select_for_update()
+            .filter(study_instance_uid__in=uids)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
+        created = account_services.share_create(
+            study_instance_uid=study_instance_uid,
+            prior_study_instance_uids=uids[1:],
+            recipient=recipient,
+            channel=channel,
+            contact=contact,
+            days=days,
+            allow_download=allow_download,
+            single_use=single_use,
+            note=note,
+            language=language,
+            created_by=created_by,
+            request=request,
+        )
+        missing = [uid for uid in uids if not selectors.study_in_store(uid)]
+        jobs = []
+        if node is not None:
+            for uid in missing:
+                job = retrieval.retrieval_job_create(
+                    node=node, study_uid=uid, requested_by=created_by
+                )
+                tasks.retrieval_job_enqueue(job)  # once the share is committed
+                jobs.append(job)
     return SharedStudy(created=created, jobs=jobs, in_store=not missing)
 
 

@@ -7,8 +7,10 @@ exactly as the sender encoded them; only the file meta header is the portal's ow
 """
 
 import errno
+import fcntl
 import hashlib
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -16,6 +18,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -53,6 +56,12 @@ _INSTANCE_FIELDS = [
 
 class StoreError(Exception):
     """The store could not take an instance (disk full, permissions…): worth retrying later."""
+
+
+class AnotherStudysInstance(dicom.DatasetMismatch):
+    """An instance whose SOP Instance UID (or Series Instance UID) the index holds in another
+    study: it is not moved there (a sender, mistaken or hostile, cannot slip an instance into
+    a study, shared or not, nor take one out of it)."""
 
 
 class OverwriteRefused(dicom.DatasetMismatch):
@@ -98,16 +107,20 @@ def _os_error(exc: OSError) -> StoreError:
     return StoreError(f"cannot write to the store: {exc.strerror}")
 
 
-def _refuse_move_to_another_study(keys: dicom.InstanceKeys, indexer: "Indexer") -> None:
+def _refuse_move_to_another_study(
+    keys: dicom.InstanceKeys, indexer: "Indexer", *, ask_index: bool = True
+) -> None:
     """An instance UID names one instance for ever: a sender (mistaken or hostile) must not
     slip an instance of one study into another, nor take it from a study already shared.
 
-    Runs for every received slice, so it is one plain indexed lookup rather than an ORM query;
-    instances this indexer placed but has not indexed yet count too.
+    Instances this indexer placed but has not indexed yet are checked here; those already in
+    the index by a lookup when `ask_index`. The storage SCP does without the lookup (a round
+    trip per slice, the gap between SQLite and PostgreSQL): the index write refuses the same
+    move in the statement it runs anyway (`upsert_instances`).
     """
     sop_uid, study_uid = keys.sop_instance_uid, keys.study_uid
     owner = indexer.placed.get(sop_uid)
-    if owner is None:
+    if owner is None and ask_index:
         owner = _indexed_study_of(sop_uid)
     if owner is not None and owner != study_uid:
         raise dicom.DatasetMismatch(
@@ -159,6 +172,24 @@ def _completed(value: str) -> "Future[str]":
     future: Future[str] = Future()
     future.set_result(value)
     return future
+
+
+# Free space (beyond STORE_MIN_FREE_BYTES) below which the store counts as full: room for no
+# more than a few large instances. A retrieval that failed then says so.
+_FULL_MARGIN = 64 * 1024 * 1024
+
+
+def store_is_full() -> bool:
+    """Whether the store's disk is (nearly) full: what to tell staff when instances could not
+    be stored, since a PACS reports only how many of its C-STORE sub-operations failed."""
+    folder = store_dir()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return False
+    return free < settings.STORE_MIN_FREE_BYTES + _FULL_MARGIN
 
 
 class HashingThread:
@@ -349,11 +380,13 @@ class IncomingInstance:
         """Check, place and index the instance."""
         return self.place().index()
 
-    def place(self) -> "PlacedInstance":
+    def place(self, *, ask_index: bool = True) -> "PlacedInstance":
         """Check the received instance and move it into place, without indexing it yet.
 
         The storage SCP answers the sender right after this and indexes on another thread, so
-        that the sender's next instance arrives while the database works.
+        that the sender's next instance arrives while the database works. Without `ask_index`
+        the database is not asked whether another study holds this SOP Instance UID: the
+        index write refuses it instead (see `_refuse_move_to_another_study`).
         """
         try:
             self._file.close()
@@ -377,7 +410,7 @@ class IncomingInstance:
                 raise dicom.DatasetMismatch(
                     "the data set's SOP Class UID differs from the request's"
                 )
-            _refuse_move_to_another_study(keys, self.indexer)
+            _refuse_move_to_another_study(keys, self.indexer, ask_index=ask_index)
             relative = instance_path(keys.study_uid, keys.series_uid, keys.sop_instance_uid)
             final = store_dir() / relative
             if self._hasher is not None:
@@ -440,7 +473,10 @@ class PlacedInstance:
     def index(self) -> Instance:
         try:
             instance = self.build()
-            upsert_instances([instance])
+            if not upsert_instances([instance]):
+                raise AnotherStudysInstance(
+                    "the SOP Instance UID already belongs to another study in the store"
+                )
         except Exception:
             self.discard()
             raise
@@ -575,6 +611,14 @@ class Indexer:
     def _series_id(self, header: dicom.Header, study_id: int) -> int:
         uid = header.keys.series_uid
         if uid not in self._series:
+            owner = Series.objects.filter(series_instance_uid=uid).values_list(
+                "study_id", flat=True
+            )
+            if any(other != study_id for other in owner):
+                # Filed under that series, the instance would join the other study.
+                raise AnotherStudysInstance(
+                    "the Series Instance UID already belongs to another study in the store"
+                )
             ds = header.dataset()
             defaults = {
                 "study_id": study_id,
@@ -587,16 +631,19 @@ class Indexer:
         return self._series[uid]
 
 
-def upsert_instances(instances: list[Instance]) -> None:
-    """Insert or update index rows in a single statement and a single round trip.
+def upsert_instances(instances: list[Instance]) -> set[str]:
+    """Insert or update index rows in a single statement and a single round trip; returns the
+    SOP Instance UIDs written.
 
     This runs for every received slice (or a few at a time): the ORM's
     bulk_create(update_conflicts=True) would wrap it in a transaction, three round trips.
-    PostgreSQL and SQLite share this syntax. Only column names from the model and
-    placeholders go into the SQL text.
+    A row already in the index is updated only within its own study: an instance whose UID
+    another study holds is left out (not returned), so that no sender moves an instance from
+    one study to another, whatever was checked before. PostgreSQL and SQLite share this
+    syntax. Only column and table names from the models and placeholders go into the SQL text.
     """
     if not instances:
-        return
+        return set()
     now = timezone.now()
     meta = Instance._meta
     columns: list[str] = [
@@ -609,9 +656,16 @@ def upsert_instances(instances: list[Instance]) -> None:
     updates = ", ".join(f"{qn(c)} = excluded.{qn(c)}" for c in columns)
     # One row per SOP Instance UID: ON CONFLICT cannot touch the same row twice in one go.
     unique = list({i.sop_instance_uid: i for i in instances}.values())
+    table, series = qn(meta.db_table), qn(Series._meta.db_table)
+    series_id, study_id, pk = qn("series_id"), qn("study_id"), qn("id")
+    same_study = (
+        f"(SELECT {study_id} FROM {series} WHERE {pk} = {table}.{series_id}) = "  # noqa: S608
+        f"(SELECT {study_id} FROM {series} WHERE {pk} = excluded.{series_id})"
+    )
     sql = (
-        f"INSERT INTO {qn(meta.db_table)} ({names}) VALUES {', '.join([row] * len(unique))} "  # noqa: S608
-        f"ON CONFLICT ({qn('sop_instance_uid')}) DO UPDATE SET {updates}"
+        f"INSERT INTO {table} ({names}) VALUES {', '.join([row] * len(unique))} "  # noqa: S608
+        f"ON CONFLICT ({qn('sop_instance_uid')}) DO UPDATE SET {updates} WHERE {same_study} "
+        f"RETURNING {qn('sop_instance_uid')}"
     )
     params: list[Any] = []
     for instance in unique:
@@ -623,6 +677,7 @@ def upsert_instances(instances: list[Instance]) -> None:
         ]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
+        return {str(row[0]) for row in cursor.fetchall()}
 
 
 def _get_or_create_id(model: type[Study] | type[Series], lookup: dict, defaults: dict) -> int:
@@ -672,3 +727,221 @@ def sweep_incoming(*, older_than: float) -> int:
     if removed:
         logger.warning("removed %d temporary files left by an interrupted transfer", removed)
     return removed
+
+
+# --- Instances confirmed to a sender but not yet indexed ------------------------------------
+#
+# The storage SCP answers a C-STORE once the file is in place and writes its index row a
+# moment later (IndexWorker): a database that is down or refuses the row at that moment must
+# not leave a confirmed instance out of the index for ever. So before the success status goes
+# out, the instance is recorded in the association's journal, a file in <STORE_DIR>/.journal
+# that its writer holds locked (flock). Once every instance it lists is indexed the writer
+# deletes it; otherwise it stays, and `journal_replay` (at the SCP's start, and regularly in
+# the worker: studies.tasks) indexes what it lists. A journal still locked is in use and left
+# alone; one whose writer died (a killed SCP) is unlocked and replayed.
+
+JOURNAL = ".journal"
+_journal_numbers = itertools.count()
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """A confirmed instance: where it is in the store, which node sent it, and whether it came
+    unasked (pushed: the local archive keeps its study)."""
+
+    relative: str
+    source_id: int | None
+    pushed: bool
+
+    def line(self) -> bytes:
+        return (json.dumps([self.relative, self.source_id, self.pushed]) + "\n").encode()
+
+    @classmethod
+    def parse(cls, line: bytes) -> "JournalEntry | None":
+        try:
+            relative, source_id, pushed = json.loads(line)
+        except ValueError:
+            return None  # a line cut short by a crash: its instance was never confirmed
+        if not isinstance(relative, str) or not _is_instance_path(relative):
+            return None
+        if source_id is not None and not isinstance(source_id, int):
+            return None
+        return cls(relative=relative, source_id=source_id, pushed=bool(pushed))
+
+
+def _is_instance_path(relative: str) -> bool:
+    """<study>/<series>/<sop>.dcm, three valid UIDs: nothing outside the store."""
+    parts = relative.split("/")
+    return (
+        len(parts) == 3
+        and parts[2].endswith(".dcm")
+        and all(dicom.is_valid_uid(part) for part in [parts[0], parts[1], parts[2][:-4]])
+    )
+
+
+class Journal:
+    """The journal of one association: opened at its first instance, locked while it lives."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self.path: Path | None = None
+
+    def record(self, entry: JournalEntry) -> None:
+        """Append an entry; raises StoreError if it cannot be written (a full disk)."""
+        try:
+            if self._fd is None:
+                self._open()
+            assert self._fd is not None
+            line = entry.line()
+            if os.write(self._fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as exc:
+            raise _os_error(exc) from exc
+
+    def _open(self) -> None:
+        folder = store_dir() / JOURNAL
+        folder.mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        while True:
+            path = folder / f"{os.getpid()}-{next(_journal_numbers)}.log"
+            try:
+                fd = os.open(path, flags, 0o600)
+                break
+            except FileExistsError:
+                continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._fd, self.path = fd, path
+
+    def close(self, *, settled: bool) -> None:
+        """`settled`: everything recorded is in the index, so the journal goes; otherwise it
+        stays for `journal_replay`. Deleted before it is unlocked: a replay never takes it."""
+        if self._fd is None:
+            return
+        if settled and self.path is not None:
+            _unlink_quietly(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+@dataclass
+class ReplayReport:
+    journals: int = 0  # journals replayed and deleted
+    indexed: int = 0  # instances written to the index
+    refused: int = 0  # instances the index refused (another study's UID): their files removed
+    missing: int = 0  # listed files no longer there (purged since)
+
+
+def journal_replay() -> ReplayReport:
+    """Index the instances that unsettled journals list, and delete those journals.
+
+    Safe to run at any time and from several processes: a journal in use is locked, and
+    writing an index row twice changes nothing. A database error stops the replay and leaves
+    the journal for the next one."""
+    report = ReplayReport()
+    try:
+        journals = sorted((store_dir() / JOURNAL).glob("*.log"))
+    except OSError:
+        return report
+    for path in journals:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # settled meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its association is still running
+            if os.fstat(fd).st_nlink == 0:
+                continue  # settled between the listing and the lock
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                entries = [e for line in handle if (e := JournalEntry.parse(line)) is not None]
+            _replay(entries, report)
+            path.unlink()
+            report.journals += 1
+        finally:
+            os.close(fd)
+    if report.journals:
+        logger.warning(
+            "indexed %d confirmed instances left out of the index (%d journals; %d refused, "
+            "%d no longer in the store)",
+            report.indexed,
+            report.journals,
+            report.refused,
+            report.missing,
+        )
+    return report
+
+
+def _replay(entries: list[JournalEntry], report: ReplayReport) -> None:
+    indexers: dict[int | None, Indexer] = {}
+    pushed: set[str] = set()
+    for entry in entries:
+        path = store_dir() / entry.relative
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            report.missing += 1
+            continue
+        except OSError as exc:
+            raise _os_error(exc) from exc
+        study_uid, series_uid, name = entry.relative.split("/")
+        try:
+            header = dicom.Header.of(dicom.read_header(data))
+            if (header.keys.study_uid, header.keys.series_uid, header.keys.sop_instance_uid) != (
+                study_uid,
+                series_uid,
+                name[:-4],
+            ):
+                raise dicom.DatasetMismatch("the file's UIDs differ from its place in the store")
+        except dicom.InvalidDicom as exc:
+            # Only the storage SCP writes there, after checking: someone else changed it.
+            logger.error("not indexing %s: %s", entry.relative, exc)
+            continue
+        if entry.source_id not in indexers:
+            source = None
+            if entry.source_id is not None:
+                source = PacsNode.objects.filter(pk=entry.source_id).first()
+            indexers[entry.source_id] = Indexer(source=source)
+        indexer = indexers[entry.source_id]
+        sha256 = hashlib.sha256(memoryview(data)[dicom.dataset_offset(data) :]).hexdigest()
+        try:
+            instance = indexer.build(header, entry.relative, len(data), sha256)
+            written = upsert_instances([instance])
+        except AnotherStudysInstance:
+            written = set()
+        if not written:
+            logger.error("removed %s: its UID belongs to another study", entry.relative)
+            _unlink_quietly(path)
+            report.refused += 1
+            continue
+        report.indexed += 1
+        if entry.pushed:
+            pushed.add(study_uid)
+    if pushed:
+        studies_keep_in_archive(pushed)
+
+
+# --- The local archive and retrieved copies --------------------------------------------------
+#
+# A study is a disposable copy only when a retrieval of ours brought it and nothing else did:
+# pushed by a PACS or a modality, or imported, it is the local archive for good. A push and a
+# retrieval of the same study may end in either order, so the archive mark is sticky and the
+# copy mark never overrides it. Each is one conditional UPDATE: PostgreSQL locks the row and
+# checks the condition again on the row as the other writer left it, so the two serialise on
+# the study whatever the interleaving.
+
+
+def studies_keep_in_archive(study_uids: set[str] | list[str]) -> None:
+    """The local archive keeps these studies (pushed or imported): never purged."""
+    Study.objects.filter(study_instance_uid__in=list(study_uids)).update(
+        archived=True, retrieved_copy=False
+    )
+
+
+def study_mark_retrieved_copy(*, study_uid: str, since: datetime) -> None:
+    """A retrieval that began at `since` brought this study: a copy `purge` may delete once no
+    live share needs it, unless it was there before, or was pushed or imported meanwhile."""
+    Study.objects.filter(
+        study_instance_uid=study_uid, created_at__gte=since, archived=False
+    ).update(retrieved_copy=True)

@@ -13,7 +13,7 @@ from django.db import transaction
 from studies import metadata, retention, retrieval
 from studies.models import RetrievalJob
 from studies.selectors import retrieval_jobs_unfinished
-from studies.store import STALE_INCOMING_SECONDS, sweep_incoming
+from studies.store import STALE_INCOMING_SECONDS, journal_replay, sweep_incoming
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,15 @@ def purge() -> dict[str, Any]:
         "codes_released": report.codes_released,
         "over_cap_bytes": report.over_cap_bytes,
     }
+
+
+@shared_task(acks_late=True)
+def index_confirmed_instances() -> int:
+    """Index what the storage SCP confirmed to a sender but could not index (its database
+    was down, the SCP was killed before it wrote the rows): Celery beat runs this regularly
+    (settings.CELERY_BEAT_SCHEDULE), so that a confirmed instance always ends in the index.
+    Returns how many instances it indexed."""
+    return journal_replay().indexed
 
 
 def retrieval_job_enqueue(job: RetrievalJob) -> None:

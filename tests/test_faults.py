@@ -252,7 +252,7 @@ def test_it_fails_the_job_when_the_index_loses_what_the_scp_accepted(
     batches; a database that refuses those rows must not end in a job reported done."""
     import studies.dimse.storescp
 
-    def refuse(instances: list[Instance]) -> None:
+    def refuse(instances: list[Instance]) -> set[str]:
         raise DatabaseError("the database is read-only")
 
     monkeypatch.setattr(studies.dimse.storescp, "upsert_instances", refuse)
@@ -268,11 +268,13 @@ def test_it_fails_the_job_when_the_index_loses_what_the_scp_accepted(
     assert job.started_at and job.finished_at
     assert (job.finished_at - job.started_at).total_seconds() >= 1.0
     assert Instance.objects.count() == 0
-    # The files the SCP confirmed to the PACS stay (the SCP never deletes what it confirmed);
-    # nothing else is in the store, nothing half-written.
+    # The files the SCP confirmed to the PACS stay (the SCP never deletes what it confirmed),
+    # listed in its journal for a later replay (test_faults_store); nothing else is in the
+    # store, nothing half-written.
     problems = store_problems()
-    assert len(problems) == study.instance_count
-    assert all(p.startswith(f"not indexed: {study.uid}/") for p in problems), problems
+    assert len(problems) == study.instance_count + 1
+    assert problems[0].startswith("left over: .journal/"), problems
+    assert all(p.startswith(f"not indexed: {study.uid}/") for p in problems[1:]), problems
 
 
 def test_it_waits_for_index_rows_that_come_after_the_pacs_final_answer(
@@ -288,7 +290,7 @@ def test_it_waits_for_index_rows_that_come_after_the_pacs_final_answer(
     real_upsert = studies.dimse.storescp.upsert_instances
     writers: list[threading.Thread] = []
 
-    def late(instances: list[Instance]) -> None:
+    def late(instances: list[Instance]) -> set[str]:
         def write() -> None:
             time.sleep(1.5)
             try:
@@ -298,6 +300,7 @@ def test_it_waits_for_index_rows_that_come_after_the_pacs_final_answer(
 
         writers.append(threading.Thread(target=write))
         writers[-1].start()
+        return {instance.sop_instance_uid for instance in instances}
 
     monkeypatch.setattr(studies.dimse.storescp, "upsert_instances", late)
     study = pacs_studies.latin1

@@ -328,10 +328,10 @@ def test_a_file_the_database_refuses_is_reported_and_the_others_are_imported(
     refused_uid = str(datasets[1].SOPInstanceUID)
     real_upsert = studies.store.upsert_instances
 
-    def upsert(instances: list[Instance]) -> None:
+    def upsert(instances: list[Instance]) -> set[str]:
         if any(i.sop_instance_uid == refused_uid for i in instances):
             raise DatabaseError("value too long for type character varying(64)")
-        real_upsert(instances)
+        return real_upsert(instances)
 
     monkeypatch.setattr(studies.store, "upsert_instances", upsert)
 

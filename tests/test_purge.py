@@ -31,7 +31,7 @@ def stored_study(tmp_path: Path, name: str) -> str:
 def retrieved(uid: str, *, hours_ago: float = 48, status: str = RetrievalJob.Status.DONE) -> None:
     """As if a retrieval had brought the study (test_retrieval checks that one does)."""
     finished = timezone.now() - timedelta(hours=hours_ago)
-    Study.objects.filter(study_instance_uid=uid).update(retrieved_copy=True)
+    Study.objects.filter(study_instance_uid=uid).update(retrieved_copy=True, archived=False)
     RetrievalJob.objects.create(
         study_instance_uid=uid,
         method="move",

@@ -51,15 +51,20 @@ from studies.dimse.wire import (
     STORE_OUT_OF_RESOURCES,
     STORE_OVERWRITE_REFUSED,
 )
-from studies.models import PacsNode, Study
+from studies.models import PacsNode
 from studies.store import (
     STALE_INCOMING_SECONDS,
+    AnotherStudysInstance,
     HashingThread,
     IncomingInstance,
     Indexer,
+    Journal,
+    JournalEntry,
     OverwriteRefused,
     PlacedInstance,
     StoreError,
+    journal_replay,
+    studies_keep_in_archive,
     sweep_incoming,
     upsert_instances,
 )
@@ -81,7 +86,7 @@ _REJECT_READ_SECONDS = 2.0
 _MAX_REJECTING = 8
 _C_STORE_RQ, _C_STORE_RSP, _C_ECHO_RQ, _C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 # Instances are indexed by batches of this many, or when the sender pauses this long.
-_INDEX_BATCH = 1000
+_INDEX_BATCH = 100
 _INDEX_DELAY = 0.1
 
 _SUPPORTED_SYNTAXES = frozenset(str(uid) for uid in ALL_TRANSFER_SYNTAXES)
@@ -103,34 +108,84 @@ def _addresses(host: str) -> set[str]:
 
 @dataclass
 class NodeDirectory:
-    """Which (AE title, address) pairs may send to us; re-read from the database now and then
-    so that `pacs add` takes effect without a restart."""
+    """Which (AE title, address) pairs may send to us; re-read from the database every
+    `refresh_seconds` (a node removed is refused soon), and when an unknown caller comes: it
+    may be a node just added (`pacs add`), whose first association must be accepted at once
+    (refused, a PACS reports a failed transfer). Unknown callers cause at most one reading per
+    `unknown_reload_seconds`, so that hammering costs the database little: an unknown AE title
+    waits (at most that long) for the next reading rather than be refused; a connection from
+    an unknown address, which the accept loop answers, is dropped unless a reading is due."""
 
     refresh_seconds: float = 10.0
-    _allowed: dict[str, tuple[int, set[str]]] = field(default_factory=dict)
+    unknown_reload_seconds: float = 1.0
+    loads: int = 0  # how many times the list was read
+    _allowed: dict[str, tuple[PacsNode, set[str]]] = field(default_factory=dict)
     _known_addresses: frozenset[str] = frozenset()
     _loaded_at: float = float("-inf")
+    # When the last completed reading began, and the last one an unknown caller asked for.
+    _read_started_at: float = float("-inf")
+    _unknown_read_at: float = float("-inf")
     _reloading: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.Condition = field(default_factory=threading.Condition)
 
-    def node_for(self, ae_title: str, address: str) -> int | None:
-        """The PacsNode id for a calling AE at an address, or None if it is not configured."""
+    def node_for(self, ae_title: str, address: str) -> PacsNode | None:
+        """The PacsNode of a calling AE at an address, or None if it is not configured.
+
+        As it was read, so that an association needs no query of its own for it (on
+        PostgreSQL, the connection that query would open costs more than the rest)."""
+        node = self._node_for(ae_title, address)
+        if node is None and self._reload_for_unknown(wait=True):
+            node = self._node_for(ae_title, address)
+        return node
+
+    def _node_for(self, ae_title: str, address: str) -> PacsNode | None:
         entry = self._current()[0].get(ae_title.strip())
         if entry is None:
             return None
-        node_id, addresses = entry
-        return node_id if address in addresses else None
+        node, addresses = entry
+        return node if address in addresses else None
 
     def knows_address(self, address: str) -> bool:
-        return address in self._current()[1]
+        """Whether any node lives at this address. Asked by the accept loop, which must never
+        wait: an unknown address causes a reading only when one is due."""
+        if address in self._current()[1]:
+            return True
+        return self._reload_for_unknown(wait=False) and address in self._current()[1]
+
+    def _reload_for_unknown(self, *, wait: bool) -> bool:
+        """Have the list read again for an unknown caller; True once a reading that began
+        after the caller came has completed. Without `wait`, False if none is due now."""
+        arrived = time.monotonic()
+        with self._lock:
+            while True:
+                if self._read_started_at >= arrived:
+                    return True  # another caller's reading covers this one
+                now = time.monotonic()
+                due = self._unknown_read_at + self.unknown_reload_seconds
+                if not self._reloading and now >= due:
+                    self._reloading, self._unknown_read_at = True, now
+                    break
+                if not wait:
+                    return False
+                self._lock.wait(timeout=None if self._reloading else due - now)
+        try:
+            self.load()
+        finally:
+            with self._lock:
+                self._reloading = False
+                self._lock.notify_all()
+        return True
 
     def load(self) -> None:
+        started = time.monotonic()
         allowed, known = self._read()
         with self._lock:
             self._allowed, self._known_addresses = allowed, known
             self._loaded_at = time.monotonic()
+            self._read_started_at = max(self._read_started_at, started)
+            self.loads += 1
 
-    def _current(self) -> tuple[dict[str, tuple[int, set[str]]], frozenset[str]]:
+    def _current(self) -> tuple[dict[str, tuple[PacsNode, set[str]]], frozenset[str]]:
         with self._lock:
             stale = time.monotonic() - self._loaded_at > self.refresh_seconds
             # Until a first load, everyone waits for one rather than see an empty directory.
@@ -145,17 +200,18 @@ class NodeDirectory:
             finally:
                 with self._lock:
                     self._reloading = False
+                    self._lock.notify_all()
         with self._lock:
             return self._allowed, self._known_addresses
 
     @staticmethod
-    def _read() -> tuple[dict[str, tuple[int, set[str]]], frozenset[str]]:
-        allowed: dict[str, tuple[int, set[str]]] = {}
+    def _read() -> tuple[dict[str, tuple[PacsNode, set[str]]], frozenset[str]]:
+        allowed: dict[str, tuple[PacsNode, set[str]]] = {}
         try:
             for node in PacsNode.objects.all():
                 key = node.ae_title.strip()
-                node_id, addresses = allowed.get(key, (node.pk, set()))
-                allowed[key] = (node_id, addresses | _addresses(node.host))
+                first, addresses = allowed.get(key, (node, set()))
+                allowed[key] = (first, addresses | _addresses(node.host))
         finally:
             connection.close()
         known = frozenset(a for _, addresses in allowed.values() for a in addresses)
@@ -192,6 +248,12 @@ class StorageServer:
 
     def start(self, block: bool = False) -> None:
         sweep_incoming(older_than=STALE_INCOMING_SECONDS)
+        try:
+            # What an earlier run confirmed to its senders but could not index.
+            journal_replay()
+        except Exception:
+            # The database may be down at start: the worker's regular sweep will do it.
+            logger.exception("could not index the instances the journals list")
         listener = socket.create_server(self.address, reuse_port=False, backlog=64)
         self._socket = listener
         self.address = listener.getsockname()[:2]
@@ -231,7 +293,10 @@ class StorageServer:
     def _accept_loop(self) -> None:
         assert self._socket is not None
         listener = self._socket
-        listener.settimeout(0.5)
+        try:
+            listener.settimeout(0.5)
+        except OSError:
+            return  # stopped before this thread began
         while not self._stopping.is_set():
             try:
                 conn, peer = listener.accept()
@@ -373,6 +438,8 @@ class StorageAssociation:
         self.indexer: Indexer | None = None
         self.index_worker = IndexWorker("")
         self.hasher: HashingThread | None = None
+        self.journal = Journal()
+        self.source_id: int | None = None
         # Studies that received instances no retrieval of ours asked for: local archive now.
         self.pushed_studies: set[str] = set()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -460,8 +527,8 @@ class StorageAssociation:
                 _reject_pdu(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLED_AE_NOT_RECOGNISED),
             )
             return False
-        node_id = self.server.nodes.node_for(self.calling_ae, self.address)
-        if node_id is None:
+        node = self.server.nodes.node_for(self.calling_ae, self.address)
+        if node is None:
             logger.warning(
                 "refused association from %r at %s: not a configured node",
                 self.calling_ae,
@@ -479,8 +546,9 @@ class StorageAssociation:
                     str(context.abstract_syntax),
                     str(context.transfer_syntax[0]),
                 )
+        self.source_id = node.pk
         self.indexer = Indexer(
-            source=PacsNode.objects.filter(pk=node_id).first(),
+            source=node,
             peer=f"{self.calling_ae}@{self.address}",
         )
         self.index_worker = IndexWorker(self.calling_ae)
@@ -506,16 +574,19 @@ class StorageAssociation:
             self.index_worker.finish()
             if self.hasher is not None:
                 self.hasher.close()
+            settled = not self.index_worker.orphans
             if self.pushed_studies:
-                self._keep_pushed_studies()
+                settled &= self._keep_pushed_studies()
+            # Anything left undone stays in the journal, for journal_replay.
+            self.journal.close(settled=settled)
 
-    def _keep_pushed_studies(self) -> None:
+    def _keep_pushed_studies(self) -> bool:
         try:
-            Study.objects.filter(
-                study_instance_uid__in=self.pushed_studies, retrieved_copy=True
-            ).update(retrieved_copy=False)
+            studies_keep_in_archive(self.pushed_studies)
         except Exception:
             logger.exception("could not mark the studies %r pushed to the archive", self.calling_ae)
+            return False
+        return True
 
     def _exchange(self) -> None:
         fragments = wire.CommandFragments()
@@ -611,9 +682,20 @@ class StorageAssociation:
 
     def _commit(self, incoming: IncomingInstance, command: "_Command") -> tuple[int, str] | None:
         try:
-            placed = incoming.place()
+            # No index lookup per slice: the index write refuses another study's instance.
+            placed = incoming.place(ask_index=False)
+            pushed = command.move_originator != self.server.ae_title.strip()
+            try:
+                # Before the sender is told it is stored: a confirmed instance always ends in
+                # the index, even when the database fails to take its row now.
+                self.journal.record(
+                    JournalEntry(relative=placed.relative, source_id=self.source_id, pushed=pushed)
+                )
+            except StoreError:
+                placed.discard()
+                raise
             self.index_worker.submit(placed)
-            if command.move_originator != self.server.ae_title.strip():
+            if pushed:
                 self.pushed_studies.add(placed.header.keys.study_uid)
         except OverwriteRefused as exc:
             logger.warning(
@@ -704,18 +786,24 @@ class IndexWorker:
 
     Writing index rows is the slowest step of storing a slice, yet nothing needs the rows
     before the sender is done: a C-MOVE completes only after the association is released, and
-    `finish()` holds the release until every row is written. So rows are written when the
-    sender pauses, when many are waiting, or at the release, not while slices stream in:
-    indexing meanwhile would compete with the receiving thread for the interpreter.
+    `finish()` holds the release until every row is written. So rows are written in batches:
+    when the sender pauses, when a hundred are waiting, and at the release. Not row by row
+    (each statement costs a round trip to the database and the interpreter's time, which the
+    receiving thread needs), nor all at the release: the sender would wait for all of them
+    (on PostgreSQL, 300 rows and the study's first statements on a new connection keep the
+    release waiting some 40 ms, against a few for the last batch).
 
     The sender was told these instances are stored: a row that cannot be written leaves its
-    file in place and is logged (`import_dicom` on the store folder indexes such files), and
-    the association refuses further instances.
+    file in place and in the association's journal (`journal_replay` indexes it later), and
+    the association refuses further instances. An instance the index refuses because another
+    study holds its UID (see `upsert_instances`) is removed, the sender's answer
+    notwithstanding: no sender moves an instance from one study to another.
     """
 
     def __init__(self, calling_ae: str) -> None:
         self.calling_ae = calling_ae
         self.failed = False
+        self.orphans = 0  # instances confirmed but not indexed
         self._pending: list[PlacedInstance] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -773,22 +861,40 @@ class IndexWorker:
         if not batch:
             return
         try:
-            upsert_instances([p.build() for p in batch])
+            self._write(batch)
             return
         except Exception:
             logger.exception("could not index %d instances from %r", len(batch), self.calling_ae)
         # One bad row (or a database hiccup) must not cost the others their place.
         for placed in batch:
             try:
-                upsert_instances([placed.build()])
+                self._write([placed])
             except Exception:
                 self._orphan([placed])
+
+    def _write(self, batch: list[PlacedInstance]) -> None:
+        rows, refused = [], []
+        for placed in batch:
+            try:
+                rows.append((placed, placed.build()))
+            except AnotherStudysInstance:
+                refused.append(placed)
+        written = upsert_instances([row for _, row in rows])
+        refused += [placed for placed, row in rows if row.sop_instance_uid not in written]
+        for placed in refused:
+            placed.discard()
+            logger.error(
+                "removed instance %s from %r: its UID belongs to another study in the store",
+                placed.header.keys.sop_instance_uid,
+                self.calling_ae,
+            )
 
     def _orphan(self, placed: list[PlacedInstance]) -> None:
         for instance in placed:
             self.failed = True
+            self.orphans += 1
             logger.error(
-                "instance %s from %r is stored at %s but not indexed",
+                "instance %s from %r is stored at %s but not indexed yet (its journal keeps it)",
                 instance.header.keys.sop_instance_uid,
                 self.calling_ae,
                 instance.relative,

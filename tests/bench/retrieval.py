@@ -13,8 +13,14 @@ Two more figures explain the first: the CPU seconds each process spends (on two 
 processes compete for the same CPU), and, for information, dcmtk's time plus `sha256sum` of
 what it received, since the portal records every instance's SHA-256 before a job is done and
 storescp computes none.
+
+`run_on_databases` runs it on SQLite and, when DATABASE_URL names a PostgreSQL server, on
+PostgreSQL too, each in a process of its own (Django is set up once per process), and adds
+the ratio of the two: the production database must not slow the storage SCP down.
 """
 
+import argparse
+import json
 import os
 import resource
 import secrets
@@ -53,7 +59,88 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
+def run_on_databases(*, runs: int = 5, slices: int = 300) -> list[Result]:
+    """The C-MOVE figures on SQLite and, with DATABASE_URL set to PostgreSQL, on PostgreSQL,
+    and PostgreSQL's time over SQLite's (target ≤ 1.1).
+
+    Each database has a process of its own (Django is set up once per process), and their
+    rounds alternate, one at a time: on a shared machine a passing load then weighs on both
+    databases alike instead of on whichever ran second."""
+    server_url = os.environ.get("DATABASE_URL", "")
+    databases = {"SQLite": ""}
+    if server_url.startswith(("postgres://", "postgresql://")):
+        databases["PostgreSQL"] = server_url
+    else:
+        print("C-MOVE retrieval on SQLite only: set DATABASE_URL to a PostgreSQL server to compare")
+    children: dict[str, subprocess.Popen[str]] = {}
+    for label, url in databases.items():
+        env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+        if url:
+            env["DATABASE_URL"] = url
+        children[label] = subprocess.Popen(
+            [
+                sys.executable, "-u", "-m", "tests.bench.retrieval",
+                f"--runs={runs}", f"--slices={slices}", "--paced",
+            ],
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    results: list[Result] = []
+    portal: dict[str, float] = {}
+    try:
+        for _round in range(runs + 1):
+            for label, child in children.items():
+                assert child.stdin is not None and child.stdout is not None
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                while line := child.stdout.readline():
+                    print(f"[{label}] {line}", end="")
+                    if line.startswith("  run "):
+                        break
+                else:
+                    raise RuntimeError(f"the {label} benchmark stopped")
+        for label, child in children.items():
+            out, _ = child.communicate(timeout=600)
+            if child.returncode:
+                raise RuntimeError(f"the {label} benchmark failed")
+            *lines, last = out.rstrip("\n").split("\n")
+            for line in lines:
+                print(f"[{label}] {line}")
+            for figure in json.loads(last):
+                result = Result(**figure)
+                result.name = result.name.replace("C-MOVE retrieval,", f"C-MOVE, {label},")
+                results.append(result)
+            portal[label] = results[-2].portal
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    if len(portal) == 2:
+        results.append(
+            Result(
+                name="  C-MOVE, PostgreSQL / SQLite",
+                portal=portal["PostgreSQL"],
+                anchor=portal["SQLite"],
+                target=1.1,
+            )
+        )
+    return results
+
+
+def main() -> None:
+    """One database's figures (DATABASE_URL's), the last line as JSON for run_on_databases.
+    With --paced, each round waits for a line on standard input."""
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.retrieval")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--paced", action="store_true")
+    args = parser.parse_args()
+    results = run(runs=args.runs, slices=args.slices, paced=args.paced)
+    sys.stdout.flush()
+    print(json.dumps([vars(result) for result in results]))
+
+
+def run(*, runs: int = 5, slices: int = 300, paced: bool = False) -> list[Result]:
     workdir = Path(tempfile.mkdtemp(prefix="portal-bench-"))
     server_url = os.environ.get("DATABASE_URL", "")
     database_url, pg_name = database(workdir, "retrieval")
@@ -138,6 +225,8 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
             dcmtk_cpu: list[tuple[float, float]] = []
             orthanc_pid = orthanc.process.pid  # type: ignore[union-attr]
             for index in range(runs + 1):  # the first round warms caches and is not counted
+                if paced:
+                    sys.stdin.readline()  # the other database's round is over
                 for study in Study.objects.filter(study_instance_uid=study_uid):
                     study.delete()
                     shutil.rmtree(store_dir() / study.study_instance_uid, ignore_errors=True)
@@ -228,3 +317,7 @@ def run(*, runs: int = 5, slices: int = 300) -> list[Result]:
             target=None,
         ),
     ]
+
+
+if __name__ == "__main__":
+    main()
