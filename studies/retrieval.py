@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 from pynetdicom.status import Status
 
@@ -26,7 +27,6 @@ from accounts.models import User
 from studies import dicom, wado
 from studies.dimse import pacs, wire
 from studies.models import Instance, PacsNode, RetrievalJob, Study
-from studies.selectors import study_in_store
 from studies.store import Indexer, StoreError
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,36 @@ def retrieval_job_create(
             existing.error = "The worker retrieving this study stopped; it is queued again."
             existing.save(update_fields=["status", "error"])
         return existing
+
+
+def retrieval_jobs_take_back() -> list[int]:
+    """Queue again every running job whose lease is over, and return their ids (for the
+    caller to send each a message).
+
+    A worker killed in the middle of a job neither finishes it nor acknowledges its message; a
+    worker that starts resumes such jobs, and the broker hands the message out again after its
+    visibility timeout, but with several workers the others neither restart nor wait that
+    long: this sweep, run every few seconds by Celery beat, brings the job back about one
+    lease after its worker went silent. A job is taken back by one sweep only (a
+    compare-and-set on its lease), and a job that is queued again keeps its attempts count.
+    """
+    taken: list[int] = []
+    now = timezone.now()
+    Status = RetrievalJob.Status
+    silent = Q(lease_until__lte=now) | Q(
+        lease_until__isnull=True,
+        started_at__lte=now - timedelta(seconds=settings.RETRIEVAL_LEASE),
+    )
+    for job in RetrievalJob.objects.filter(silent, status=Status.RUNNING):
+        if RetrievalJob.objects.filter(
+            pk=job.pk, status=Status.RUNNING, started_at=job.started_at, lease_until=job.lease_until
+        ).update(
+            status=Status.QUEUED,
+            error="The worker retrieving this study stopped; it is queued again.",
+        ):
+            logger.warning("retrieval job %s lost its worker: queued again", job.pk)
+            taken.append(job.pk)
+    return taken
 
 
 def retrieval_job_lease_left(job: RetrievalJob) -> float:
@@ -197,7 +227,7 @@ class _Progress:
 
 @contextmanager
 def _lease_renewed(job: RetrievalJob) -> Iterator[None]:
-    """Renew the job's lease every third of it while this attempt runs.
+    """Renew the job's lease every quarter of it while this attempt runs.
 
     The worker is alive as long as this process is, whatever the PACS says or does not say
     meanwhile (pending C-MOVE responses are optional): a lease renewed only on progress would
@@ -207,7 +237,7 @@ def _lease_renewed(job: RetrievalJob) -> Iterator[None]:
 
     def renew() -> None:
         try:
-            while not stop.wait(settings.RETRIEVAL_LEASE / 3):
+            while not stop.wait(settings.RETRIEVAL_LEASE / 4):
                 RetrievalJob.objects.filter(
                     pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
                 ).update(lease_until=_new_lease(timezone.now()))
@@ -276,7 +306,9 @@ def _attempt(job: RetrievalJob, progress: _Progress) -> tuple[str, str]:
             f"{failed} of {received + failed} instances could not be retrieved."
         )
     if received == 0:
-        if study_in_store(study_uid):
+        # (This job is itself the study's latest retrieval, not done yet: what counts here
+        # is whether the store already holds instances of it.)
+        if Study.objects.with_instances().filter(study_instance_uid=study_uid).exists():
             return RetrievalJob.Status.DONE, ""
         return RetrievalJob.Status.FAILED, "The PACS sent no instance for this study."
     if job.method == PacsNode.Retrieve.MOVE:
