@@ -6,11 +6,16 @@ Each test runs its own instance of the service it breaks (a private Orthanc, red
 PostgreSQL cluster on free ports): the session's are shared with other tests.
 """
 
+import hashlib
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import requests
+from django.conf import settings as django_settings
 from django.test import Client
 from pytest_django.fixtures import Settings
 
@@ -21,9 +26,15 @@ from studies.dimse.storescp import StorageServer
 from studies.models import Instance, PacsNode, RetrievalJob, Study
 from tests.conftest import assert_store_consistent, scp_port
 from tests.support.access import make_share, share_of, sign_in
+from tests.support.gunicorn import PortalServer
 from tests.support.orthanc import OrthancServer
+from tests.support.postgres_cluster import PostgresCluster
 from tests.support.proxy import TcpRelay
+from tests.support.redis_server import RedisServer
 from tests.support.worker import CeleryWorker
+
+if TYPE_CHECKING:
+    from tests.conftest import PacsStudies
 
 SLICES = 60
 # 256 × 256 slices, about 8 MB, paced at 2 MB/s towards the storage SCP: the PACS is stopped
@@ -34,8 +45,6 @@ BACKOFF_SECONDS = 2
 
 
 def dataset_sha256(part10: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(part10[dicom.dataset_offset(part10) :]).hexdigest()
 
 
@@ -161,3 +170,125 @@ def test_a_pacs_that_stops_mid_c_move_fails_the_job_clearly_and_it_completes_onc
     assert share_status(share) == "active"
     assert visible_instances(client) == SLICES
     assert Study.objects.in_store().filter(study_instance_uid=study_uid).exists()
+
+
+# --- Redis, the broker, restarts with jobs queued ---------------------------------------------
+
+
+def task_received(worker: CeleryWorker, task_id: str) -> bool:
+    return f"retrieve_study[{task_id}] received" in worker.log()
+
+
+@pytest.mark.worker
+@pytest.mark.dicom
+@pytest.mark.django_db(transaction=True)
+def test_queued_jobs_survive_a_redis_crash_and_the_worker_rides_through_another(
+    settings: Settings,
+    tmp_path: Path,
+    orthanc: OrthancServer,
+    pacs_studies: "PacsStudies",
+    orthanc_node: PacsNode,
+) -> None:
+    """Redis as production runs it (append-only file, fsync at every write): killed with jobs
+    queued and no worker up, it comes back with every message; killed again under a running
+    worker, the worker reconnects by itself and takes the next job."""
+    settings.STORE_DIR = tmp_path / "store"
+    studies = [pacs_studies.latin1, pacs_studies.utf8]
+    with RedisServer(workdir=tmp_path / "redis") as broker:
+        worker = CeleryWorker(workdir=tmp_path / "worker")
+        worker.broker_url, worker.transport_options = broker.url, {}
+        jobs = [retrieval.retrieval_job_create(node=orthanc_node, study_uid=s.uid) for s in studies]
+        with worker.producer_app():
+            sent = [tasks.retrieve_study.delay(job.pk).id for job in jobs]
+        assert broker.client().llen(worker.queue) == len(jobs)
+
+        broker.kill()  # SIGKILL: no save at shutdown
+        broker.start()
+        assert broker.client().llen(worker.queue) == len(jobs), broker.log()
+
+        with worker:
+            for job in jobs:
+                wait_for_end(job, worker)
+            # The messages that came through the crash ran (not only the worker's own
+            # start-up resumption of unfinished jobs).
+            assert all(task_received(worker, task_id) for task_id in sent), worker.log_tail()
+
+            broker.kill()
+            broker.start()
+            again = retrieval.retrieval_job_create(node=orthanc_node, study_uid=studies[0].uid)
+            with worker.producer_app():
+                tasks.retrieve_study.delay(again.pk)
+            wait_for_end(again, worker)
+
+    for study in studies:
+        rows = Instance.objects.filter(series__study__study_instance_uid=study.uid)
+        assert sorted(rows.values_list("sop_instance_uid", flat=True)) == sorted(study.files)
+    assert_store_consistent()
+
+
+def wait_for_end(job: RetrievalJob, worker: CeleryWorker, timeout: float = 90) -> None:
+    def ended() -> bool:
+        job.refresh_from_db()
+        return job.status in {RetrievalJob.Status.DONE, RetrievalJob.Status.FAILED}
+
+    poll(ended, timeout=timeout, what=f"the end of job {job.pk}", log=worker.log_tail)
+    assert job.status == RetrievalJob.Status.DONE, job.error
+
+
+# --- PostgreSQL restarts under the web processes and the workers ------------------------------
+
+
+def metadata_runs(worker: CeleryWorker) -> tuple[int, int]:
+    """How many build_study_metadata tasks succeeded and failed in the worker's log."""
+    lines = [line for line in worker.log().splitlines() if "build_study_metadata[" in line]
+    return (
+        sum(" succeeded in " in line for line in lines),
+        sum(" raised unexpected" in line for line in lines),
+    )
+
+
+@pytest.mark.worker
+def test_web_processes_and_workers_recover_when_postgresql_restarts(tmp_path: Path) -> None:
+    """Persistent connections (as production may keep them: PORTAL_DB_CONN_MAX_AGE) are
+    health-checked before reuse: the first request and the first task after a restart of the
+    database server succeed, with no restart of gunicorn or the worker."""
+    with PostgresCluster() as database:
+        database.create_database()
+        env = {"DATABASE_URL": database.url, "PORTAL_DB_CONN_MAX_AGE": "600"}
+        worker = CeleryWorker(workdir=tmp_path / "worker", env=env)
+        migrate = subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput"],
+            cwd=django_settings.BASE_DIR,
+            env=worker.environment(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert migrate.returncode == 0, migrate.stderr
+        http = requests.Session()
+        http.trust_env = False
+        with PortalServer(workdir=tmp_path / "web", workers=1, env=env) as web, worker:
+            for _ in range(2):  # the second request reuses the first one's connection
+                assert http.get(f"{web.url}/healthz", timeout=10).json() == {"status": "ok"}
+            with worker.producer_app():
+                tasks.build_study_metadata.delay("1.2.826.0.1.3680043.8.498.77")
+            poll(
+                lambda: metadata_runs(worker) == (1, 0),
+                timeout=30,
+                what="a task",
+                log=worker.log_tail,
+            )
+
+            database.restart()
+
+            response = http.get(f"{web.url}/healthz", timeout=10)
+            assert (response.status_code, response.json()) == (200, {"status": "ok"})
+            with worker.producer_app():
+                tasks.build_study_metadata.delay("1.2.826.0.1.3680043.8.498.78")
+            poll(
+                lambda: sum(metadata_runs(worker)) == 2,
+                timeout=30,
+                what="the task after the restart",
+                log=worker.log_tail,
+            )
+            assert metadata_runs(worker) == (2, 0), worker.log_tail()
