@@ -310,6 +310,16 @@ def recipient(client: Client, tmp_path: Path, sms_dir: Path) -> Iterator[tuple[C
     stored: StoredStudies = store_two_studies(tmp_path / "import")
     created = make_share(stored.alice.uid)
     sign_in(client, created, sms_dir)
+    # The fuzzed requests reach the real answers: without noise, they succeed.
+    first = Instance.objects.filter(series__study__study_instance_uid=stored.alice.uid).first()
+    assert first is not None
+    instance = (
+        f"/dicomweb/studies/{stored.alice.uid}/series/{first.series.series_instance_uid}"
+        f"/instances/{first.sop_instance_uid}"
+    )
+    assert client.get("/dicomweb/studies").status_code == 200
+    for path in ("/rendered", "/frames/1/rendered", "/thumbnail", "/metadata"):
+        assert client.get(instance + path).status_code == 200, path
     yield client, stored.alice
 
 
