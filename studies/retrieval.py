@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 from pynetdicom.status import Status
@@ -219,10 +219,24 @@ class _Progress:
         values: dict[str, int | None] = {"received": received, "failed": failed}
         if expected is not None:
             values["expected"] = expected
-        RetrievalJob.objects.filter(
-            pk=self.job_id, status=RetrievalJob.Status.RUNNING, started_at=self.started_at
-        ).update(**values)
+        try:
+            RetrievalJob.objects.filter(
+                pk=self.job_id, status=RetrievalJob.Status.RUNNING, started_at=self.started_at
+            ).update(**values)
+        except DatabaseError as exc:
+            # Progress is for the eye: a database that is restarting does not stop the
+            # transfer, and the next report writes the counts it missed.
+            _drop_connection(exc, "report the progress of", self.job_id)
+            return
         self.last_write = now
+
+
+def _drop_connection(exc: DatabaseError, doing: str, job_id: int) -> None:
+    """After a database error: close this thread's connection, so that its next query opens
+    a new one. A database server restarted during a long attempt leaves the connections of the
+    attempt's threads dead, and Django only replaces a connection that is closed."""
+    logger.warning("cannot %s retrieval job %s, for now: %s", doing, job_id, exc)
+    connection.close()
 
 
 @contextmanager
@@ -238,9 +252,14 @@ def _lease_renewed(job: RetrievalJob) -> Iterator[None]:
     def renew() -> None:
         try:
             while not stop.wait(settings.RETRIEVAL_LEASE / 4):
-                RetrievalJob.objects.filter(
-                    pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
-                ).update(lease_until=_new_lease(timezone.now()))
+                try:
+                    RetrievalJob.objects.filter(
+                        pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
+                    ).update(lease_until=_new_lease(timezone.now()))
+                except DatabaseError as exc:
+                    # Tried again at the next beat: a lease that stopped being renewed for
+                    # good would hand a live job to another worker.
+                    _drop_connection(exc, "renew the lease of", job.pk)
         except Exception:
             logger.exception("cannot renew the lease of retrieval job %s", job.pk)
         finally:
@@ -366,9 +385,16 @@ def _instances_on_pacs(node: PacsNode, study_uid: str) -> set[str] | None:
 
 
 def _finish(job: RetrievalJob, status: str, error: str) -> None:
-    finished = RetrievalJob.objects.filter(
+    ending = RetrievalJob.objects.filter(
         pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
-    ).update(status=status, error=error, finished_at=timezone.now())
+    )
+    try:
+        finished = ending.update(status=status, error=error, finished_at=timezone.now())
+    except DatabaseError as exc:
+        # The connection of a long attempt may have died with a restart of the database
+        # server: once more on a new one, or the outcome is lost until the lease runs out.
+        _drop_connection(exc, "record the outcome of", job.pk)
+        finished = ending.update(status=status, error=error, finished_at=timezone.now())
     if not finished:
         logger.warning(
             "retrieval job %s was taken over by another worker; this attempt ended %s",

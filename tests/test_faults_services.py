@@ -7,12 +7,15 @@ PostgreSQL cluster on free ports): the session's are shared with other tests.
 """
 
 import hashlib
+import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 import requests
 from django.conf import settings as django_settings
@@ -247,24 +250,53 @@ def metadata_runs(worker: CeleryWorker) -> tuple[int, int]:
     )
 
 
+# A retrieval that outlives the restart: the PACS never answers, for this long.
+SILENT_PACS_SECONDS = 8
+SHORT_LEASE = 3
+
+
 @pytest.mark.worker
 def test_web_processes_and_workers_recover_when_postgresql_restarts(tmp_path: Path) -> None:
     """Persistent connections (as production may keep them: PORTAL_DB_CONN_MAX_AGE) are
     health-checked before reuse: the first request and the first task after a restart of the
-    database server succeed, with no restart of gunicorn or the worker."""
-    with PostgresCluster() as database:
+    database server succeed, with no restart of gunicorn or the worker. A retrieval running
+    across the restart keeps renewing its lease (its worker lives) and records its outcome."""
+    with PostgresCluster() as database, socket.create_server(("127.0.0.1", 0)) as silent:
         database.create_database()
-        env = {"DATABASE_URL": database.url, "PORTAL_DB_CONN_MAX_AGE": "600"}
+        env = {
+            "DATABASE_URL": database.url,
+            "PORTAL_DB_CONN_MAX_AGE": "600",
+            "PORTAL_RETRIEVAL_LEASE": str(SHORT_LEASE),
+            "PORTAL_RETRIEVAL_MAX_RETRIES": "0",
+            "PORTAL_DICOM_CONNECT_TIMEOUT": str(SILENT_PACS_SECONDS),
+        }
         worker = CeleryWorker(workdir=tmp_path / "worker", env=env)
-        migrate = subprocess.run(
-            [sys.executable, "manage.py", "migrate", "--noinput"],
-            cwd=django_settings.BASE_DIR,
-            env=worker.environment(),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert migrate.returncode == 0, migrate.stderr
+
+        def manage(*arguments: str) -> str:
+            result = subprocess.run(
+                [sys.executable, "manage.py", *arguments],
+                cwd=django_settings.BASE_DIR,
+                env=worker.environment(),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+
+        job_id = 0
+
+        def job_row() -> tuple[Any, ...]:
+            with psycopg.connect(database.url.replace("postgres://", "postgresql://")) as db:
+                row = db.execute(
+                    "SELECT status, attempts, lease_until, error, now() "
+                    "FROM studies_retrievaljob WHERE id = %s",
+                    (job_id,),
+                ).fetchone()
+            assert row is not None
+            return tuple(row)
+
+        manage("migrate", "--noinput")
         http = requests.Session()
         http.trust_env = False
         with PortalServer(workdir=tmp_path / "web", workers=1, env=env) as web, worker:
@@ -278,11 +310,40 @@ def test_web_processes_and_workers_recover_when_postgresql_restarts(tmp_path: Pa
                 what="a task",
                 log=worker.log_tail,
             )
+            # Created once the worker is up (a worker that starts takes every queued job).
+            job_id = int(
+                manage(
+                    "shell",
+                    "-c",
+                    "from studies import retrieval, services; "
+                    "node = services.pacs_node_create(name='silent', ae_title='SILENT', "
+                    f"host='127.0.0.1', port={silent.getsockname()[1]}); "
+                    "print(retrieval.retrieval_job_create(node=node, "
+                    "study_uid='1.2.826.0.1.3680043.8.498.79').pk)",
+                ).split()[-1]
+            )
+            with worker.producer_app():
+                tasks.retrieve_study.delay(job_id)
+            poll(lambda: job_row()[0] == "running", timeout=30, what="the job's start")
 
             database.restart()
+            restarted_at = job_row()[4]
 
             response = http.get(f"{web.url}/healthz", timeout=10)
             assert (response.status_code, response.json()) == (200, {"status": "ok"})
+            poll(
+                lambda: job_row()[0] != "running",
+                timeout=SILENT_PACS_SECONDS + 30,
+                what="the job's end",
+                log=worker.log_tail,
+            )
+            status, attempts, lease_until, error, _ = job_row()
+            # The outcome was recorded by the attempt that ran across the restart, and no
+            # other attempt took over: its lease went on being renewed after the restart.
+            assert (status, attempts) == ("failed", 1), (error, worker.log_tail())
+            assert "cannot reach SILENT@127.0.0.1" in error
+            assert lease_until > restarted_at + timedelta(seconds=SHORT_LEASE + 1)
+
             with worker.producer_app():
                 tasks.build_study_metadata.delay("1.2.826.0.1.3680043.8.498.78")
             poll(
