@@ -8,7 +8,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.utils.translation import gettext_lazy as _
 
-from accounts import selectors, services
+from accounts import selectors, services, staff_auth
 from accounts.models import (
     AuditEvent,
     PhysicianPasskey,
@@ -21,8 +21,21 @@ from accounts.models import (
 
 @admin.register(User)
 class PortalUserAdmin(UserAdmin):
-    list_display = ("username", "email", "role", "is_active", "last_login")
-    fieldsets = (*UserAdmin.fieldsets, ("Portal", {"fields": ("role",)}))  # type: ignore[misc]
+    list_display = ("username", "email", "role", "is_active", "locked_at", "last_login")
+    list_filter = (*UserAdmin.list_filter, "role")
+    fieldsets = (  # type: ignore[misc]
+        *UserAdmin.fieldsets,
+        ("Portal", {"fields": ("role", "locked_at", "second_factor_failures")}),
+    )
+    readonly_fields = ("locked_at", "second_factor_failures")
+    actions = ["unlock"]
+
+    @admin.action(description=_("Unlock the selected staff accounts"))
+    def unlock(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        """The only way out of the hard lock after too many wrong second factors."""
+        for user in queryset:
+            staff_auth.staff_unlock(user=user, by=request.user, request=request)  # type: ignore[arg-type]
+        messages.success(request, _("Unlocked."))
 
 
 class SharedStudyInline(admin.TabularInline):

@@ -197,3 +197,12 @@ def check_admin_second_factor(app_configs: Any, **kwargs: Any) -> list[Error]:
             )
         )
     return errors
+
+
+@register()
+def check_audit_retention(app_configs: Any, **kwargs: Any) -> list[Error]:
+    # A retention under a day would prune the events of the day itself: what happened today
+    # must still be there for whoever looks into it.
+    if settings.AUDIT_RETENTION_DAYS < 1:
+        return [Error("PORTAL_AUDIT_RETENTION_DAYS must be 1 or more.", id="accounts.E030")]
+    return []

@@ -190,3 +190,26 @@ def lockout_key_for_link(token: str) -> str:
     bad or stale is never counted: it cannot open anything, and counting it would let any web
     page lock its visitors' address out with a few <img src=".../s/junk">.)"""
     return "link:" + hash_link_token(token)[:16]
+
+
+# --- staff recovery codes ----------------------------------------------------------------------
+RECOVERY_CODE_LENGTH = 12  # 60 bits, as the access code's secret part
+
+
+def new_recovery_code() -> tuple[str, str]:
+    """A recovery code for a member of staff, as shown (grouped by four) and as stored (a
+    salted Argon2 hash of its 12 characters: the clear code is never stored)."""
+    code = _random_crockford(RECOVERY_CODE_LENGTH)
+    return format_code(code), _hasher.encode(code, _hasher.salt())
+
+
+def normalize_recovery_code(typed: str) -> str | None:
+    cleaned = "".join(ch for ch in typed.upper() if ch not in " -\u2010\u2011\u2012\u2013\t")
+    cleaned = cleaned.translate(_READ_AS)
+    if len(cleaned) != RECOVERY_CODE_LENGTH or any(ch not in CROCKFORD for ch in cleaned):
+        return None
+    return cleaned
+
+
+def recovery_code_matches(code: str, hashed: str) -> bool:
+    return bool(code) and _hasher.verify(code, hashed)

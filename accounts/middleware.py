@@ -7,8 +7,8 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils.cache import add_never_cache_headers
 
-from accounts import access, net, selectors, services, throttle
-from accounts.models import AuditEvent, Share
+from accounts import access, net, selectors, services, staff, throttle
+from accounts.models import AuditEvent, Share, User
 
 NOTICE = "recipient.notice"
 
@@ -115,4 +115,26 @@ class RecipientRequestBudgetMiddleware:
                 response["Retry-After"] = str(wait)
                 add_never_cache_headers(response)
                 return response
+        return self.get_response(request)
+
+
+class StaffSessionMiddleware:
+    """After OTPMiddleware. A signed-in staff session past its idle (30 min) or absolute (12 h)
+    limit, or whose account got locked, is ended here, server side, before any view: the next
+    page is the sign-in page (staff_required sends there, with a word on why)."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        reason = staff.session_end_reason(request)
+        if reason is not None:
+            user = request.user
+            services.audit(
+                AuditEvent.Action.SESSION_EXPIRED,
+                request=request,
+                actor=user if isinstance(user, User) else None,
+                reason=reason,
+            )
+            staff.end(request, notice="locked" if reason == "locked" else "expired")
         return self.get_response(request)

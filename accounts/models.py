@@ -1,23 +1,27 @@
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import models
-from django.db.models import Q
+from django.db.models import Case, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from django_otp.models import (
     CooldownMixin,
+    Device,
     DeviceManager,
     SideChannelDevice,
     ThrottlingMixin,
     TimestampMixin,
 )
 
+from accounts import credentials
 
-class User(AbstractUser):
+
+class User(AbstractUser):  # type: ignore[django-manager-missing]  # django-otp is untyped
     """A member of hospital staff. Recipients (patients, physicians) are not users."""
 
     class Role(models.TextChoices):
@@ -26,6 +30,12 @@ class User(AbstractUser):
         ADMIN = "admin", _("Administrator")
 
     role = models.CharField(_("role"), max_length=16, choices=Role.choices, default=Role.SHARER)
+    # Wrong second factors (codes, recovery codes, passkeys) since the last right one: past
+    # settings.STAFF_SECOND_FACTOR_MAX_FAILURES the account is locked (`locked_at`) until an
+    # administrator unlocks it (accounts.staff_auth.staff_unlock). A password cool-off does not
+    # lift it: whoever typed them had the password.
+    second_factor_failures = models.PositiveIntegerField(_("wrong second factors"), default=0)
+    locked_at = models.DateTimeField(_("locked since"), null=True, blank=True)
 
 
 class Refusal(StrEnum):
@@ -47,6 +57,21 @@ class ShareQuerySet(models.QuerySet["Share"]):
 
     def dead(self, *, now: datetime | None = None) -> "ShareQuerySet":
         return self.exclude(_live_q(now or timezone.now()))
+
+    def with_refusal(self, *, now: datetime | None = None) -> "ShareQuerySet":
+        """Each share with `refusal_reason`: the value of `Share.refusal()` computed by the database
+        (NULL while live), for lists filtered and counted by status. Its conditions are those
+        of `_live_q`, taken in the order of `Share.refusal`."""
+        now = now or timezone.now()
+        return self.annotate(
+            refusal_reason=Case(
+                When(revoked_at__isnull=False, then=Value(Refusal.REVOKED.value)),
+                When(expires_at__lte=now, then=Value(Refusal.EXPIRED.value)),
+                When(single_use=True, used_at__isnull=False, then=Value(Refusal.USED.value)),
+                default=Value(None),
+                output_field=models.CharField(),
+            )
+        )
 
 
 def _live_q(now: datetime) -> Q:
@@ -113,6 +138,12 @@ class Share(models.Model):
     # resets it, only staff do (accounts.services.share_unlock). Past
     # settings.OTP_LIFETIME_MAX_FAILURES the share stays locked until they do.
     otp_failures = models.PositiveIntegerField(_("wrong one-time codes"), default=0)
+    # What staff tell the recipient (shown on the handout and the viewer), and the language
+    # of the handout and of the messages the recipient gets.
+    note = models.TextField(_("note for the recipient"), max_length=500, blank=True)
+    language = models.CharField(
+        _("language"), max_length=8, choices=settings.LANGUAGES, default="en"
+    )
 
     objects = ShareQuerySet.as_manager()
 
@@ -258,9 +289,35 @@ class PhysicianPasskey(models.Model):
         return f"passkey of {self.email}"
 
 
+class AuditTrailImmutable(Exception):
+    """An audit event was to be changed or deleted: the trail is append-only (only
+    accounts.audit.audit_prune removes events, the oldest, past the retention)."""
+
+
+class AuditEventQuerySet(models.QuerySet["AuditEvent"]):
+    """Bulk writes would bypass the chain (accounts.audit.event_append) or break it."""
+
+    def update(self, **kwargs: Any) -> int:
+        raise AuditTrailImmutable("audit events cannot be changed")
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        raise AuditTrailImmutable("audit events cannot be deleted")
+
+    def bulk_create(  # type: ignore[override]
+        self, *args: Any, **kwargs: Any
+    ) -> list["AuditEvent"]:
+        raise AuditTrailImmutable("audit events are appended one by one to the chain")
+
+    def bulk_update(self, *args: Any, **kwargs: Any) -> int:
+        raise AuditTrailImmutable("audit events cannot be changed")
+
+
 class AuditEvent(models.Model):
-    """Append-only: created by accounts.services.audit and nothing else; the admin shows it
-    read-only. Never holds a token, a code or a one-time code."""
+    """Append-only and hash-chained: created by accounts.audit.event_append (through
+    accounts.services.audit) and nothing else; the admin shows it read-only. Each event's
+    `digest` covers its fields and the digest of the event before it (`prev_digest`), so that
+    a changed, inserted or deleted row breaks the chain (`manage.py audit verify`). Never holds
+    a token, a code or a one-time code."""
 
     class Action(models.TextChoices):
         SHARE_CREATED = "share_created", _("Share created")
@@ -292,6 +349,35 @@ class AuditEvent(models.Model):
             _("Changed instance of a shared study refused"),
         )
         FAILURE_ALERT = "failure_alert", _("Many failed codes across all shares")
+        SHARE_EXTENDED = "share_extended", _("Share extended")
+        PATIENT_SHARES_REVOKED = "patient_shares_revoked", _("Every share of a patient revoked")
+        PACS_NODE_CREATED = "pacs_node_created", _("PACS node added")
+        PACS_NODE_UPDATED = "pacs_node_updated", _("PACS node changed")
+        PACS_NODE_DELETED = "pacs_node_deleted", _("PACS node removed")
+        PACS_NODE_ECHO = "pacs_node_echo", _("PACS node checked (C-ECHO)")
+        PACS_NODE_WAY_BACK = "pacs_node_way_back", _("PACS node's way back checked")
+        STAFF_LOGIN = "staff_login", _("Staff member signed in")
+        STAFF_LOGIN_FAILED = "staff_login_failed", _("Staff sign-in refused")
+        STAFF_SECOND_FACTOR_FAILED = "staff_second_factor_failed", _("Wrong second factor")
+        STAFF_LOCKED = "staff_locked", _("Staff account locked")
+        STAFF_UNLOCKED = "staff_unlocked", _("Staff account unlocked")
+        STAFF_REAUTH = "staff_reauth", _("Second factor confirmed again")
+        STAFF_DEVICE_ADDED = "staff_device_added", _("Second factor added")
+        STAFF_DEVICE_REMOVED = "staff_device_removed", _("Second factor removed")
+        STAFF_RECOVERY_CODES = "staff_recovery_codes", _("Recovery codes made")
+        STAFF_RECOVERY_CODE_USED = "staff_recovery_code_used", _("Recovery code used")
+        STUDY_SEARCH = "study_search", _("Studies searched")
+        SHARE_REGENERATED = "share_regenerated", _("Link and code replaced")
+        SHARE_LINK_SENT = "share_link_sent", _("Link sent to the recipient")
+        SHARE_LINK_SEND_FAILED = "share_link_send_failed", _("Link could not be sent")
+        RETRIEVAL_RETRIED = "retrieval_retried", _("Retrieval started again")
+        HANDOUT_PRINTED = "handout_printed", _("Handout printed")
+        SHARE_EXPIRED = "share_expired", _("Share ended (expired or used)")
+        SHARE_REARMED = "share_rearmed", _("Share re-armed (study retrieved again)")
+        STUDY_PURGED = "study_purged", _("Study copy deleted from the store")
+        STORE_OVER_CAP = "store_over_cap", _("Store over its size cap")
+        AUDIT_EXPORTED = "audit_exported", _("Audit log exported")
+        AUDIT_PRUNED = "audit_pruned", _("Audit events past the retention pruned")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     action = models.CharField(_("what"), max_length=32, choices=Action.choices)
@@ -305,6 +391,13 @@ class AuditEvent(models.Model):
     ip_address = models.GenericIPAddressField(_("from"), null=True, blank=True)
     user_agent = models.CharField(_("browser"), max_length=255, blank=True)
     detail = models.JSONField(default=dict, blank=True)
+    # SHA-256 (hex) of the previous event's digest and this event's fields
+    # (accounts.audit.event_digest); the first event's prev_digest is empty, or after a prune
+    # the digest of the last pruned event (AuditChain.anchor_digest).
+    prev_digest = models.CharField(max_length=64, blank=True, default="", editable=False)
+    digest = models.CharField(max_length=64, blank=True, default="", editable=False)
+
+    objects = AuditEventQuerySet.as_manager()
 
     class Meta:
         ordering = ["-at", "-pk"]
@@ -314,6 +407,36 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.action}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise AuditTrailImmutable("audit events cannot be changed")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise AuditTrailImmutable("audit events cannot be deleted")
+
+
+class AuditChain(models.Model):
+    """The head of the audit chain: one row (pk 1). Appending an event locks it, so that
+    concurrent writers (every web process, worker and SCP) take their turn and the chain never
+    forks; its digest also shows when events were cut off the end. `anchor_digest` is the
+    digest of the last event pruned past the retention: the first kept event chains to it."""
+
+    SINGLETON = 1
+
+    head_digest = models.CharField(max_length=64, blank=True, default="")
+    events = models.PositiveBigIntegerField(default=0)
+    anchor_digest = models.CharField(max_length=64, blank=True, default="")
+    pruned_events = models.PositiveBigIntegerField(default=0)
+    pruned_through = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("audit chain")
+        verbose_name_plural = _("audit chain")
+
+    def __str__(self) -> str:
+        return f"audit chain ({self.events} events)"
 
 
 class RecipientAccess(models.Model):
@@ -341,3 +464,61 @@ class RecipientAccess(models.Model):
 
     def __str__(self) -> str:
         return "closed" if self.closed_at is not None else "open"
+
+
+class StaffPasskey(TimestampMixin, Device):
+    """A member of staff's passkey (WebAuthn), as a django-otp device: signing in with it goes
+    through `django_otp.login`, so the session is verified as with a TOTP code. There is no token
+    to type: accounts.staff_passkeys checks the browser's signed answer instead."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="staff_passkeys")
+    credential_id = models.BinaryField(unique=True)
+    public_key = models.BinaryField()
+    sign_count = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        verbose_name = _("staff passkey")
+
+    def verify_token(self, token: object) -> bool:
+        return False
+
+
+class RecoveryCodeDevice(Device):
+    """A member of staff's recovery codes, for the day the phone is lost: one device holding
+    the codes (RecoveryCode), each stored as a salted hash, shown once when made, good once.
+    Unlike django-otp's static device, no code is ever stored in clear. Checking them is in
+    accounts.staff_auth; they are a fallback, never the account's only second factor."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="recovery_code_devices")
+
+    class Meta:
+        verbose_name = _("recovery codes")
+
+    def verify_token(self, token: object) -> bool:
+        """Use up the unused code `token` is (typed in any case, with or without dashes).
+        Every unused code is hashed against, so a wrong code takes as long as a right one."""
+        typed = credentials.normalize_recovery_code(str(token))
+        match = None
+        for code in self.codes.select_for_update().filter(used_at__isnull=True):
+            if credentials.recovery_code_matches(typed or "", code.code_hash) and match is None:
+                match = code
+        if typed is None or match is None:
+            return False
+        # Only if still unused: two requests with the same code cannot both use it.
+        return bool(
+            RecoveryCode.objects.filter(pk=match.pk, used_at__isnull=True).update(
+                used_at=timezone.now()
+            )
+        )
+
+
+class RecoveryCode(models.Model):
+    device = models.ForeignKey(RecoveryCodeDevice, on_delete=models.CASCADE, related_name="codes")
+    code_hash = models.CharField(max_length=128)
+    used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("recovery code")
+
+    def __str__(self) -> str:
+        return f"recovery code {self.pk} ({'used' if self.used_at else 'unused'})"

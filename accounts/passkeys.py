@@ -72,23 +72,33 @@ def can_sign_in(share: Share) -> bool:
     return share.recipient == Share.Recipient.PHYSICIAN and _passkeys(share).exists()
 
 
-def _remember(session: SessionBase, challenge: bytes, purpose: str, share: Share) -> None:
+def remember_challenge(session: SessionBase, challenge: bytes, purpose: str, subject: str) -> None:
+    """Keep a WebAuthn challenge in the session for one purpose ("register", "login"…) and one
+    subject (a share, a member of staff)."""
     session[_CHALLENGE] = {
         "c": bytes_to_base64url(challenge),
         "p": purpose,
-        "s": share.pk,
+        "s": subject,
         "t": int(time.time()),
     }
 
 
-def _recall(session: SessionBase, purpose: str, share: Share) -> bytes:
-    # A challenge serves once, for the purpose and share it was made for, and not for long.
+def recall_challenge(session: SessionBase, purpose: str, subject: str) -> bytes:
+    # A challenge serves once, for the purpose and subject it was made for, and not for long.
     stored = session.pop(_CHALLENGE, None)
-    if not stored or stored.get("p") != purpose or stored.get("s") != share.pk:
+    if not stored or stored.get("p") != purpose or stored.get("s") != subject:
         raise PasskeyError("no challenge pending")
     if not 0 <= int(time.time()) - int(stored.get("t", 0)) <= CHALLENGE_SECONDS:
         raise PasskeyError("challenge expired")
     return base64url_to_bytes(stored["c"])
+
+
+def _remember(session: SessionBase, challenge: bytes, purpose: str, share: Share) -> None:
+    remember_challenge(session, challenge, purpose, f"share:{share.pk}")
+
+
+def _recall(session: SessionBase, purpose: str, share: Share) -> bytes:
+    return recall_challenge(session, purpose, f"share:{share.pk}")
 
 
 def registration_options(share: Share, session: SessionBase) -> str:

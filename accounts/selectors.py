@@ -1,13 +1,14 @@
 """Reads of the accounts domain."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from axes.helpers import get_cool_off
 from axes.models import AccessAttempt
 from django.conf import settings
-from django.db.models import QuerySet, Sum
+from django.db.models import Q, QuerySet, Sum
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.functional import Promise
@@ -65,6 +66,19 @@ def share_is_locked(share: Share) -> bool:
     if share_lock_is_final(share):
         return True
     return share.locked_until is not None and share.locked_until > timezone.now()
+
+
+def share_locked_q(*, now: datetime | None = None) -> Q:
+    """`share_is_locked` as a query condition, for lists of shares: the final lock (too many
+    wrong one-time codes over the share's life) or a lock whose cool-off runs."""
+    now = now or timezone.now()
+    return Q(otp_failures__gte=settings.OTP_LIFETIME_MAX_FAILURES) | Q(locked_until__gt=now)
+
+
+def share_extend_limit(share: Share) -> datetime:
+    """The latest a share may expire: settings.SHARE_MAX_DAYS from its creation, however
+    often it is extended (the ceiling of a share's life, as `share_create` applies it)."""
+    return share.created_at + timedelta(days=settings.SHARE_MAX_DAYS)
 
 
 def share_open_to_verified(share: Share) -> bool:
@@ -136,6 +150,36 @@ def share_check_code(typed: str) -> AccessCheck:
         return AccessCheck(None, share if code else None, Refusal.UNKNOWN)
     reason = share.refusal()
     return AccessCheck(None if reason else share, share, reason)
+
+
+def audit_events(
+    *,
+    share_id: int | None = None,
+    actor_username: str = "",
+    action: str = "",
+    since: datetime | None = None,
+    until: datetime | None = None,
+    study_uids: Iterable[str] | None = None,
+) -> QuerySet[AuditEvent]:
+    """The audit log as auditors filter it, newest first. `study_uids` (a patient's studies,
+    which the studies app finds) keeps the events of shares of those studies and of what
+    was done to the studies themselves (a copy purged)."""
+    events = AuditEvent.objects.select_related("actor", "share")
+    if share_id is not None:
+        events = events.filter(share_id=share_id)
+    if actor_username:
+        events = events.filter(actor__username=actor_username)
+    if action:
+        events = events.filter(action=action)
+    if since is not None:
+        events = events.filter(at__gte=since)
+    if until is not None:
+        events = events.filter(at__lt=until)
+    if study_uids is not None:
+        uids = list(study_uids)
+        of_shares = SharedStudy.objects.filter(study_instance_uid__in=uids).values("share_id")
+        events = events.filter(Q(share_id__in=of_shares) | Q(detail__study__in=uids))
+    return events.order_by("-at", "-pk")
 
 
 def share_events(share: Share) -> QuerySet[AuditEvent]:

@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
+import phonenumbers
 from axes.handlers.proxy import AxesProxyHandler
 from axes.helpers import get_cool_off
 from django.conf import settings
@@ -21,9 +22,10 @@ from django.db.models import F
 from django.http import HttpRequest
 from django.template.loader import render_to_string
 from django.urls import reverse
-from django.utils import timezone
+from django.utils import formats, timezone, translation
 from django.utils.translation import gettext as _
 
+from accounts import audit as audit_trail
 from accounts import credentials, net, selectors, sms
 from accounts.models import (
     AuditEvent,
@@ -37,7 +39,12 @@ from accounts.models import (
 
 logger = logging.getLogger(__name__)
 
-E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+# Kinds of numbers that can receive a text message (a number that may be either, as in the
+# United States, is taken at its word).
+_TEXTABLE = {
+    phonenumbers.PhoneNumberType.MOBILE,
+    phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE,
+}
 
 
 # --- audit ----------------------------------------------------------------------------------
@@ -51,12 +58,13 @@ def audit(
     actor: User | None = None,
     **detail: Any,
 ) -> AuditEvent:
-    """Record one event. The only way events are written; there is no update or delete."""
+    """Record one event: appended to the hash chain (accounts.audit.event_append). The only
+    way events are written; there is no update or delete."""
     if actor is None and request is not None:
         user = getattr(request, "user", None)
         if user is not None and user.is_authenticated and isinstance(user, User):
             actor = user
-    return AuditEvent.objects.create(
+    return audit_trail.event_append(
         action=action,
         share=share,
         actor=actor,
@@ -100,15 +108,50 @@ def share_link_url(signed_token: str) -> str:
     return settings.BASE_URL + reverse("accounts:link_page") + "#" + signed_token
 
 
+def phone_normalize(typed: str, *, strict: bool = True) -> str:
+    """A mobile number as typed (`06 12 34 56 78`, `+33 6…`, `0033 6…`) in E.164
+    (`+33612345678`), the form SMS gateways take. Numbers without a country code are read in
+    settings.PHONE_REGION. Raises ValidationError (for the field `contact`) for anything that
+    cannot be a phone number of that length, and for a number of a range known not to be
+    mobile.
+
+    `strict` (what staff type in the workspace) also refuses a number in no range allocated
+    for phones: a typo of the right length is often one. Scripts and the demo pass numbers
+    reserved for fiction (the French regulator's 06 39 98…), which exist in no allocated range.
+    """
+    try:
+        number = phonenumbers.parse(typed.strip(), settings.PHONE_REGION)
+    except phonenumbers.NumberParseException as exc:
+        raise ValidationError(
+            {
+                "contact": [
+                    _(
+                        "This is not a phone number. Type a mobile number such as "
+                        "06 12 34 56 78 or +33 6 12 34 56 78."
+                    )
+                ]
+            }
+        ) from exc
+    valid = phonenumbers.is_valid_number(number)
+    if not phonenumbers.is_possible_number(number) or (strict and not valid):
+        raise ValidationError(
+            {
+                "contact": [
+                    _("This phone number does not exist. Check the digits and the country code.")
+                ]
+            }
+        )
+    if valid and phonenumbers.number_type(number) not in _TEXTABLE:
+        raise ValidationError(
+            {"contact": [_("This is not a mobile number: text messages cannot reach it.")]}
+        )
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
 def _validate_contact(channel: str, contact: str) -> str:
     contact = contact.strip()
     if channel == Share.Channel.SMS:
-        number = re.sub(r"[\s.()-]", "", contact)
-        if not E164.match(number):
-            raise ValidationError(
-                {"contact": [_("A phone number in international form, such as +33612345678.")]}
-            )
-        return number
+        return phone_normalize(contact, strict=False)
     try:
         validate_email(contact)
     except ValidationError as exc:
@@ -139,6 +182,8 @@ def share_create(
     allow_download: bool = True,
     single_use: bool = False,
     series_instance_uids: list[str] | None = None,
+    note: str = "",
+    language: str = "",
     created_by: User | None = None,
     request: HttpRequest | None = None,
 ) -> CreatedShare:
@@ -164,6 +209,15 @@ def share_create(
         contact = _validate_contact(channel, contact)
     except ValidationError as exc:
         errors.update(exc.message_dict)
+    note = note.strip()
+    note_limit = Share._meta.get_field("note").max_length or 500
+    if len(note) > note_limit:
+        errors["note"] = [
+            _("The note is too long (%(max)d characters at most).") % {"max": note_limit}
+        ]
+    language = language or settings.LANGUAGE_CODE
+    if language not in dict(settings.LANGUAGES):
+        errors["language"] = [_("Unknown language.")]
     if errors:
         raise ValidationError(errors)
 
@@ -190,6 +244,8 @@ def share_create(
                     created_at=now,
                     created_by=created_by,
                     expires_at=now + timedelta(days=days),
+                    note=note,
+                    language=language,
                 )
                 SharedStudy.objects.bulk_create(
                     SharedStudy(share=share, study_instance_uid=uid)
@@ -252,6 +308,49 @@ def share_revoke(
     return share
 
 
+def share_extend(
+    *, share: Share, days: int, by: User | None = None, request: HttpRequest | None = None
+) -> Share:
+    """Push a live share's expiry `days` further, never past settings.SHARE_MAX_DAYS from its
+    creation (accounts.selectors.share_extend_limit). A share that can no longer be opened is
+    not brought back: its code may already be another share's (share_release_code), and a
+    revoked share stays revoked; the study is shared again instead."""
+    with transaction.atomic():
+        share = _locked_row(share)
+        if share.refusal() is not None:
+            raise ValidationError(
+                {"days": [_("This share has ended and cannot be extended: share the study again.")]}
+            )
+        limit = selectors.share_extend_limit(share)
+        if days < 1:
+            raise ValidationError({"days": [_("Extend by at least one day.")]})
+        new_expiry = share.expires_at + timedelta(days=days)
+        if new_expiry > limit:
+            room = max(0, (limit - share.expires_at).days)
+            message = _(
+                "A share lasts at most %(max)d days from its creation, that is until "
+                "%(limit)s: this one can be extended by %(room)d more days at most."
+            ) % {
+                "max": settings.SHARE_MAX_DAYS,
+                "limit": formats.date_format(timezone.localtime(limit), "SHORT_DATETIME_FORMAT"),
+                "room": room,
+            }
+            raise ValidationError({"days": [message]})
+        previous = share.expires_at
+        share.expires_at = new_expiry
+        share.save(update_fields=["expires_at"])
+    audit(
+        AuditEvent.Action.SHARE_EXTENDED,
+        request=request,
+        share=share,
+        actor=by,
+        days=days,
+        previous=previous.isoformat(),
+        expires=new_expiry.isoformat(),
+    )
+    return share
+
+
 def share_release_code(share: Share) -> Share:
     """Give back the public prefix of the access code of a share that can no longer be
     opened. The prefix has 20 bits and must be unique, while shares are never deleted (their
@@ -266,13 +365,25 @@ def share_release_code(share: Share) -> Share:
 def shares_release_dead_codes(*, now: datetime | None = None) -> int:
     """share_release_code for every share expired, revoked or used up: for `purge` and other
     scheduled work. (share_create also does it, lazily, for a prefix it draws.)"""
-    return Share.objects.dead(now=now).filter(code_prefix__isnull=False).update(code_prefix=None)
+    dead = Share.objects.dead(now=now).filter(code_prefix__isnull=False)
+    return sum(_share_end(share, now=now) for share in dead.iterator())
+
+
+def _share_end(share: Share, *, now: datetime | None = None) -> int:
+    """Release the code of a share that can no longer be opened; one that ended by itself
+    (expired, used up) is recorded as ended here, once (a revoked one has its own event)."""
+    released = Share.objects.filter(pk=share.pk, code_prefix__isnull=False).update(code_prefix=None)
+    share.code_prefix = None
+    reason = share.refusal(now=now)
+    if released and reason is not None and share.revoked_at is None:
+        audit(AuditEvent.Action.SHARE_EXPIRED, share=share, reason=str(reason))
+    return released
 
 
 def _release_prefix_if_dead(prefix: str) -> None:
     holder = Share.objects.filter(code_prefix=prefix).first()
     if holder is not None and holder.refusal() is not None:
-        share_release_code(holder)
+        _share_end(holder)
 
 
 def share_unlock(
@@ -291,6 +402,106 @@ def share_unlock(
         AxesProxyHandler.reset_attempts(username=key)
     audit(AuditEvent.Action.SHARE_UNLOCKED, request=request, share=share, actor=by)
     return share
+
+
+@dataclass(frozen=True)
+class NewCredentials:
+    """A share's new link and, when it was replaced too, its new access code: the only moment
+    they exist in clear."""
+
+    url: str
+    access_code: str | None
+
+
+def share_regenerate(
+    *,
+    share: Share,
+    code: bool = True,
+    by: User | None = None,
+    request: HttpRequest | None = None,
+) -> NewCredentials:
+    """Replace a share's link (and, with `code`, its access code): the old ones match nothing
+    from this moment on, and get the same "not valid" answer as any unknown link or code.
+    Lockouts counted against the old ones stay with them: they open nothing any more.
+
+    Only a share that can still be opened: a dead one would hand out credentials that open
+    nothing."""
+    if share.refusal() is not None:
+        raise ValidationError(_("This share can no longer be opened: it cannot get a new link."))
+    token = credentials.new_link_token()
+    update: dict[str, Any] = {"token_hash": credentials.hash_link_token(token)}
+    new_code = None
+    for _attempt in range(50):
+        if code:
+            new_code = credentials.new_access_code()
+            _release_prefix_if_dead(new_code.prefix)
+            update.update(code_prefix=new_code.prefix, code_hash=new_code.hashed_secret)
+        try:
+            with transaction.atomic():
+                Share.objects.filter(pk=share.pk).update(**update)
+        except IntegrityError:
+            continue  # the new prefix is another share's: draw again
+        break
+    else:  # pragma: no cover - a million live shares would be needed first
+        raise RuntimeError("could not draw a free access code prefix")
+    share.refresh_from_db()
+    if new_code is not None:
+        AxesProxyHandler.reset_attempts(username="code:" + new_code.prefix)
+    audit(
+        AuditEvent.Action.SHARE_REGENERATED,
+        request=request,
+        share=share,
+        actor=by,
+        link=True,
+        code=code,
+    )
+    return NewCredentials(
+        url=share_link_url(credentials.sign_link_token(token)),
+        access_code=new_code.display if new_code is not None else None,
+    )
+
+
+def share_link_send(
+    *, share: Share, url: str, by: User | None = None, request: HttpRequest | None = None
+) -> bool:
+    """Send a share's link to its recipient's contact (a text message or an email), in the
+    share's language. Returns whether the message was handed over; a failure is audited and
+    logged without the contact or the link, and loses nothing: staff may send again."""
+    context = {
+        "url": url,
+        "site": settings.BASE_URL,
+        "hospital": settings.HOSPITAL_NAME,
+        "expires_at": timezone.localtime(share.expires_at),
+        "note": share.note,
+    }
+    try:
+        with translation.override(share.language):
+            if share.channel == Share.Channel.SMS:
+                body = render_to_string("accounts/share_link_sms.txt", context).strip()
+                sms.send_sms(share.contact, body)
+            else:
+                send_mail(
+                    _("Your images are ready to view"),
+                    render_to_string("accounts/share_link_email.txt", context),
+                    settings.DEFAULT_FROM_EMAIL,
+                    [share.contact],
+                )
+    except sms.SmsError as exc:
+        logger.warning("link of share %s not sent: %s", share.pk, exc)
+        audit(AuditEvent.Action.SHARE_LINK_SEND_FAILED, request=request, share=share, actor=by)
+        return False
+    except (smtplib.SMTPException, OSError) as exc:
+        logger.warning("link of share %s not sent: %s", share.pk, type(exc).__name__)
+        audit(AuditEvent.Action.SHARE_LINK_SEND_FAILED, request=request, share=share, actor=by)
+        return False
+    audit(
+        AuditEvent.Action.SHARE_LINK_SENT,
+        request=request,
+        share=share,
+        actor=by,
+        channel=share.channel,
+    )
+    return True
 
 
 def _lockout_keys(share: Share) -> list[str]:

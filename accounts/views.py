@@ -90,6 +90,11 @@ def lockout(
     the path of every 4xx answer, and that path holds a token."""
     if request.path_info.startswith("/s/"):
         return redirect("accounts:locked")
+    if request.path_info.startswith("/staff/"):
+        # Staff sign-in: the staff page (wait, or ask a colleague), not the recipients'.
+        from accounts.staff_views import lockout_response
+
+        return lockout_response(request)
     return _locked_response(request)
 
 

@@ -90,6 +90,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     # Tells whether a second factor verified this session's user (the admin requires it).
     "django_otp.middleware.OTPMiddleware",
+    # Staff sessions: idle and absolute limits, locked accounts signed out (accounts.staff).
+    "accounts.middleware.StaffSessionMiddleware",
     # Emergency close of recipient access: before the recipient fence and the views.
     "accounts.middleware.RecipientClosureMiddleware",
     "accounts.middleware.RecipientSessionMiddleware",
@@ -270,8 +272,25 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "visibility_timeout": env.int("PORTAL_BROKER_VISIBILITY_TIMEOUT", default=4 * 3600)
     }
-# Scheduled work, run by `celery beat` (or a worker started with -B).
+# A cap on the store's size, in GB (0: none). `purge` then also deletes unneeded copies that
+# are still within the grace hours, oldest first, until the store is under it; a copy a live
+# share needs is never deleted (the store stays over the cap, and says so in the log and the
+# audit trail).
+STORE_MAX_BYTES = int(env.float("PORTAL_STORE_MAX_GB", default=0.0) * 1e9)
+
+# --- Retention, scheduled by Celery beat (`celery -A portal beat`) ----------------------------
+# Audit events older than this many days are exported and pruned (`audit prune`).
+AUDIT_RETENTION_DAYS = env.int("PORTAL_AUDIT_RETENTION_DAYS", default=365)
+# Where beat's daily `audit prune` writes what it prunes (one JSON lines file per run).
+AUDIT_ARCHIVE_DIR = Path(env.str("PORTAL_AUDIT_ARCHIVE_DIR", default=str(VAR_DIR / "audit")))
+PURGE_INTERVAL_MINUTES = env.int("PORTAL_PURGE_INTERVAL_MINUTES", default=60)
 CELERY_BEAT_SCHEDULE = {
+    # Ends expired shares, deletes the copies no live share needs, clears expired sessions.
+    "purge": {
+        "task": "studies.tasks.purge",
+        "schedule": timedelta(minutes=PURGE_INTERVAL_MINUTES),
+    },
+    "audit-prune": {"task": "accounts.tasks.audit_prune", "schedule": timedelta(days=1)},
     # Jobs whose worker died come back about one lease later, whatever the broker does.
     "take-back-retrieval-jobs": {
         "task": "studies.tasks.take_back_retrieval_jobs",
@@ -280,6 +299,7 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": max(5.0, RETRIEVAL_LEASE / 4)},
     },
 }
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # Where `manage.py install_ohif` (`make ohif`) puts the OHIF viewer, served under /ohif/.
 OHIF_DIR = Path(env.str("PORTAL_OHIF_DIR", default=str(VAR_DIR / "ohif")))
 
@@ -326,11 +346,28 @@ RECIPIENT_SESSION_MAX = 2 * 60 * 60
 STAFF_SESSION_IDLE = 30 * 60
 STAFF_SESSION_MAX = 12 * 60 * 60
 STAFF_REAUTH_SECONDS = 10 * 60
+# Wrong second factors in a row (codes, recovery codes, passkeys) after which a staff account
+# is locked until an administrator unlocks it (accounts.staff_auth).
+STAFF_SECOND_FACTOR_MAX_FAILURES = 10
+# The name authenticator apps show beside a staff member's TOTP entry.
+OTP_TOTP_ISSUER = env.str("PORTAL_TOTP_ISSUER", default="Image portal")
 # Minutes a viewer token (the bearer token a recipient session mints for Weasis or another
 # DICOMweb client) is accepted after it was minted (accounts.credentials).
 VIEWER_TOKEN_MINUTES = env.int("PORTAL_VIEWER_TOKEN_MINUTES", default=10)
 # Who a locked-out or lost recipient should call; shown on the lockout and help pages.
 SUPPORT_CONTACT = env.str("PORTAL_SUPPORT_CONTACT", default="")
+
+# --- Staff workspace (studies.staff) -----------------------------------------------------------
+# The region of phone numbers typed without a country code (ISO 3166 code, e.g. FR, BE).
+PHONE_REGION = env.str("PORTAL_PHONE_REGION", default="FR")
+# The handout: the hospital's name, its logo (a path under the static files or an https URL),
+# and the help desk a locked-out recipient calls.
+HOSPITAL_NAME = env.str("PORTAL_HOSPITAL_NAME", default="")
+HOSPITAL_LOGO = env.str("PORTAL_HOSPITAL_LOGO", default="")
+HELPDESK_PHONE = env.str("PORTAL_HELPDESK_PHONE", default="")
+# Seconds the staff search waits for the PACS nodes: one that has not answered by then is
+# shown as such, and the others' results come all the same.
+SEARCH_TIMEOUT = env.float("PORTAL_SEARCH_TIMEOUT", default=15.0)
 
 # Brute force (django-axes): failed links and codes are counted by client address and by share
 # (accounts.backends.axes_username); 5 failures lock for the cool-off, in the database so that

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from django.conf import settings
 from django.core.checks import Error, Tags, register
 
 from studies.dimse import tls
@@ -20,3 +21,13 @@ def check_dicom_tls(app_configs: Any, **kwargs: Any) -> list[Error]:
         )
         for check_id, problem in tls.configuration_errors()
     ]
+
+
+@register()
+def check_retention_settings(app_configs: Any, **kwargs: Any) -> list[Error]:
+    errors = []
+    if settings.STORE_MAX_BYTES < 0:
+        errors.append(Error("PORTAL_STORE_MAX_GB must be 0 (no cap) or more.", id="studies.E010"))
+    if settings.PURGE_INTERVAL_MINUTES < 1:
+        errors.append(Error("PORTAL_PURGE_INTERVAL_MINUTES must be 1 or more.", id="studies.E011"))
+    return errors

@@ -153,6 +153,23 @@ class RetrievalJob(models.Model):
         DONE = "done", _("Done")
         FAILED = "failed", _("Failed")
 
+    class Failure(models.TextChoices):
+        """Why the last attempt failed, for words a person can act on (the staff workspace);
+        `error` keeps the technical account."""
+
+        UNREACHABLE = "unreachable", _("PACS unreachable")
+        SILENT = "silent", _("PACS silent")
+        PORTAL_UNKNOWN = "portal_unknown", _("Portal unknown to the PACS")
+        DESTINATION_UNKNOWN = "destination_unknown", _("Move destination unknown to the PACS")
+        STUDY_MISSING = "study_missing", _("Study not on the PACS")
+        PARTIAL = "partial", _("Some instances not sent")
+        NOTHING_SENT = "nothing_sent", _("No instance sent")
+        NOT_INDEXED = "not_indexed", _("Instances not indexed")
+        DICOMWEB = "dicomweb", _("DICOMweb error")
+        STORE = "store", _("Store error")
+        WORKER_LOST = "worker_lost", _("Worker stopped")
+        OTHER = "other", _("Other error")
+
     pacs = models.ForeignKey(PacsNode, null=True, on_delete=models.SET_NULL, related_name="jobs")
     study_instance_uid = models.CharField(max_length=64)
     method = models.CharField(max_length=8, choices=PacsNode.Retrieve.choices)
@@ -162,6 +179,7 @@ class RetrievalJob(models.Model):
     failed = models.PositiveIntegerField(default=0)
     attempts = models.PositiveIntegerField(default=0)
     error = models.TextField(blank=True)
+    error_kind = models.CharField(max_length=24, choices=Failure.choices, blank=True)
     requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )

@@ -183,6 +183,7 @@ def _claim(job_id: int) -> tuple[RetrievalJob, bool]:
                 f"Gave up after {job.attempts} attempts: the last one did not finish "
                 "(the worker running it stopped)."
             ),
+            error_kind=RetrievalJob.Failure.WORKER_LOST,
             finished_at=now,
         )
         return RetrievalJob.objects.select_related("pacs").get(pk=job.pk), False
@@ -192,6 +193,7 @@ def _claim(job_id: int) -> tuple[RetrievalJob, bool]:
         lease_until=_new_lease(now),
         attempts=job.attempts + 1,
         error="",
+        error_kind="",
         finished_at=None,
     )
     if not claimed:
@@ -285,22 +287,23 @@ def retrieval_job_run(job_id: int) -> RetrievalJob:
     if not ours:
         return job
     progress = _Progress(job.pk, job.started_at)
+    kind = ""
     try:
         with _lease_renewed(job):
-            status, error = _attempt(job, progress)
+            status, error, kind = _attempt(job, progress)
     except (pacs.PacsError, wado.DicomwebError, StoreError) as exc:
         logger.warning("retrieval job %s failed: %s", job.pk, exc)
-        status, error = RetrievalJob.Status.FAILED, str(exc)
+        status, error, kind = RetrievalJob.Status.FAILED, str(exc), _failure_kind(exc)
     except Exception as exc:
         # A bug, the database going away, a library choking on a data set: the job must still
         # end (and be retried), not stay "running" for ever.
         logger.exception("retrieval job %s stopped on an unexpected error", job.pk)
-        status = RetrievalJob.Status.FAILED
+        status, kind = RetrievalJob.Status.FAILED, RetrievalJob.Failure.OTHER
         error = (
             f"The retrieval stopped on an unexpected error ({type(exc).__name__}: "
             f"{str(exc)[:300]}); the worker's log has the details."
         )
-    _finish(job, status, error)
+    _finish(job, status, error, kind)
     if status == RetrievalJob.Status.DONE:
         # Only a study this job brought: one that was there before is the local archive's.
         Study.objects.filter(
@@ -309,8 +312,27 @@ def retrieval_job_run(job_id: int) -> RetrievalJob:
     return RetrievalJob.objects.select_related("pacs").get(pk=job.pk)
 
 
-def _attempt(job: RetrievalJob, progress: _Progress) -> tuple[str, str]:
-    """Retrieve the study once; returns the job's outcome (status, error)."""
+# The PACS's failures a person can act on, by type (studies.dimse.pacs).
+_FAILURE_KINDS: tuple[tuple[type[Exception], str], ...] = (
+    (pacs.PacsUnreachable, RetrievalJob.Failure.UNREACHABLE),
+    (pacs.PacsSilent, RetrievalJob.Failure.SILENT),
+    (pacs.PortalUnknown, RetrievalJob.Failure.PORTAL_UNKNOWN),
+    (pacs.DestinationUnknown, RetrievalJob.Failure.DESTINATION_UNKNOWN),
+    (pacs.StudyMissing, RetrievalJob.Failure.STUDY_MISSING),
+    (wado.DicomwebError, RetrievalJob.Failure.DICOMWEB),
+    (StoreError, RetrievalJob.Failure.STORE),
+)
+
+
+def _failure_kind(exc: Exception) -> str:
+    for error_type, kind in _FAILURE_KINDS:
+        if isinstance(exc, error_type):
+            return kind
+    return RetrievalJob.Failure.OTHER
+
+
+def _attempt(job: RetrievalJob, progress: _Progress) -> tuple[str, str, str]:
+    """Retrieve the study once; returns the job's outcome (status, error, error kind)."""
     node = job.pacs
     if node is None:
         raise pacs.PacsError("the PACS node of this job has been removed")
@@ -320,16 +342,23 @@ def _attempt(job: RetrievalJob, progress: _Progress) -> tuple[str, str]:
         received, failed = _retrieve_wado(node, study_uid, progress)
     else:
         received, failed = _retrieve_dimse(node, job, progress)
+    Failure = RetrievalJob.Failure
     if failed:
-        return RetrievalJob.Status.FAILED, (
-            f"{failed} of {received + failed} instances could not be retrieved."
+        return (
+            RetrievalJob.Status.FAILED,
+            f"{failed} of {received + failed} instances could not be retrieved.",
+            Failure.PARTIAL,
         )
     if received == 0:
         # (This job is itself the study's latest retrieval, not done yet: what counts here
         # is whether the store already holds instances of it.)
         if Study.objects.with_instances().filter(study_instance_uid=study_uid).exists():
-            return RetrievalJob.Status.DONE, ""
-        return RetrievalJob.Status.FAILED, "The PACS sent no instance for this study."
+            return RetrievalJob.Status.DONE, "", ""
+        return (
+            RetrievalJob.Status.FAILED,
+            "The PACS sent no instance for this study.",
+            Failure.NOTHING_SENT,
+        )
     if job.method == PacsNode.Retrieve.MOVE:
         # The storage SCP, not this process, indexed what the PACS sent.
         missing = _await_indexing(node, study_uid, since=since, received=received)
@@ -338,11 +367,13 @@ def _attempt(job: RetrievalJob, progress: _Progress) -> tuple[str, str]:
         in_study = Instance.objects.filter(series__study__study_instance_uid=study_uid)
         missing, where = max(0, received - in_study.count()), ""
     if missing:
-        return RetrievalJob.Status.FAILED, (
+        return (
+            RetrievalJob.Status.FAILED,
             f"The PACS sent {received} instances but only {received - missing} are in the "
-            f"index{where}."
+            f"index{where}.",
+            Failure.NOT_INDEXED,
         )
-    return RetrievalJob.Status.DONE, ""
+    return RetrievalJob.Status.DONE, "", ""
 
 
 def _await_indexing(node: PacsNode, study_uid: str, *, since: datetime, received: int) -> int:
@@ -384,17 +415,18 @@ def _instances_on_pacs(node: PacsNode, study_uid: str) -> set[str] | None:
         return None
 
 
-def _finish(job: RetrievalJob, status: str, error: str) -> None:
+def _finish(job: RetrievalJob, status: str, error: str, kind: str = "") -> None:
     ending = RetrievalJob.objects.filter(
         pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
     )
+    values = {"status": status, "error": error, "error_kind": kind}
     try:
-        finished = ending.update(status=status, error=error, finished_at=timezone.now())
+        finished = ending.update(**values, finished_at=timezone.now())
     except DatabaseError as exc:
         # The connection of a long attempt may have died with a restart of the database
         # server: once more on a new one, or the outcome is lost until the lease runs out.
         _drop_connection(exc, "record the outcome of", job.pk)
-        finished = ending.update(status=status, error=error, finished_at=timezone.now())
+        finished = ending.update(**values, finished_at=timezone.now())
     if not finished:
         logger.warning(
             "retrieval job %s was taken over by another worker; this attempt ended %s",

@@ -10,7 +10,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import transaction
 
-from studies import metadata, retrieval
+from studies import metadata, retention, retrieval
 from studies.models import RetrievalJob
 from studies.selectors import retrieval_jobs_unfinished
 from studies.store import STALE_INCOMING_SECONDS, sweep_incoming
@@ -51,6 +51,20 @@ def take_back_retrieval_jobs(self) -> list[int]:
     for job_id in job_ids:
         retrieve_study.apply_async((job_id,), queue=queue)
     return job_ids
+
+
+@shared_task(acks_late=True)
+def purge() -> dict[str, Any]:
+    """Celery beat's hourly retention run (portal.settings.CELERY_BEAT_SCHEDULE): the same
+    service as `manage.py purge`. Running it twice (a redelivered message) deletes nothing
+    twice: each deletion re-checks under a row lock."""
+    report = retention.retention_run()
+    return {
+        "studies": len(report.studies),
+        "bytes": report.bytes,
+        "codes_released": report.codes_released,
+        "over_cap_bytes": report.over_cap_bytes,
+    }
 
 
 def retrieval_job_enqueue(job: RetrievalJob) -> None:

@@ -7,7 +7,7 @@ byte-for-byte guarantee, so that one request is made with `requests` directly.
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import requests
@@ -41,12 +41,21 @@ def _client(base_url: str) -> DICOMwebClient:
     return client
 
 
-def search_studies(base_url: str, query: dict[str, str], limit: int = 200) -> list[dict[str, Any]]:
-    """QIDO-RS study search; returns DICOM JSON objects."""
+def search_studies(
+    base_url: str,
+    query: dict[str, str],
+    limit: int = 200,
+    fields: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """QIDO-RS study search; returns DICOM JSON objects (with the attributes in `fields` on
+    top of those the server returns by default)."""
     try:
         return list(
             _client(base_url).search_for_studies(
-                search_filters=query, limit=limit, get_remaining=False
+                search_filters=query,
+                limit=limit,
+                fields=list(fields) if fields else None,
+                get_remaining=False,
             )
         )
     except requests.RequestException as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.utils import translation
 from pydicom.uid import JPEGLSLossless
 
 from studies import services
@@ -48,6 +49,16 @@ def django_db_modify_db_settings(
         test["NAME"] = str(tmp_path_factory.getbasetemp() / "test.sqlite3")
     else:
         test["NAME"] = f"test_{database['NAME']}_{os.getpid()}"
+
+
+@pytest.fixture(autouse=True)
+def default_language() -> Iterator[None]:
+    """Each test starts in the default language: a request in French through the test client
+    leaves French active in this thread (LocaleMiddleware activates, nothing deactivates), and
+    a later test's messages would be French."""
+    translation.activate(settings.LANGUAGE_CODE)
+    yield
+    translation.activate(settings.LANGUAGE_CODE)
 
 
 @pytest.fixture(autouse=True)

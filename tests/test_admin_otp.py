@@ -1,4 +1,4 @@
-"""The Django admin takes a password and a TOTP code, and administrators only.
+"""The Django admin takes the staff sign-in (a password and a TOTP code), and administrators only.
 
 From the admin one reads every recipient's phone and e-mail, unlocks shares and creates
 superusers. alice is an administrator enrolled with `createstaff --totp`; bob is a sharer with an
@@ -46,11 +46,15 @@ def code(device: TOTPDevice) -> str:
     return f"{totp.token():0{device.digits}d}"
 
 
-def admin_login(client: Client, username: str, **extra: str) -> Any:
-    return client.post(
-        "/admin/login/",
-        {"username": username, "password": PASSWORD, "next": "/admin/", **extra},
+def admin_login(client: Client, username: str, *, otp_token: str | None = None, **_: str) -> Any:
+    """The staff sign-in, as /admin/login/ sends there: the password, then (with `otp_token`)
+    the code; the last answer."""
+    answer = client.post(
+        "/staff/login/", {"username": username, "password": PASSWORD, "next": "/admin/"}
     )
+    if otp_token is None or answer.status_code != 302:
+        return answer
+    return client.post(answer["Location"], {"otp": otp_token})
 
 
 @pytest.fixture
@@ -66,12 +70,17 @@ def bob(db: Any, monkeypatch: pytest.MonkeyPatch) -> TOTPDevice:
 
 
 class TestAdminSecondFactor:
-    def test_it_refuses_the_password_alone_on_the_login_form(self, alice: TOTPDevice) -> None:
+    def test_its_login_page_is_the_staff_sign_in(self, alice: TOTPDevice) -> None:
+        response = Client().get("/admin/login/?next=/admin/accounts/share/")
+        assert response.status_code == 302
+        assert response["Location"] == "/staff/login/?next=%2Fadmin%2Faccounts%2Fshare%2F"
+
+    def test_it_refuses_the_password_alone(self, alice: TOTPDevice) -> None:
         mallory = Client()
 
         response = admin_login(mallory, "alice")
 
-        assert response.status_code == 200  # the form again, with its error
+        assert response.status_code == 302  # on to the second factor
         assert "_auth_user_id" not in mallory.session
         assert mallory.get("/admin/").status_code == 302
         assert mallory.get("/admin/accounts/share/").status_code == 302
@@ -123,10 +132,10 @@ class TestAdminSecondFactor:
 
         admin_login(client, "bob", otp_device=bob.persistent_id, otp_token=code(bob))
 
-        assert client.get("/admin/").status_code == 302
-        assert client.get("/admin/accounts/share/").status_code == 302
+        assert client.get("/admin/").status_code == 403
+        assert client.get("/admin/accounts/share/").status_code == 403
 
-    def test_a_sharer_as_createstaff_makes_one_cannot_sign_in(
+    def test_a_sharer_as_createstaff_makes_one_cannot_enter(
         self, db: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         device = createstaff(monkeypatch, "charlie", "sharer")
@@ -136,8 +145,9 @@ class TestAdminSecondFactor:
             client, "charlie", otp_device=device.persistent_id, otp_token=code(device)
         )
 
-        assert response.status_code == 200
-        assert client.get("/admin/").status_code == 302
+        # Signed in to the workspace, refused by the admin.
+        assert response.status_code == 302
+        assert client.get("/admin/").status_code == 403
 
 
 class TestAdminCheck:

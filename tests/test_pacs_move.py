@@ -100,7 +100,7 @@ def test_it_names_a_move_destination_the_pacs_does_not_know(
     qr_pacs: tuple[dcmtk.QueryRetrieveSCP, str],
 ) -> None:
     server, study_uid = qr_pacs
-    with pytest.raises(pacs.PacsError) as raised:
+    with pytest.raises(pacs.DestinationUnknown) as raised:
         pacs.move_study(peer_of(server), study_uid, "NOWHERE")
     assert str(raised.value) == (
         f"{peer_of(server)} does not know the move destination 'NOWHERE': "
@@ -146,7 +146,7 @@ def test_it_says_when_the_pacs_does_not_know_the_portal(
     """The portal's own storage SCP plays a PACS that has never heard of the portal: it
     rejects the association with "calling AE title not recognised"."""
     peer = pacs.Peer(ae_title=storage_scp.ae_title, host="127.0.0.1", port=scp_port(storage_scp))
-    with pytest.raises(pacs.PacsError) as raised:
+    with pytest.raises(pacs.PortalUnknown) as raised:
         pacs.move_study(peer, "1.2.826.0.1.3680043.8.498.3", portal_ae_title)
     assert str(raised.value) == (
         f"{peer} rejected the association: it does not know the portal's AE title "

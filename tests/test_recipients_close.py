@@ -166,7 +166,7 @@ def test_it_closes_every_recipient_url_on_every_node_and_ends_live_sessions(
             assert "&lt;b&gt;Maintenance&lt;/b&gt; until 14:00" in body
             assert "<b>Maintenance" not in body
         # Staff work and the load balancer's probe are unaffected.
-        assert get(port, "/admin/login/")[0] == 200
+        assert get(port, "/staff/login/")[0] == 200
         assert get(port, "/healthz")[0] == 200
         status, _response, body = get(port, "/viewer/", language="fr")
         assert status == 503 and "Temporairement indisponible" in body
@@ -248,11 +248,11 @@ class TestTheCloseInOneProcess:
         assert AuditEvent.objects.get(action=AuditEvent.Action.RECIPIENTS_OPENED).actor == admin
 
     def test_a_user_without_the_permission_cannot_close(self) -> None:
-        # A sharer does not reach the admin at all; an administrator without the permission
-        # reaches it but cannot close.
+        # A sharer does not reach the admin at all (403 even when signed in with a second
+        # factor); an administrator without the permission reaches it but cannot close.
         clerk = User.objects.create_user("clerk", password="x" * 16, is_staff=True)
         response = staff_client(clerk).post("/admin/accounts/recipientaccess/", {"action": "close"})
-        assert response.status_code == 302 and "/admin/login/" in response["Location"]
+        assert response.status_code == 403
         deputy = User.objects.create_user(
             "deputy", password="x" * 16, is_staff=True, role=User.Role.ADMIN
         )

@@ -135,7 +135,9 @@ class TestExpiry:
 
     def test_it_refuses_bad_contacts(self, study) -> None:
         with pytest.raises(ValidationError):
-            make_share(contact="0612345642")  # not international
+            make_share(contact="06 12 34")  # too short to be a phone number
+        with pytest.raises(ValidationError):
+            make_share(contact="+33 1 42 34 56 78")  # a landline: no text message reaches it
         with pytest.raises(ValidationError):
             make_share(channel="email", contact="not-an-address")
         with pytest.raises(ValidationError):

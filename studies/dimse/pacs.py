@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 
 from django.conf import settings
 from pydicom.dataset import Dataset
@@ -29,6 +30,7 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
+    generate_uid,
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import Association
@@ -51,6 +53,9 @@ logger = logging.getLogger(__name__)
 # A C-MOVE or C-GET that ended with some sub-operations failed (PS3.4 C.4.2.1.5); pynetdicom
 # names no such status.
 _SUB_OPERATIONS_WARNING = 0xB000
+# Failed: identifier does not match SOP class (PS3.4 C.4.2.1.5); pynetdicom names no such
+# status either.
+_IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 
 
 class PacsError(Exception):
@@ -59,6 +64,31 @@ class PacsError(Exception):
 
 class _RequestFailed(PacsError):
     """The PACS answered a retrieval with a failure status, which seldom says why."""
+
+
+# What went wrong, told apart by type (never by the message) where a person can act on it:
+# the staff workspace words each for the radiology desk.
+
+
+class PacsUnreachable(PacsError):
+    """No connection to the PACS: it is down, or the address or a firewall is wrong."""
+
+
+class PacsSilent(PacsError):
+    """The PACS stopped answering within the time allowed."""
+
+
+class PortalUnknown(PacsError):
+    """The PACS refuses the portal's AE title: the portal is not among its DICOM nodes."""
+
+
+class DestinationUnknown(PacsError):
+    """The PACS does not know where to send a C-MOVE: the portal's AE title, host and port
+    are not among its DICOM nodes."""
+
+
+class StudyMissing(PacsError):
+    """The PACS does not have the study."""
 
 
 @dataclass(frozen=True)
@@ -126,15 +156,20 @@ def _association(
             tls_args=(context, peer.host) if context is not None else None,
         )
     except (OSError, ValueError) as exc:
-        raise PacsError(f"cannot reach {peer}: {exc}") from exc
+        raise PacsUnreachable(f"cannot reach {peer}: {exc}") from exc
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive
         reason = _rejection_reason(
             getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None), peer
         )
-        raise PacsError(f"{peer} rejected the association: {reason}")
+        error = _rejection_error(
+            getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None)
+        )
+        raise error(f"{peer} rejected the association: {reason}")
     if not assoc.is_established:
-        raise PacsError(f"cannot reach {peer}: no association (connection refused or timed out)")
+        raise PacsUnreachable(
+            f"cannot reach {peer}: no association (connection refused or timed out)"
+        )
     try:
         yield assoc
     finally:
@@ -151,6 +186,11 @@ def _rejection_reason(source: int | None, reason: int | None, peer: Peer) -> str
     if by_service_user and reason == 0x07:
         return f"its AE title is not {peer.ae_title!r}"
     return "is the portal's AE title known to it, and is its own AE title right?"
+
+
+def _rejection_error(source: int | None, reason: int | None) -> type[PacsError]:
+    """PortalUnknown when the PACS says it does not know the calling AE title (PS3.8 9.3.4)."""
+    return PortalUnknown if source == 0x01 and reason == 0x03 else PacsError
 
 
 def _check_alive(assoc: Association, peer: Peer, what: str) -> None:
@@ -176,10 +216,10 @@ def _unanswered(
     """A request whose answers stopped: the peer fell silent, or closed the association after
     some answers, or before any (which is how Orthanc refuses an AE title it does not know)."""
     if timed_out:
-        return PacsError(f"{peer} sent no answer to the {what} within {timeout:g} s")
+        return PacsSilent(f"{peer} sent no answer to the {what} within {timeout:g} s")
     if answered:
         return PacsError(f"{peer} dropped the association during the {what}")
-    return PacsError(
+    return PortalUnknown(
         f"{peer} closed the association instead of answering the {what} "
         f"(does it know the portal's AE title {settings.DICOM_AE_TITLE!r}?)"
     )
@@ -406,7 +446,7 @@ def _tally(
         # The error comment seldom helps a person, but may help whoever reads the PACS's log.
         logger.warning("%s ended the %s with 0x%04X: %r", peer, what, code, final.error_comment)
     if code == Status.MOVE_DESTINATION_UNKNOWN:
-        raise PacsError(
+        raise DestinationUnknown(
             f"{peer} does not know the move destination {destination!r}: "
             "add the portal to the PACS's list of DICOM nodes"
         )
@@ -444,7 +484,7 @@ def move_study(
         # Many PACSs (Orthanc, for one) answer "unable to process" for a study they do not
         # have: say which it is.
         if _lacks_study(peer, study_uid):
-            raise PacsError(f"{peer} does not have study {study_uid}") from exc
+            raise StudyMissing(f"{peer} does not have study {study_uid}") from exc
         raise
 
 
@@ -463,14 +503,15 @@ def _move(
         )
     except move_scu.Rejected as exc:
         reason = _rejection_reason(exc.source, exc.reason, peer)
-        raise PacsError(f"{peer} rejected the association: {reason}") from exc
+        error = _rejection_error(exc.source, exc.reason)
+        raise error(f"{peer} rejected the association: {reason}") from exc
     except move_scu.NotSupported as exc:
         raise PacsError(f"{peer} does not offer study-root C-MOVE") from exc
     except move_scu.MoveProtocolError as exc:
         raise PacsError(f"{peer} broke the DICOM protocol: {exc}") from exc
     except move_scu.MoveError as exc:
         # The same words as when pynetdicom cannot associate; the cause stays in the chain.
-        raise PacsError(
+        raise PacsUnreachable(
             f"cannot reach {peer}: no association (connection refused or timed out)"
         ) from exc
 
@@ -509,7 +550,7 @@ def get_study(
     """Retrieve a study over the same association (C-GET); each instance goes to on_store."""
     sop_classes = set(instances_in_study(peer, study_uid).values()) - {""}
     if not sop_classes:
-        raise PacsError(f"{peer} does not have study {study_uid}")
+        raise StudyMissing(f"{peer} does not have study {study_uid}")
     if len(sop_classes) > _MAX_CONTEXTS - 1:
         raise PacsError(f"study {study_uid} has too many SOP classes for one C-GET association")
     ae = _application_entity()
@@ -537,3 +578,113 @@ def get_study(
             _retrieve_identifier(study_uid), StudyRootQueryRetrieveInformationModelGet
         )
         return _follow(responses, assoc, peer, "C-GET", progress)
+
+
+# --- the way back: does the PACS know where the portal is? ---------------------------------
+
+
+class WayBackError(PacsError):
+    """The check of the way back could not be made: the node was not reached, fell silent or
+    broke the protocol. Says nothing about whether the node knows the portal."""
+
+
+class WayBack(StrEnum):
+    """What a node's answer to a C-MOVE of a made-up study says about the portal's AE title."""
+
+    # It took the request from the portal and did not object to the destination.
+    KNOWN = "known"
+    # It answered 0xA801, Move destination unknown (PS3.4 C.4.2.1.5).
+    DESTINATION_UNKNOWN = "destination_unknown"
+    # It refused the association as coming from an unknown calling AE title (PS3.8 9.3.4), or
+    # closed it without answering, which is how Orthanc refuses an AE title it does not know:
+    # a node that does not take requests from the portal's AE title does not send to it either.
+    PORTAL_UNKNOWN = "portal_unknown"
+    # It refused the association because its own AE title is not the one configured.
+    CALLED_AE_WRONG = "called_ae_wrong"
+    # It does not offer study-root C-MOVE at all.
+    NO_MOVE = "no_move"
+    # Another refusal (out of resources, …): its status says more than a sentence can.
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class WayBackCheck:
+    outcome: WayBack
+    destination: str
+    # The final C-MOVE status, when the node gave one.
+    status: int | None = None
+
+
+def check_way_back(peer: Peer, destination: str | None = None) -> WayBackCheck:
+    """Ask the node to C-MOVE a study that exists nowhere (a UID made up now) to `destination`
+    (the portal's AE title by default) and tell what the answer says about the way back. No
+    image moves.
+
+    The portal calls with its own AE title, which is also the destination, and PACSs tell
+    apart the peers they know by AE title: one that does not know the portal refuses the
+    association (PS3.8 9.3.4: calling AE title not recognized) or, like Orthanc, closes it
+    unanswered. One that knows the portal answers the C-MOVE: 0xA801 (move destination
+    unknown) when it looks the destination up first and does not find it; otherwise success
+    with no sub-operations (dcmtk's dcmqrscp), or a failure about the study (Orthanc answers
+    0xC000 for a study it lacks, before looking at the destination at all).
+
+    The waits are the connection and DIMSE timeouts: with nothing to send, an answer that
+    takes longer than a C-FIND's is no answer.
+    """
+    destination = destination or str(settings.DICOM_AE_TITLE)
+    move_model = str(StudyRootQueryRetrieveInformationModelMove)
+    try:
+        association = move_scu.associate(
+            peer.host,
+            peer.port,
+            calling_ae=settings.DICOM_AE_TITLE,
+            called_ae=peer.ae_title,
+            abstract_syntax=move_model,
+            timeout=settings.DICOM_CONNECT_TIMEOUT,
+        )
+    except move_scu.Rejected as exc:
+        by_service_user = exc.source == 0x01
+        if by_service_user and exc.reason == 0x03:
+            return WayBackCheck(WayBack.PORTAL_UNKNOWN, destination)
+        if by_service_user and exc.reason == 0x07:
+            return WayBackCheck(WayBack.CALLED_AE_WRONG, destination)
+        raise WayBackError(f"{peer} rejected the association ({exc})") from exc
+    except move_scu.NotSupported:
+        return WayBackCheck(WayBack.NO_MOVE, destination)
+    except move_scu.MoveError as exc:
+        raise WayBackError(f"cannot reach {peer}: {exc}") from exc
+
+    final: Response | None = None
+    answered = False
+    try:
+        with association:
+            for response in association.c_move(
+                move_model,
+                _retrieve_identifier(generate_uid()),
+                destination,
+                settings.DICOM_DIMSE_TIMEOUT,
+            ):
+                answered = True
+                if not response.pending:
+                    final = response
+    except move_scu.Closed as exc:
+        if answered:
+            raise WayBackError(f"{peer} dropped the association during the C-MOVE") from exc
+        return WayBackCheck(WayBack.PORTAL_UNKNOWN, destination)
+    except move_scu.MoveError as exc:
+        raise WayBackError(f"{peer} did not answer the C-MOVE: {exc}") from exc
+    if final is None:
+        raise WayBackError(f"{peer} ended the C-MOVE without a final status")
+    return WayBackCheck(_way_back_outcome(final.status), destination, final.status)
+
+
+def _way_back_outcome(status: int) -> WayBack:
+    if status == Status.MOVE_DESTINATION_UNKNOWN:
+        return WayBack.DESTINATION_UNKNOWN
+    if status in {Status.SUCCESS, _SUB_OPERATIONS_WARNING, Status.CANCEL}:
+        return WayBack.KNOWN
+    # "Unable to process" (0xCxxx) and "identifier does not match SOP class" (0xA900) are
+    # about the made-up study: the destination was accepted, or not looked at (see above).
+    if (status & 0xF000) == 0xC000 or status == _IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS:
+        return WayBack.KNOWN
+    return WayBack.REFUSED

@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from tests.bench import retrieval, viewing
+from tests.bench import load, retrieval, viewing
 from tests.bench.common import HEADER, Result
 
 
@@ -13,7 +13,15 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed runs of each side (median)")
     parser.add_argument("--slices", type=int, default=300, help="slices of the CT study")
     parser.add_argument(
-        "--only", choices=("retrieval", "viewing"), help="run one benchmark (default: both)"
+        "--only",
+        choices=("retrieval", "viewing", "load"),
+        help="run one benchmark (default: all)",
+    )
+    parser.add_argument(
+        "--load-seconds", type=float, default=60.0, help="length of each load phase"
+    )
+    parser.add_argument(
+        "--load-sessions", type=int, default=200, help="recipient sessions in the load phases"
     )
     args = parser.parse_args()
     results: list[Result] = []
@@ -25,6 +33,8 @@ def main() -> int:
         os.environ.update(environ)
     if args.only in (None, "viewing"):
         results += viewing.run(runs=args.runs, slices=args.slices)
+    if args.only in (None, "load"):
+        results += load.run(seconds=args.load_seconds, sessions=args.load_sessions)
     print()
     print(HEADER)
     failed = False

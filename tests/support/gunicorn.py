@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from django.conf import settings
@@ -24,10 +25,17 @@ class GunicornError(RuntimeError):
 
 class PortalServer(Service):
     def __init__(
-        self, *, workdir: Path, workers: int = 2, env: dict[str, str] | None = None
+        self,
+        *,
+        workdir: Path,
+        workers: int = 2,
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.workers = workers
+        # More gunicorn options (`--threads 4`…), after the ones given here.
+        self.args = list(args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.access_log = workdir / "access.log"
@@ -80,6 +88,7 @@ class PortalServer(Service):
             ACCESS_LOG_FORMAT,
             "--error-logfile",
             "-",
+            *self.args,
         ]
         with self.app_log.open("ab") as log:
             self.process = subprocess.Popen(

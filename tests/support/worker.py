@@ -2,7 +2,8 @@
 
 The broker is Redis when REDIS_URL is set (CI), the file system broker in a private folder
 otherwise. Each worker consumes a queue of its own name, so that parallel runs against one Redis
-never take each other's messages. `producer_app()` makes `retrieve_study.delay()` in the test
+never take each other's messages; workers given the same queue share its messages, as the
+workers of several machines do. `producer_app()` makes `retrieve_study.delay()` in the test
 process publish where this worker listens.
 """
 
@@ -49,13 +50,24 @@ def database_url() -> str:
 
 
 class CeleryWorker(Service):
-    """`celery -A portal worker --pool=solo` with its own queue, as a context manager."""
+    """`celery -A portal worker --pool=solo` with its own queue (or the one given), as a
+    context manager."""
 
-    def __init__(self, *, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+    ) -> None:
         self.workdir = workdir
         # The worker's store: a test points settings.STORE_DIR here to see what it wrote.
         self.store_dir = workdir / "store"
-        self.queue = f"portal-test-{uuid.uuid4().hex[:12]}"
+        # Several workers given one `queue` share its messages, as the workers of several
+        # machines do; each then needs a `name` of its own (Celery's node name, -n).
+        self.queue = queue or f"portal-test-{uuid.uuid4().hex[:12]}"
+        self.hostname = f"{name or self.queue}@localhost"
         redis_url = os.environ.get("REDIS_URL", "")
         self.broker_url = redis_url or "filesystem://localhost/"
         self.broker_dir = workdir / "broker"
@@ -104,7 +116,7 @@ class CeleryWorker(Service):
             "--queues",
             self.queue,
             "--hostname",
-            f"{self.queue}@localhost",
+            self.hostname,
             "--without-mingle",
             "--without-gossip",
             "--without-heartbeat",

@@ -100,7 +100,13 @@ class Command(BaseCommand):
 
     def handle_remove(self, **options: Any) -> None:
         node = self._node(options["name"])
-        node.delete()
+        try:
+            services.pacs_node_delete(node=node)
+        except services.PacsNodeInUse as exc:
+            raise CommandError(
+                f"{node.name} has {exc.jobs} retrieval jobs queued or running: "
+                "remove it once they are done."
+            ) from exc
         if options["json"]:
             self.stdout.write(json.dumps({"name": options["name"], "removed": True}))
         else:

@@ -2,17 +2,17 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
 
-from studies.retention import store_purge
+from studies.retention import retention_run
 
 
 class Command(BaseCommand):
     help = (
         "End expired shares (their access codes are released), delete the study copies no "
-        "live share needs, and clear expired sessions (Django's clearsessions). Run it hourly, "
-        "from cron or a systemd timer."
+        "live share needs (oldest first past PORTAL_STORE_MAX_GB), and clear expired sessions "
+        "(Django's clearsessions). Celery beat runs it hourly (studies.tasks.purge); cron or a "
+        "systemd timer may run it instead."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -22,19 +22,13 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        report = store_purge(dry_run=options["dry_run"])
-        # Sessions past their expiry stay in the database until this runs: each visitor who
-        # ever got one (a recipient, a staff member) left a row.
-        sessions_cleared = not options["dry_run"]
-        if sessions_cleared:
-            call_command("clearsessions")
+        report = retention_run(dry_run=options["dry_run"])
         if options["json"]:
             self.stdout.write(
                 json.dumps(
                     {
                         "dry_run": options["dry_run"],
                         **asdict(report),
-                        "expired_sessions_cleared": sessions_cleared,
                     }
                 )
             )
@@ -52,3 +46,8 @@ class Command(BaseCommand):
                 f"{report.temporary_files} temporary files left by interrupted transfers."
             )
             self.stdout.write("Cleared expired sessions.")
+        if report.over_cap_bytes:
+            self.stdout.write(
+                f"The store is {report.over_cap_bytes / 1e6:.1f} MB over its cap: what it "
+                "holds is needed by live shares or is the local archive."
+            )

@@ -50,7 +50,8 @@ class Command(BaseCommand):
                 str(options["dicom_port"]),
             ],
             # One task at a time is plenty for a demo; mingle and gossip only add chatter on
-            # the file system broker.
+            # the file system broker. The worker embeds Celery beat (the scheduled purge): in
+            # production beat is a process of its own, one for the whole site.
             "worker": [
                 python,
                 "-m",
@@ -58,6 +59,7 @@ class Command(BaseCommand):
                 "-A",
                 "portal",
                 "worker",
+                "--beat",
                 "--pool=solo",
                 "--loglevel=INFO",
                 "--without-mingle",

@@ -1,4 +1,4 @@
-"""`share create|revoke|unlock|list`: shares from the command line.
+"""`share create|revoke|unlock|rearm|list`: shares from the command line.
 
 The share itself is accounts' (accounts.services); `create` calls studies.services.study_share,
 which with `--pacs` also queues the retrieval of a study the store lacks. Such a share is
@@ -35,7 +35,7 @@ def share_as_dict(share: Share) -> dict[str, Any]:
 
 
 class Command(BaseCommand):
-    help = "Create, revoke, unlock or list shares (a recipient's access to one study)."
+    help = "Create, revoke, unlock, re-arm or list shares (a recipient's access to one study)."
 
     def add_arguments(self, parser: CommandParser) -> None:
         sub = parser.add_subparsers(dest="action", required=True)
@@ -72,6 +72,16 @@ class Command(BaseCommand):
         unlock.add_argument("id", type=int)
         unlock.add_argument("--json", action="store_true", help="Print the share as JSON.")
 
+        rearm = sub.add_parser(
+            "rearm",
+            help="Retrieve again the studies of a live share that the store no longer holds.",
+        )
+        rearm.add_argument("id", type=int)
+        rearm.add_argument(
+            "--pacs", help="Retrieve from this PACS node (default: where each study came from)."
+        )
+        rearm.add_argument("--json", action="store_true", help="Print one JSON object.")
+
         listing = sub.add_parser("list", help="List shares, newest first.")
         listing.add_argument("--live", action="store_true", help="Only unexpired, unrevoked.")
         listing.add_argument("--json", action="store_true", help="Print one JSON list.")
@@ -88,8 +98,37 @@ class Command(BaseCommand):
             share = self._get(options["id"])
             account_services.share_unlock(share=share)
             self._done(share, "unlocked", options)
+        elif action == "rearm":
+            self._rearm(options)
         else:
             self._list(options)
+
+    def _rearm(self, options: dict[str, Any]) -> None:
+        share = self._get(options["id"])
+        node = self._node(options["pacs"]) if options["pacs"] else None
+        try:
+            jobs = services.share_rearm(share=share, node=node)
+        except ValidationError as exc:
+            raise CommandError(" ".join(exc.messages)) from exc
+        if options["json"]:
+            result = {
+                "id": share.pk,
+                "jobs": [{"id": j.pk, "study_uid": j.study_instance_uid} for j in jobs],
+            }
+            self.stdout.write(json.dumps(result))
+            return
+        if not jobs:
+            self.stdout.write(f"Share {share.pk}: the store holds every study; nothing to do.")
+        for job in jobs:
+            self.stdout.write(
+                f"Retrieval job {job.pk} queued from {job.pacs}: {job.study_instance_uid}"
+            )
+
+    def _node(self, name: str) -> PacsNode:
+        try:
+            return PacsNode.objects.get(name=name)
+        except PacsNode.DoesNotExist:
+            raise CommandError(f"No PACS node named {name!r}.") from None
 
     def _done(self, share: Share, what: str, options: dict[str, Any]) -> None:
         if options["json"]:
@@ -106,12 +145,7 @@ class Command(BaseCommand):
 
     def _create(self, options: dict[str, Any]) -> None:
         study_uid, *priors = options["study_uids"]
-        node = None
-        if options["pacs"]:
-            try:
-                node = PacsNode.objects.get(name=options["pacs"])
-            except PacsNode.DoesNotExist:
-                raise CommandError(f"No PACS node named {options['pacs']!r}.") from None
+        node = self._node(options["pacs"]) if options["pacs"] else None
         if options["patient_phone"]:
             recipient, channel, contact = "patient", "sms", options["patient_phone"]
         elif options["patient_email"]:
