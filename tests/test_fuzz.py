@@ -23,7 +23,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from accounts.models import Share
+from accounts.models import Share, User
 from studies import dicom, imports
 from studies.demo import synthetic
 from studies.dimse.storescp import StorageServer
@@ -31,6 +31,7 @@ from studies.models import Instance, PacsNode, Series, Study
 from studies.store import store_dir
 from tests.conftest import MODALITY_AE, assert_store_consistent, scp_port
 from tests.support.access import make_share, make_study, open_link, share_of, sign_in
+from tests.support.staff import admin_user
 from tests.support.stored import StoredStudies, store_two_studies
 
 # pydicom warns about every broken value it reads: here, that is the point.
@@ -270,6 +271,30 @@ def test_the_one_time_code_form_never_fails_on_random_input(
         # Only a send (which writes nothing on the share) or a lockout page; never the viewer.
         assert response["Location"] in {"/access/verify", "/access/locked"}
     assert _share_state(share) == before
+
+
+@pytest.mark.django_db
+@hypothesis_settings(FUZZ, max_examples=30)  # each example hashes a password
+@given(
+    username=st.one_of(text, st.just("admin")),
+    password=text,
+    next_url=st.one_of(text, st.sampled_from(["//evil.example", "/staff/", "javascript:x"])),
+)
+def test_the_staff_sign_in_never_fails_on_random_input(
+    client: Client, username: str, password: str, next_url: str
+) -> None:
+    _calm()
+    staff = User.objects.filter(username="admin").first() or admin_user()
+    before = (staff.password, staff.is_active, staff.role)
+
+    response = client.post(
+        "/staff/login/", {"username": username, "password": password, "next": next_url}
+    )
+
+    assert response.status_code in {200, 400, 403, 429}, response.status_code
+    staff.refresh_from_db()
+    assert (staff.password, staff.is_active, staff.role) == before
+    assert "_auth_user_id" not in client.session  # nobody signed in
 
 
 SHARE_WORDS = [
