@@ -61,6 +61,15 @@ def _forwarded_client(request: HttpRequest) -> _Address | None:
     return client
 
 
+def from_trusted_proxy(request: HttpRequest) -> bool:
+    """Whether the request's peer is one of `PORTAL_TRUSTED_PROXIES` (or the trusted unix
+    socket): whether the headers a proxy adds may be believed at all."""
+    remote = _parse(request.META.get("REMOTE_ADDR") or "")
+    if remote is None:
+        return bool(settings.TRUSTED_UNIX_SOCKET)
+    return _is_trusted(remote)
+
+
 def client_ip(request: HttpRequest) -> str | None:
     """The client's address, or None when nothing believable says it."""
     remote = _parse(request.META.get("REMOTE_ADDR") or "")

@@ -8,7 +8,12 @@ class PortalConfig(AppConfig):
     name = "portal"
 
     def ready(self) -> None:
+        from django.core.signals import request_finished
+
         from portal import checks  # noqa: F401  (registers the system checks)
+        from portal.logs import forget_request_id
+
+        request_finished.connect(forget_request_id, dispatch_uid="portal.forget_request_id")
 
         _create_local_folders()
 

@@ -77,6 +77,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: every line logged while a request runs carries its id (portal.logs).
+    "portal.logs.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -175,7 +177,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+# Where `collectstatic` writes, and where a reverse proxy may serve /static/ from itself.
+STATIC_ROOT = Path(env.str("PORTAL_STATIC_ROOT", default=str(VAR_DIR / "static")))
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -233,11 +236,22 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# The worker logs through LOGGING like every other process (portal.celery configures it), not
+# through handlers of its own that would know nothing of the redaction filter.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # --- DICOM -------------------------------------------------------------------------------
 STORE_DIR = Path(env.str("PORTAL_STORE_DIR", default=str(VAR_DIR / "store")))
 # Below this much free space the store takes no more instances (a failure status to senders).
 STORE_MIN_FREE_BYTES = env.int("PORTAL_STORE_MIN_FREE_MB", default=512) * 1024 * 1024
+# /healthz (portal.health): the store is reported failing below this much free space; each
+# PACS's C-ECHO is remembered this many seconds (a load balancer polls often, the PACS is not
+# its to load); the broker and each PACS have this many seconds to answer.
+HEALTH_MIN_FREE_BYTES = (
+    env.int("PORTAL_HEALTH_MIN_FREE_MB", default=STORE_MIN_FREE_BYTES >> 20) * 1024 * 1024
+)
+HEALTH_PACS_CACHE_SECONDS = env.int("PORTAL_HEALTH_PACS_CACHE_SECONDS", default=60)
+HEALTH_TIMEOUT = env.float("PORTAL_HEALTH_TIMEOUT", default=2.0)
 DICOM_AE_TITLE = env.str("PORTAL_AE_TITLE", default="PORTAL")
 DICOM_PORT = env.int("PORTAL_DICOM_PORT", default=11112)
 DICOM_BIND_ADDRESS = env.str("PORTAL_DICOM_BIND", default="0.0.0.0")  # noqa: S104
@@ -444,11 +458,20 @@ CONTENT_SECURITY_POLICY = {
 }
 
 # --- Logging -----------------------------------------------------------------------------
+# `json`: one JSON object a line (portal.logs.JsonFormatter), for a log collector; `text`: one
+# readable line, for a person at a terminal. JSON in production, text in debug mode.
+LOG_FORMAT = env.str("PORTAL_LOG_FORMAT", default="text" if DEBUG else "json")
+if LOG_FORMAT not in {"json", "text"}:
+    raise ImproperlyConfigured(f"PORTAL_LOG_FORMAT must be json or text, not {LOG_FORMAT!r}.")
 LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {
+            "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s",
+            "defaults": {"request_id": "-"},
+        },
+        "json": {"()": "portal.logs.JsonFormatter"},
         "server": {
             "()": "django.utils.log.ServerFormatter",
             "format": "[{server_time}] {message}",
@@ -458,14 +481,17 @@ LOGGING: dict[str, Any] = {
     "filters": {
         # Share link tokens never reach a log line (accounts.logging).
         "redact_links": {"()": "accounts.logging.RedactShareLinks"},
+        # The id of the request or task the line was logged in (portal.logs).
+        "request_id": {"()": "portal.logs.RequestIdFilter"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "plain",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
             "filters": ["redact_links"],
         },
-        # The development server's request lines ("GET /s/… HTTP/1.1" 302).
+        # The development server's request lines ("GET /s/… HTTP/1.1" 302), for a person at a
+        # terminal: text whatever PORTAL_LOG_FORMAT says (runserver serves no production).
         "server": {
             "class": "logging.StreamHandler",
             "formatter": "server",
@@ -516,3 +542,6 @@ LOGGING["loggers"].setdefault("django", {"level": "INFO"})
 for _config in [*LOGGING["handlers"].values(), *LOGGING["loggers"].values(), LOGGING["root"]]:
     if "redact_links" not in _config.setdefault("filters", []):
         _config["filters"].append("redact_links")
+# And the request id on whatever every handler writes.
+for _config in LOGGING["handlers"].values():
+    _config["filters"].append("request_id")

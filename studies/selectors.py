@@ -28,6 +28,20 @@ def retrieval_jobs_unfinished() -> list[int]:
     )
 
 
+def share_studies_lost(share: Share) -> list[str]:
+    """The studies of a live share that the store no longer holds and that no job is
+    fetching: what "re-arm" (studies.services.share_rearm) would retrieve again."""
+    if share.refusal() is not None:
+        return []
+    fetching = set(
+        RetrievalJob.objects.filter(
+            study_instance_uid__in=share.study_uids,
+            status__in=[RetrievalJob.Status.QUEUED, RetrievalJob.Status.RUNNING],
+        ).values_list("study_instance_uid", flat=True)
+    )
+    return [uid for uid in share.study_uids if uid not in fetching and not study_in_store(uid)]
+
+
 # --- shares as staff see them ---------------------------------------------------------------
 
 

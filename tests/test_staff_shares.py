@@ -455,3 +455,57 @@ class TestRevokeEveryShareOfAPatient:
 
         client.post("/staff/shares/revoke-patient/", {"patient_id": "P-ONE"})
         assert Share.objects.get(pk=arriving.pk).revoked_at is None
+
+
+class TestRearm:
+    """A live share whose study copy is gone (purged, or a store restored from an older
+    backup) is retrieved again from the node it came from, by a sharer, from its log page."""
+
+    def _lost_share(self) -> Share:
+        from studies.models import PacsNode, RetrievalJob
+
+        node = PacsNode.objects.create(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)
+        RetrievalJob.objects.create(
+            pacs=node, study_instance_uid=PENDING_UID, status=RetrievalJob.Status.DONE
+        )
+        return make_share(PENDING_UID).share
+
+    def test_it_retrieves_the_lost_study_again(self, alice: User, monkeypatch: Any) -> None:
+        from studies import tasks
+        from studies.models import RetrievalJob
+
+        queued: list[RetrievalJob] = []
+        monkeypatch.setattr(tasks, "retrieval_job_enqueue", queued.append)
+        share = self._lost_share()
+        client = staff_client(alice)
+        page = client.get(reverse("staff:share_log", args=[share.pk]))
+        assert reverse("staff:share_rearm", args=[share.pk]) in page.content.decode()
+
+        response = client.post(reverse("staff:share_rearm", args=[share.pk]))
+        assert response.status_code == 302
+        assert response["Location"] == reverse("staff:share_detail", args=[share.pk])
+        (job,) = queued
+        assert job.study_instance_uid == PENDING_UID and job.status == RetrievalJob.Status.QUEUED
+        event = AuditEvent.objects.get(action=AuditEvent.Action.SHARE_REARMED)
+        assert event.share_id == share.pk and event.actor == alice
+        # While the job runs, the page offers no second retrieval.
+        page = client.get(reverse("staff:share_log", args=[share.pk]))
+        assert reverse("staff:share_rearm", args=[share.pk]) not in page.content.decode()
+
+    def test_an_auditor_cannot_rearm_and_nothing_is_queued(self, bob: User) -> None:
+        from studies.models import RetrievalJob
+
+        share = self._lost_share()
+        response = staff_client(bob).post(reverse("staff:share_rearm", args=[share.pk]))
+        assert response.status_code == 403
+        assert RetrievalJob.objects.count() == 1
+        assert not AuditEvent.objects.filter(action=AuditEvent.Action.SHARE_REARMED).exists()
+
+    def test_an_ended_share_is_not_rearmed(self, alice: User) -> None:
+        from studies.models import RetrievalJob
+
+        share = self._lost_share()
+        Share.objects.filter(pk=share.pk).update(revoked_at=timezone.now())
+        response = staff_client(alice).post(reverse("staff:share_rearm", args=[share.pk]))
+        assert response.status_code == 302
+        assert RetrievalJob.objects.count() == 1

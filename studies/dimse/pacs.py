@@ -225,8 +225,13 @@ def _unanswered(
     )
 
 
-def echo(peer: Peer) -> None:
+def echo(peer: Peer, *, timeout: float | None = None) -> None:
+    """A C-ECHO; `timeout` (seconds) bounds each wait instead of the settings' (a health
+    check must answer a load balancer sooner than a retrieval waits for a slow PACS)."""
     ae = _application_entity()
+    if timeout is not None:
+        ae.acse_timeout = ae.connection_timeout = timeout
+        ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
     with _association(peer, ae) as assoc:
         status = assoc.send_c_echo()

@@ -87,6 +87,7 @@ def share_log(request: HttpRequest, pk: int) -> HttpResponse:
             "extend_form": ShareExtendForm(),
             "extend_limit": account_selectors.share_extend_limit(share),
             "locked": account_selectors.share_is_locked(share),
+            "lost_studies": selectors.share_studies_lost(share),
         },
     )
 
@@ -101,6 +102,27 @@ def share_revoke(request: HttpRequest, pk: int) -> HttpResponse:
         _("Share %(id)s is revoked: its link and code no longer open anything.") % {"id": pk},
     )
     return _back_to_log(share)
+
+
+@staff_required(User.Role.SHARER)
+@require_POST
+def share_rearm(request: HttpRequest, pk: int) -> HttpResponse:
+    """Retrieve again the studies a live share lost to the purge (or to a restored store)."""
+    share = _get_share(pk)
+    try:
+        jobs = services.share_rearm(share=share, by=_staff_user(request), request=request)
+    except ValidationError as exc:
+        for message in exc.messages:
+            messages.error(request, message)
+        return _back_to_log(share)
+    if jobs:
+        messages.success(
+            request,
+            _("The portal is retrieving the share's studies again: follow it on the share page."),
+        )
+    else:
+        messages.success(request, _("The portal already holds every study of this share."))
+    return redirect("staff:share_detail", pk=share.pk)
 
 
 @staff_required(User.Role.SHARER)
@@ -193,4 +215,5 @@ urlpatterns = [
     path("shares/<int:pk>/revoke/", share_revoke, name="share_revoke"),
     path("shares/<int:pk>/extend/", share_extend, name="share_extend"),
     path("shares/<int:pk>/unlock/", share_unlock, name="share_unlock"),
+    path("shares/<int:pk>/rearm/", share_rearm, name="share_rearm"),
 ]

@@ -31,11 +31,17 @@ class PortalServer(Service):
         workers: int = 2,
         env: dict[str, str] | None = None,
         args: Sequence[str] = (),
+        config: Path | None = None,
     ) -> None:
+        """With `config` (deploy/gunicorn.conf.py), gunicorn runs with that file, as in
+        production (its worker class, timeouts and redacting logger); its error log then goes
+        to a file of its own (`error_log`), apart from the application's output."""
         self.workdir = workdir
         self.workers = workers
         # More gunicorn options (`--threads 4`…), after the ones given here.
         self.args = list(args)
+        self.config = config
+        self.error_log = workdir / "gunicorn-error.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.access_log = workdir / "access.log"
@@ -84,12 +90,12 @@ class PortalServer(Service):
             str(self.workers),
             "--access-logfile",
             str(self.access_log),
-            "--access-logformat",
-            ACCESS_LOG_FORMAT,
-            "--error-logfile",
-            "-",
-            *self.args,
         ]
+        if self.config is None:
+            command += ["--access-logformat", ACCESS_LOG_FORMAT, "--error-logfile", "-"]
+        else:
+            command += ["--config", str(self.config), "--error-logfile", str(self.error_log)]
+        command += self.args
         with self.app_log.open("ab") as log:
             self.process = subprocess.Popen(
                 command,
@@ -116,9 +122,9 @@ class PortalServer(Service):
         self.process = None
 
     def logs(self) -> str:
-        """The access log and the application's log (gunicorn's and Django's)."""
+        """The access log, gunicorn's error log and the application's log."""
         text = ""
-        for path in (self.access_log, self.app_log):
+        for path in (self.access_log, self.error_log, self.app_log):
             try:
                 text += path.read_text(errors="replace")
             except OSError:
