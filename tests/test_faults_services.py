@@ -250,6 +250,11 @@ def metadata_runs(worker: CeleryWorker) -> tuple[int, int]:
     )
 
 
+def database_health(response: requests.Response) -> tuple[int, object]:
+    """/healthz's status and what it says of the database."""
+    return response.status_code, response.json().get("database")
+
+
 # A retrieval that outlives the restart: the PACS never answers, for this long.
 SILENT_PACS_SECONDS = 8
 SHORT_LEASE = 3
@@ -301,7 +306,7 @@ def test_web_processes_and_workers_recover_when_postgresql_restarts(tmp_path: Pa
         http.trust_env = False
         with PortalServer(workdir=tmp_path / "web", workers=1, env=env) as web, worker:
             for _ in range(2):  # the second request reuses the first one's connection
-                assert http.get(f"{web.url}/healthz", timeout=10).json() == {"status": "ok"}
+                assert database_health(http.get(f"{web.url}/healthz", timeout=10)) == (200, "ok")
             with worker.producer_app():
                 tasks.build_study_metadata.delay("1.2.826.0.1.3680043.8.498.77")
             poll(
@@ -330,7 +335,7 @@ def test_web_processes_and_workers_recover_when_postgresql_restarts(tmp_path: Pa
             restarted_at = job_row()[4]
 
             response = http.get(f"{web.url}/healthz", timeout=10)
-            assert (response.status_code, response.json()) == (200, {"status": "ok"})
+            assert database_health(response) == (200, "ok"), response.text
             poll(
                 lambda: job_row()[0] != "running",
                 timeout=SILENT_PACS_SECONDS + 30,
