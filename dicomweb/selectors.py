@@ -7,7 +7,7 @@ from django.db.models import F, QuerySet
 from accounts.models import Share
 from dicomweb.archive import ArchiveInstance
 from dicomweb.documents import Kind, document_kind
-from studies.models import Instance
+from studies.models import Instance, Study
 from studies.store import instance_file
 
 
@@ -140,9 +140,10 @@ def share_study_uids(share: Share) -> list[str]:
 def share_instances(share: Share) -> QuerySet[Instance]:
     """Every indexed instance the share grants: its studies, restricted to its series when it
     names some. The one scope of every DICOMweb answer and download."""
-    instances = Instance.objects.filter(
-        series__study__study_instance_uid__in=share_study_uids(share)
-    )
+    # Only studies in the store (`StudyQuerySet.in_store`): one still being retrieved shows
+    # nothing rather than part of itself.
+    studies = Study.objects.in_store().filter(study_instance_uid__in=share_study_uids(share))
+    instances = Instance.objects.filter(series__study__in=studies.values("pk"))
     if share.series_instance_uids:
         instances = instances.filter(series__series_instance_uid__in=share.series_instance_uids)
     return instances

@@ -77,8 +77,42 @@ def check_dicom_settings(app_configs: Any, **kwargs: Any) -> list[Error]:
                 id="portal.E006",
             )
         )
+    if not settings.RETRIEVAL_LEASE > 0:
+        errors.append(
+            Error(
+                f"PORTAL_RETRIEVAL_LEASE is {settings.RETRIEVAL_LEASE:g}: a worker's hold on "
+                "a running retrieval must last more than 0 seconds.",
+                hint="Leave it unset (60 seconds) unless a reason says otherwise.",
+                id="portal.E008",
+            )
+        )
     errors += _check_store()
     return errors
+
+
+@register()
+def check_broker_redelivery(app_configs: Any, **kwargs: Any) -> list[CheckMessage]:
+    """Redis hands a message out again once its visibility timeout has passed without an
+    acknowledgement: shorter than a retrieval may last, it sends a copy of every long job's
+    message to another worker (harmless, the lease refuses it, but a waste and noise)."""
+    if _broker_scheme() not in {"redis", "rediss"}:
+        return []
+    options = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", None) or {}
+    visibility = float(options.get("visibility_timeout", 3600))
+    longest = settings.DICOM_RETRIEVE_TIMEOUT + settings.RETRIEVAL_INDEX_WAIT
+    if visibility < longest:
+        return [
+            Warning(
+                f"PORTAL_BROKER_VISIBILITY_TIMEOUT ({visibility:g} s) is shorter than a "
+                f"retrieval may last ({longest:g} s: PORTAL_DICOM_RETRIEVE_TIMEOUT and "
+                "PORTAL_RETRIEVAL_INDEX_WAIT): Redis would hand copies of running jobs to "
+                "other workers.",
+                hint="Leave it unset: a dead worker's job comes back after its lease "
+                "(PORTAL_RETRIEVAL_LEASE), not after this timeout.",
+                id="portal.W002",
+            )
+        ]
+    return []
 
 
 def _check_store() -> list[Error]:

@@ -127,6 +127,9 @@ DATABASES = {
     "default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'portal.sqlite3'}"),
 }
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("PORTAL_DB_CONN_MAX_AGE", default=0)
+# A connection kept across requests (or across a worker's tasks) is checked before reuse, so
+# that a database restarted meanwhile costs a reconnection, not a failed request.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The storage SCP, the worker and the web server write concurrently: WAL and a
     # generous busy timeout keep SQLite usable for the demo and small sites.
@@ -264,21 +267,25 @@ DICOMWEB_TIMEOUT = env.float("PORTAL_DICOMWEB_TIMEOUT", default=60.0)
 # How often a failed retrieval is tried again by the worker (with exponential backoff).
 RETRIEVAL_MAX_RETRIES = env.int("PORTAL_RETRIEVAL_MAX_RETRIES", default=3)
 RETRIEVAL_RETRY_BACKOFF = env.int("PORTAL_RETRIEVAL_RETRY_BACKOFF", default=30)
-# Seconds a worker holds a running job: past that, its worker is presumed dead and another
-# may take the job over.
-RETRIEVAL_LEASE = env.int("PORTAL_RETRIEVAL_LEASE", default=3600)
+# Seconds a worker holds a running job: it renews the lease every quarter of it while it lives;
+# once a lease runs out its worker is presumed dead (killed, its machine down) and the job is
+# taken back (see CELERY_BEAT_SCHEDULE) and finished by another worker.
+RETRIEVAL_LEASE = env.int("PORTAL_RETRIEVAL_LEASE", default=60)
 # Seconds a C-MOVE job waits, after the PACS's final answer, for the storage SCP to index what
 # it received (the PACS may report before the SCP has written its last index rows).
 RETRIEVAL_INDEX_WAIT = env.float("PORTAL_RETRIEVAL_INDEX_WAIT", default=30.0)
 # `purge` keeps a retrieved study this long after its last retrieval even when no share needs
 # it: staff who retrieve a study before sharing it must find it there.
 PURGE_GRACE_HOURS = env.float("PORTAL_PURGE_GRACE_HOURS", default=24.0)
-# Celery beat: what the storage SCP confirmed but could not index is indexed within minutes.
 if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
-    # Redis gives a message nobody acknowledged to another worker after this many seconds (a
-    # worker killed mid-job never acknowledges): later than the lease, so that by then the job
-    # can be taken over, and not while a job within its lease may still be running.
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": RETRIEVAL_LEASE * 5 // 4 + 1}
+    # Redis gives a message nobody acknowledged to another worker after this many seconds: the
+    # last resort for a job whose worker died, the lease and the sweep below being the quick
+    # way back. It must outlast the longest job and the longest retry countdown (the worker
+    # holds a retried message unacknowledged until its time comes), or Redis would hand out
+    # copies of messages that are merely waiting; the lease makes such copies harmless anyway.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": env.int("PORTAL_BROKER_VISIBILITY_TIMEOUT", default=4 * 3600)
+    }
 # A cap on the store's size, in GB (0: none). `purge` then also deletes unneeded copies that
 # are still within the grace hours, oldest first, until the store is under it; a copy a live
 # share needs is never deleted (the store stays over the cap, and says so in the log and the
@@ -302,6 +309,13 @@ CELERY_BEAT_SCHEDULE = {
     "index-confirmed-instances": {
         "task": "studies.tasks.index_confirmed_instances",
         "schedule": timedelta(minutes=5),
+    },
+    # Jobs whose worker died come back about one lease later, whatever the broker does.
+    "take-back-retrieval-jobs": {
+        "task": "studies.tasks.take_back_retrieval_jobs",
+        "schedule": max(5.0, RETRIEVAL_LEASE / 4),
+        # A sweep that no worker took in time is replaced by the next one, not run late.
+        "options": {"expires": max(5.0, RETRIEVAL_LEASE / 4)},
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")

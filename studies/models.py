@@ -34,10 +34,32 @@ class PacsNode(models.Model):
 
 
 class StudyQuerySet(models.QuerySet["Study"]):
+    def with_instances(self) -> "StudyQuerySet":
+        """Studies with at least one indexed instance (a study row alone may be left by an
+        interrupted transfer or a purge), complete or not."""
+        return self.filter(
+            models.Exists(Instance.objects.filter(series__study=models.OuterRef("pk")))
+        )
+
     def in_store(self) -> "StudyQuerySet":
-        """The one definition of a study being in the store: it has at least one indexed
-        instance (a study row alone may be left by an interrupted transfer or a purge)."""
-        return self.filter(series__instances__isnull=False).distinct()
+        """The one definition of a study being in the store: it has indexed instances and no
+        retrieval of it is under way or ended without it (its latest retrieval job, if any, is
+        done). A study whose retrieval is still running, waiting for a retry or failed for good
+        holds only part of its instances: its shares stay pending and recipients see none of
+        it, rather than a partial study as if it were complete."""
+        latest_retrieval = (
+            RetrievalJob.objects.filter(study_instance_uid=models.OuterRef("study_instance_uid"))
+            .order_by("-created_at", "-pk")
+            .values("status")[:1]
+        )
+        return (
+            self.with_instances()
+            .annotate(latest_retrieval=models.Subquery(latest_retrieval))
+            .filter(
+                models.Q(latest_retrieval__isnull=True)
+                | models.Q(latest_retrieval=RetrievalJob.Status.DONE)
+            )
+        )
 
     def disposable(self) -> "StudyQuerySet":
         """Copies `purge` may delete once no live share needs them: brought by a retrieval

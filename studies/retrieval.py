@@ -18,15 +18,15 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 from pynetdicom.status import Status
 
 from accounts.models import User
 from studies import dicom, wado
 from studies.dimse import pacs, wire
-from studies.models import Instance, PacsNode, RetrievalJob
-from studies.selectors import study_in_store
+from studies.models import Instance, PacsNode, RetrievalJob, Study
 from studies.store import Indexer, StoreError, store_is_full, study_mark_retrieved_copy
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,36 @@ def retrieval_job_create(
             existing.error = "The worker retrieving this study stopped; it is queued again."
             existing.save(update_fields=["status", "error"])
         return existing
+
+
+def retrieval_jobs_take_back() -> list[int]:
+    """Queue again every running job whose lease is over, and return their ids (for the
+    caller to send each a message).
+
+    A worker killed in the middle of a job neither finishes it nor acknowledges its message; a
+    worker that starts resumes such jobs, and the broker hands the message out again after its
+    visibility timeout, but with several workers the others neither restart nor wait that
+    long: this sweep, run every few seconds by Celery beat, brings the job back about one
+    lease after its worker went silent. A job is taken back by one sweep only (a
+    compare-and-set on its lease), and a job that is queued again keeps its attempts count.
+    """
+    taken: list[int] = []
+    now = timezone.now()
+    Status = RetrievalJob.Status
+    silent = Q(lease_until__lte=now) | Q(
+        lease_until__isnull=True,
+        started_at__lte=now - timedelta(seconds=settings.RETRIEVAL_LEASE),
+    )
+    for job in RetrievalJob.objects.filter(silent, status=Status.RUNNING):
+        if RetrievalJob.objects.filter(
+            pk=job.pk, status=Status.RUNNING, started_at=job.started_at, lease_until=job.lease_until
+        ).update(
+            status=Status.QUEUED,
+            error="The worker retrieving this study stopped; it is queued again.",
+        ):
+            logger.warning("retrieval job %s lost its worker: queued again", job.pk)
+            taken.append(job.pk)
+    return taken
 
 
 def retrieval_job_lease_left(job: RetrievalJob) -> float:
@@ -191,15 +221,29 @@ class _Progress:
         values: dict[str, int | None] = {"received": received, "failed": failed}
         if expected is not None:
             values["expected"] = expected
-        RetrievalJob.objects.filter(
-            pk=self.job_id, status=RetrievalJob.Status.RUNNING, started_at=self.started_at
-        ).update(**values)
+        try:
+            RetrievalJob.objects.filter(
+                pk=self.job_id, status=RetrievalJob.Status.RUNNING, started_at=self.started_at
+            ).update(**values)
+        except DatabaseError as exc:
+            # Progress is for the eye: a database that is restarting does not stop the
+            # transfer, and the next report writes the counts it missed.
+            _drop_connection(exc, "report the progress of", self.job_id)
+            return
         self.last_write = now
+
+
+def _drop_connection(exc: DatabaseError, doing: str, job_id: int) -> None:
+    """After a database error: close this thread's connection, so that its next query opens
+    a new one. A database server restarted during a long attempt leaves the connections of the
+    attempt's threads dead, and Django only replaces a connection that is closed."""
+    logger.warning("cannot %s retrieval job %s, for now: %s", doing, job_id, exc)
+    connection.close()
 
 
 @contextmanager
 def _lease_renewed(job: RetrievalJob) -> Iterator[None]:
-    """Renew the job's lease every third of it while this attempt runs.
+    """Renew the job's lease every quarter of it while this attempt runs.
 
     The worker is alive as long as this process is, whatever the PACS says or does not say
     meanwhile (pending C-MOVE responses are optional): a lease renewed only on progress would
@@ -209,10 +253,15 @@ def _lease_renewed(job: RetrievalJob) -> Iterator[None]:
 
     def renew() -> None:
         try:
-            while not stop.wait(settings.RETRIEVAL_LEASE / 3):
-                RetrievalJob.objects.filter(
-                    pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
-                ).update(lease_until=_new_lease(timezone.now()))
+            while not stop.wait(settings.RETRIEVAL_LEASE / 4):
+                try:
+                    RetrievalJob.objects.filter(
+                        pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
+                    ).update(lease_until=_new_lease(timezone.now()))
+                except DatabaseError as exc:
+                    # Tried again at the next beat: a lease that stopped being renewed for
+                    # good would hand a live job to another worker.
+                    _drop_connection(exc, "renew the lease of", job.pk)
         except Exception:
             logger.exception("cannot renew the lease of retrieval job %s", job.pk)
         finally:
@@ -303,7 +352,9 @@ def _attempt(job: RetrievalJob, progress: _Progress) -> tuple[str, str, str]:
             Failure.PARTIAL,
         )
     if received == 0:
-        if study_in_store(study_uid):
+        # (This job is itself the study's latest retrieval, not done yet: what counts here
+        # is whether the store already holds instances of it.)
+        if Study.objects.with_instances().filter(study_instance_uid=study_uid).exists():
             return RetrievalJob.Status.DONE, "", ""
         return (
             RetrievalJob.Status.FAILED,
@@ -367,9 +418,17 @@ def _instances_on_pacs(node: PacsNode, study_uid: str) -> set[str] | None:
 
 
 def _finish(job: RetrievalJob, status: str, error: str, kind: str = "") -> None:
-    finished = RetrievalJob.objects.filter(
+    ending = RetrievalJob.objects.filter(
         pk=job.pk, status=RetrievalJob.Status.RUNNING, started_at=job.started_at
-    ).update(status=status, error=error, error_kind=kind, finished_at=timezone.now())
+    )
+    values = {"status": status, "error": error, "error_kind": kind}
+    try:
+        finished = ending.update(**values, finished_at=timezone.now())
+    except DatabaseError as exc:
+        # The connection of a long attempt may have died with a restart of the database
+        # server: once more on a new one, or the outcome is lost until the lease runs out.
+        _drop_connection(exc, "record the outcome of", job.pk)
+        finished = ending.update(**values, finished_at=timezone.now())
     if not finished:
         logger.warning(
             "retrieval job %s was taken over by another worker; this attempt ended %s",

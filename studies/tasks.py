@@ -41,6 +41,18 @@ def build_study_metadata(study_instance_uid: str) -> int:
     return metadata.study_metadata_fill(study_instance_uid)
 
 
+@shared_task(bind=True)
+def take_back_retrieval_jobs(self) -> list[int]:
+    """Celery beat runs this every few seconds: the jobs whose worker died (their lease ran
+    out) are queued again, each with a message on the queue this sweep came from (the
+    default queue when it is called directly)."""
+    queue = (self.request.delivery_info or {}).get("routing_key")
+    job_ids = retrieval.retrieval_jobs_take_back()
+    for job_id in job_ids:
+        retrieve_study.apply_async((job_id,), queue=queue)
+    return job_ids
+
+
 @shared_task(acks_late=True)
 def purge() -> dict[str, Any]:
     """Celery beat's hourly retention run (portal.settings.CELERY_BEAT_SCHEDULE): the same

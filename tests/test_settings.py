@@ -327,3 +327,31 @@ def test_a_secret_may_come_from_a_file(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == repr(key)
+
+
+def test_a_lease_of_zero_is_an_error(settings: Settings) -> None:
+    settings.RETRIEVAL_LEASE = 0
+    assert [e.id for e in checks.check_dicom_settings(None)] == ["portal.E008"]
+
+
+def test_a_redis_visibility_timeout_shorter_than_a_retrieval_is_a_warning(
+    settings: Settings,
+) -> None:
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/0"
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 600}
+    warnings = checks.check_broker_redelivery(None)
+    assert [w.id for w in warnings] == ["portal.W002"]
+    assert "(600 s) is shorter than a retrieval may last (3630 s" in warnings[0].msg
+
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 4 * 3600}
+    assert checks.check_broker_redelivery(None) == []
+    settings.CELERY_BROKER_URL = "filesystem://localhost/"
+    assert checks.check_broker_redelivery(None) == []
+
+
+def test_the_default_redis_settings_pass_the_redelivery_check() -> None:
+    result = manage(
+        "check", "--fail-level", "WARNING", env={"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert "portal.W002" not in result.stderr
