@@ -127,7 +127,11 @@ def test_a_sharer_finds_a_share_and_revokes_it_with_the_keyboard(
     expect(page.get_by_role("link", name=f"Share {created.share.pk}")).to_be_visible()
     expect(page.locator("tbody tr")).to_have_count(1)
 
+    # The share's page (retrieval, link and code), then its access log and actions.
     page.get_by_role("link", name=f"Share {created.share.pk}").focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name=f"Share {created.share.pk}")).to_be_visible()
+    _tab_to(page, "Access log, revoke, extend, unlock")
     page.keyboard.press("Enter")
     expect(
         page.get_by_role("heading", name=f"Share {created.share.pk}: access log")
