@@ -31,6 +31,7 @@ from webauthn.helpers.structs import (
     ResidentKeyRequirement,
     UserVerificationRequirement,
 )
+from webauthn.registration.verify_registration_response import VerifiedRegistration
 
 from accounts.models import PhysicianPasskey, Share
 
@@ -93,6 +94,53 @@ def recall_challenge(session: SessionBase, purpose: str, subject: str) -> bytes:
     return base64url_to_bytes(stored["c"])
 
 
+# --- the WebAuthn checks, shared by the physicians' passkeys and the staff's (staff_passkeys) ---
+
+
+def registration_verified(credential: str, challenge: bytes) -> VerifiedRegistration:
+    """The browser's registration answer checked against our challenge, relying party and
+    origin, with user verification required."""
+    try:
+        return verify_registration_response(
+            credential=credential,
+            expected_challenge=challenge,
+            expected_rp_id=rp_id(),
+            expected_origin=expected_origin(),
+            require_user_verification=True,
+        )
+    except (WebAuthnException, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise PasskeyError(str(exc)) from exc
+
+
+def credential_id(credential: str) -> bytes:
+    """The id of the credential a browser's authentication answer names."""
+    try:
+        return base64url_to_bytes(json.loads(credential)["rawId"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PasskeyError("malformed credential") from exc
+
+
+def assertion_sign_count(
+    credential: str, challenge: bytes, *, public_key: bytes, sign_count: int
+) -> int:
+    """The browser's authentication answer checked against our challenge and the stored
+    public key and counter (a cloned authenticator shows as a counter going back); returns
+    the new counter."""
+    try:
+        verified = verify_authentication_response(
+            credential=credential,
+            expected_challenge=challenge,
+            expected_rp_id=rp_id(),
+            expected_origin=expected_origin(),
+            credential_public_key=public_key,
+            credential_current_sign_count=sign_count,
+            require_user_verification=True,
+        )
+    except (WebAuthnException, ValueError, KeyError) as exc:
+        raise PasskeyError(str(exc)) from exc
+    return verified.new_sign_count
+
+
 def _remember(session: SessionBase, challenge: bytes, purpose: str, share: Share) -> None:
     remember_challenge(session, challenge, purpose, f"share:{share.pk}")
 
@@ -126,16 +174,7 @@ def registration_options(share: Share, session: SessionBase) -> str:
 def register(share: Share, session: SessionBase, credential: str) -> PhysicianPasskey:
     challenge = _recall(session, "register", share)
     user_handle = base64url_to_bytes(session.pop("passkey.user", ""))
-    try:
-        verified = verify_registration_response(
-            credential=credential,
-            expected_challenge=challenge,
-            expected_rp_id=rp_id(),
-            expected_origin=expected_origin(),
-            require_user_verification=True,
-        )
-    except (WebAuthnException, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise PasskeyError(str(exc)) from exc
+    verified = registration_verified(credential, challenge)
     try:
         with transaction.atomic():
             # Idle passkeys of this address are gone for good: the same authenticator may be
@@ -170,27 +209,17 @@ def authentication_options(share: Share, session: SessionBase) -> str:
 
 def authenticate(share: Share, session: SessionBase, credential: str) -> PhysicianPasskey:
     challenge = _recall(session, "login", share)
-    try:
-        raw_id = base64url_to_bytes(json.loads(credential)["rawId"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PasskeyError("malformed credential") from exc
+    raw_id = credential_id(credential)
     with transaction.atomic():
         passkey = _passkeys(share).select_for_update().filter(credential_id=raw_id).first()
         if passkey is None:
             raise PasskeyError("unknown credential for this address")
-        try:
-            verified = verify_authentication_response(
-                credential=credential,
-                expected_challenge=challenge,
-                expected_rp_id=rp_id(),
-                expected_origin=expected_origin(),
-                credential_public_key=bytes(passkey.public_key),
-                credential_current_sign_count=passkey.sign_count,
-                require_user_verification=True,
-            )
-        except (WebAuthnException, ValueError, KeyError) as exc:
-            raise PasskeyError(str(exc)) from exc
-        passkey.sign_count = verified.new_sign_count
+        passkey.sign_count = assertion_sign_count(
+            credential,
+            challenge,
+            public_key=bytes(passkey.public_key),
+            sign_count=passkey.sign_count,
+        )
         passkey.last_used_at = timezone.now()
         passkey.save(update_fields=["sign_count", "last_used_at"])
     return passkey

@@ -8,21 +8,16 @@ credentials only.
 """
 
 import hashlib
-import json
 
 from django.contrib.sessions.backends.base import SessionBase
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from webauthn import (
-    base64url_to_bytes,
     generate_authentication_options,
     generate_registration_options,
     options_to_json,
-    verify_authentication_response,
-    verify_registration_response,
 )
-from webauthn.helpers.exceptions import WebAuthnException
 from webauthn.helpers.structs import (
     AuthenticatorSelectionCriteria,
     PublicKeyCredentialDescriptor,
@@ -33,8 +28,10 @@ from webauthn.helpers.structs import (
 from accounts.models import StaffPasskey, User
 from accounts.passkeys import (
     PasskeyError,
-    expected_origin,
+    assertion_sign_count,
+    credential_id,
     recall_challenge,
+    registration_verified,
     remember_challenge,
     rp_id,
 )
@@ -86,16 +83,7 @@ def registration_options(user: User, session: SessionBase) -> str:
 
 def register(user: User, session: SessionBase, credential: str) -> StaffPasskey:
     challenge = recall_challenge(session, "staff-register", _subject(user))
-    try:
-        verified = verify_registration_response(
-            credential=credential,
-            expected_challenge=challenge,
-            expected_rp_id=rp_id(),
-            expected_origin=expected_origin(),
-            require_user_verification=True,
-        )
-    except (WebAuthnException, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise PasskeyError(str(exc)) from exc
+    verified = registration_verified(credential, challenge)
     count = StaffPasskey.objects.filter(user=user).count()
     if count >= MAX_PASSKEYS:
         raise PasskeyError("as many passkeys as allowed")
@@ -134,10 +122,7 @@ def authenticate(user: User, session: SessionBase, credential: str) -> StaffPass
     """The user's passkey that signed this challenge, its counter and last use updated; else
     PasskeyError."""
     challenge = recall_challenge(session, "staff-login", _subject(user))
-    try:
-        raw_id = base64url_to_bytes(json.loads(credential)["rawId"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PasskeyError("malformed credential") from exc
+    raw_id = credential_id(credential)
     with transaction.atomic():
         passkey = (
             StaffPasskey.objects.select_for_update()
@@ -146,19 +131,12 @@ def authenticate(user: User, session: SessionBase, credential: str) -> StaffPass
         )
         if passkey is None:
             raise PasskeyError("not one of this user's passkeys")
-        try:
-            verified = verify_authentication_response(
-                credential=credential,
-                expected_challenge=challenge,
-                expected_rp_id=rp_id(),
-                expected_origin=expected_origin(),
-                credential_public_key=bytes(passkey.public_key),
-                credential_current_sign_count=passkey.sign_count,
-                require_user_verification=True,
-            )
-        except (WebAuthnException, ValueError, KeyError) as exc:
-            raise PasskeyError(str(exc)) from exc
-        passkey.sign_count = verified.new_sign_count
+        passkey.sign_count = assertion_sign_count(
+            credential,
+            challenge,
+            public_key=bytes(passkey.public_key),
+            sign_count=passkey.sign_count,
+        )
         passkey.set_last_used_timestamp(commit=False)
         passkey.save(update_fields=["sign_count", "last_used_at"])
     return passkey

@@ -493,19 +493,24 @@ def move_study(
         raise
 
 
+def _move_association(peer: Peer) -> move_scu.MoveAssociation:
+    """An association for C-MOVE (Study Root) with the node, as the portal's AE title."""
+    return move_scu.associate(
+        peer.host,
+        peer.port,
+        calling_ae=settings.DICOM_AE_TITLE,
+        called_ae=peer.ae_title,
+        abstract_syntax=str(StudyRootQueryRetrieveInformationModelMove),
+        timeout=settings.DICOM_CONNECT_TIMEOUT,
+    )
+
+
 def _move(
     peer: Peer, study_uid: str, destination: str, progress: ProgressCallback | None
 ) -> SubOperations:
     move_model = str(StudyRootQueryRetrieveInformationModelMove)
     try:
-        association = move_scu.associate(
-            peer.host,
-            peer.port,
-            calling_ae=settings.DICOM_AE_TITLE,
-            called_ae=peer.ae_title,
-            abstract_syntax=move_model,
-            timeout=settings.DICOM_CONNECT_TIMEOUT,
-        )
+        association = _move_association(peer)
     except move_scu.Rejected as exc:
         reason = _rejection_reason(exc.source, exc.reason, peer)
         error = _rejection_error(exc.source, exc.reason)
@@ -639,14 +644,7 @@ def check_way_back(peer: Peer, destination: str | None = None) -> WayBackCheck:
     destination = destination or str(settings.DICOM_AE_TITLE)
     move_model = str(StudyRootQueryRetrieveInformationModelMove)
     try:
-        association = move_scu.associate(
-            peer.host,
-            peer.port,
-            calling_ae=settings.DICOM_AE_TITLE,
-            called_ae=peer.ae_title,
-            abstract_syntax=move_model,
-            timeout=settings.DICOM_CONNECT_TIMEOUT,
-        )
+        association = _move_association(peer)
     except move_scu.Rejected as exc:
         by_service_user = exc.source == 0x01
         if by_service_user and exc.reason == 0x03:
