@@ -7,6 +7,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.utils.translation import gettext_lazy as _
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from accounts import selectors, services, staff_auth
 from accounts.models import (
@@ -17,6 +18,12 @@ from accounts.models import (
     SharedStudy,
     User,
 )
+
+# django-otp's TOTP device admin would let an admin session read any staff member's key, add
+# a device with a key of its choosing or remove someone's last one, all unaudited: second
+# factors are managed on "Your security", through accounts.staff_auth, and nowhere else.
+if admin.site.is_registered(TOTPDevice):
+    admin.site.unregister(TOTPDevice)
 
 
 @admin.register(User)

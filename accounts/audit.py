@@ -15,6 +15,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -231,6 +232,9 @@ def event_record(event: AuditEvent) -> dict[str, Any]:
     }
 
 
+_FORMULA_AFTER_SEPARATOR = re.compile("([,;\t|])([" + re.escape("".join(_FORMULA_START)) + "])")
+
+
 def csv_cell(value: Any) -> str:
     """A CSV cell a spreadsheet shows as text: a leading formula character is quoted away."""
     if value is None:
@@ -239,8 +243,10 @@ def csv_cell(value: Any) -> str:
         value = json.dumps(value, sort_keys=True, ensure_ascii=False)
     text = str(value)
     if text.startswith(_FORMULA_START):
-        return "'" + text
-    return text
+        text = "'" + text
+    # A spreadsheet set to another separator (";" in French and German locales) splits the
+    # cell there, and a piece that starts a formula would run: those pieces are quoted too.
+    return _FORMULA_AFTER_SEPARATOR.sub(r"\1'\2", text)
 
 
 class _Line:
@@ -252,7 +258,8 @@ class _Line:
 
 def csv_lines(events: Iterable[AuditEvent]) -> Iterator[str]:
     """The CSV export line by line, header first (for a streamed response)."""
-    writer = csv.writer(_Line())
+    # Every cell quoted: a separator inside a cell never reads as the end of it.
+    writer = csv.writer(_Line(), quoting=csv.QUOTE_ALL)
     yield writer.writerow(CSV_COLUMNS)
     for event in events:
         record = event_record(event)

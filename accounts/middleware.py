@@ -4,7 +4,8 @@ from collections.abc import Callable
 
 from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils.cache import add_never_cache_headers
 
 from accounts import access, net, selectors, services, staff, throttle
@@ -91,8 +92,9 @@ def _closed_response(request: HttpRequest, closure: selectors.Closure) -> HttpRe
     return response
 
 
-# The unauthenticated recipient URLs: each request costs a lookup, a hash or a captcha image.
-BUDGETED_PATHS = ("/s/", "/access/", "/captcha/")
+# The unauthenticated URLs: each request costs a lookup, a hash or a captcha image (and the
+# staff sign-in, past its lockout, still an audit event).
+BUDGETED_PATHS = ("/s/", "/access/", "/captcha/", "/staff/login/")
 
 
 class RecipientRequestBudgetMiddleware:
@@ -137,4 +139,27 @@ class StaffSessionMiddleware:
                 reason=reason,
             )
             staff.end(request, notice="locked" if reason == "locked" else "expired")
-        return self.get_response(request)
+        if _cross_site_staff_page(request):
+            # A link from elsewhere (an email, another site) opens the workspace's home, never
+            # a page that acts or is audited in the staff member's name (a search for a
+            # patient, a handout printed, an export).
+            return redirect("staff:home")
+        response = self.get_response(request)
+        if request.path_info.startswith(STAFF_PATH):
+            # Patient data on shared ward computers: nothing of the workspace in a cache or
+            # behind the back button once the session ends.
+            add_never_cache_headers(response)
+        return response
+
+
+STAFF_PATH = "/staff/"
+
+
+def _cross_site_staff_page(request: HttpRequest) -> bool:
+    if not request.path_info.startswith(STAFF_PATH):
+        return False
+    if request.headers.get("Sec-Fetch-Site") != "cross-site":
+        return False
+    # The home page and the sign-in are where such a link may land (no loop).
+    landing = (reverse("staff:home"), reverse("staff:login"))
+    return request.get_full_path() != landing[0] and request.path_info != landing[1]

@@ -365,6 +365,11 @@ RECIPIENT_SESSION_MAX = 2 * 60 * 60
 STAFF_SESSION_IDLE = 30 * 60
 STAFF_SESSION_MAX = 12 * 60 * 60
 STAFF_REAUTH_SECONDS = 10 * 60
+# Messages ("the shares of patient … are revoked") live in the session, never in a cookie of
+# their own (Django's default stores them in a signed, readable cookie).
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
+# django-otp's device admin never shows a TOTP key (accounts.admin also unregisters it).
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True
 # Wrong second factors in a row (codes, recovery codes, passkeys) after which a staff account
 # is locked until an administrator unlocks it (accounts.staff_auth).
 STAFF_SECOND_FACTOR_MAX_FAILURES = 10

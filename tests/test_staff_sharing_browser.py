@@ -112,6 +112,10 @@ def staff_context(
     alice = User.objects.create_user("alice", "alice@example.org", "x" * 20, role="sharer")
     session_key = staff_client(alice).cookies[django_settings.SESSION_COOKIE_NAME].value
     context = browser.new_context(viewport={"width": 1100, "height": 900}, locale="en-GB")
+    # The search asks the PACS, the share page waits for the worker: on a loaded two-core
+    # machine a step may take longer than Playwright's default 5 s without anything wrong.
+    context.set_default_timeout(30_000)
+    expect.set_options(timeout=30_000)
     context.add_cookies(
         [
             {

@@ -462,6 +462,7 @@ def share_regenerate(request: HttpRequest, pk: int) -> HttpResponse:
 
 @staff_required(User.Role.SHARER)
 @require_POST
+@recent_second_factor_required
 def share_resend(request: HttpRequest, pk: int) -> HttpResponse:
     """Send the link again: the old one is not stored anywhere, so a new one replaces it (the
     printed access code stays valid)."""
