@@ -248,18 +248,27 @@ def _enrol_stale() -> Q:
     return Q(created_at__lt=cutoff) | Q(created_at__isnull=True)
 
 
+def _is_stale(device: TOTPDevice) -> bool:
+    cutoff = timezone.now() - timedelta(seconds=ENROL_SECONDS)
+    return device.created_at is None or device.created_at < cutoff
+
+
+def totp_device_enrolling(user: User, session: SessionBase) -> TOTPDevice | None:
+    """The unconfirmed app whose secret this session was shown, however old (confirming it
+    checks its age)."""
+    pk = session.get(ENROLLING)
+    if not isinstance(pk, int):
+        return None
+    return TOTPDevice.objects.filter(pk=pk, user=user, confirmed=False).first()
+
+
 def totp_device_to_enrol(user: User, session: SessionBase) -> TOTPDevice:
     """The authenticator app this session is enrolling: a new secret, kept (unconfirmed) for
     this session only until a first code confirms it, so that reloading the page does not change
     the QR code but another session never sees it."""
-    pk = session.get(ENROLLING)
-    device = None
-    if isinstance(pk, int):
-        device = (
-            TOTPDevice.objects.filter(pk=pk, user=user, confirmed=False)
-            .exclude(_enrol_stale())
-            .first()
-        )
+    device = totp_device_enrolling(user, session)
+    if device is not None and _is_stale(device):
+        device = None
     if device is None:
         TOTPDevice.objects.filter(user=user, confirmed=False).filter(_enrol_stale()).delete()
         device = TOTPDevice.objects.create(user=user, name=TOTP_DEVICE_NAME, confirmed=False)
@@ -267,7 +276,9 @@ def totp_device_to_enrol(user: User, session: SessionBase) -> TOTPDevice:
     return device
 
 
-def totp_enrol_confirm(*, user: User, device: TOTPDevice, code: str, request: HttpRequest) -> Check:
+def totp_enrol_confirm(
+    *, user: User, device: TOTPDevice | None, code: str, request: HttpRequest
+) -> Check:
     """A first code from the app confirms it, and the user's other unconfirmed apps (secrets
     other sessions were shown) are deleted. An app that is gone or too old is refused (EXPIRED):
     the page then shows a new secret. (A wrong code is throttled but not counted toward the
@@ -279,9 +290,10 @@ def totp_enrol_confirm(*, user: User, device: TOTPDevice, code: str, request: Ht
             TOTPDevice.objects.select_for_update()
             .filter(pk=device.pk, user=user, confirmed=False)
             .first()
+            if device is not None
+            else None
         )
-        cutoff = timezone.now() - timedelta(seconds=ENROL_SECONDS)
-        if row is None or row.created_at is None or row.created_at < cutoff:
+        if row is None or _is_stale(row):
             if row is not None:
                 row.delete()
             request.session.pop(ENROLLING, None)

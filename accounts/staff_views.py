@@ -304,13 +304,14 @@ def enrol(request: HttpRequest) -> HttpResponse:
         return refusal
     assert user is not None
     signed_in = _signed_in(request) is not None
-    device = staff_auth.totp_device_to_enrol(user, request.session)
     form = TotpForm()
     if request.method == "POST":
         form = TotpForm(request.POST)
         if form.is_valid():
+            # The app whose secret this session was shown, and no other.
+            shown = staff_auth.totp_device_enrolling(user, request.session)
             check = staff_auth.totp_enrol_confirm(
-                user=user, device=device, code=form.cleaned_data["otp"], request=request
+                user=user, device=shown, code=form.cleaned_data["otp"], request=request
             )
             if check.outcome == Outcome.OK:
                 assert check.device is not None
@@ -328,11 +329,12 @@ def enrol(request: HttpRequest) -> HttpResponse:
                     "otp",
                     _("This QR code has expired. Scan the new one and type the code it gives."),
                 )
-                device = staff_auth.totp_device_to_enrol(user, request.session)
             else:
                 form.add_error(
                     "otp", _("This code is not right. Check the time of your phone and try again.")
                 )
+    # This session's secret (a new one if it has none yet or its own has expired).
+    device = staff_auth.totp_device_to_enrol(user, request.session)
     secret = b32encode(device.bin_key).decode()
     context = {
         "form": form,
