@@ -366,6 +366,7 @@ class AuditEvent(models.Model):
         STAFF_DEVICE_REMOVED = "staff_device_removed", _("Second factor removed")
         STAFF_RECOVERY_CODES = "staff_recovery_codes", _("Recovery codes made")
         STAFF_RECOVERY_CODE_USED = "staff_recovery_code_used", _("Recovery code used")
+        STAFF_PASSWORD_CHANGED = "staff_password_changed", _("Staff password changed")
         STUDY_SEARCH = "study_search", _("Studies searched")
         SHARE_REGENERATED = "share_regenerated", _("Link and code replaced")
         SHARE_LINK_SENT = "share_link_sent", _("Link sent to the recipient")

@@ -26,6 +26,7 @@ from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 from django.shortcuts import redirect
 from django.urls import reverse
+from django.utils.crypto import constant_time_compare
 from django.utils.http import url_has_allowed_host_and_scheme
 from django_otp.models import Device
 
@@ -43,6 +44,8 @@ SECOND_FACTOR_AT = "staff.second_factor_at"
 PENDING_USER = "staff.pending_user"
 PENDING_AT = "staff.pending_at"
 PENDING_NEXT = "staff.pending_next"
+# The password's hash as the pending session saw it: a password change ends the session.
+PENDING_HASH = "staff.pending_hash"
 # Seconds the second factor may follow the password (enrolling an app takes a few minutes).
 PENDING_SECONDS = 15 * 60
 # When the signed-in session began and was last seen (seconds since the epoch), for
@@ -146,6 +149,7 @@ def begin_pending(request: HttpRequest, user: User, *, next_url: str | None) -> 
     request.session.flush()
     request.session[PENDING_USER] = user.pk
     request.session[PENDING_AT] = int(time.time())
+    request.session[PENDING_HASH] = user.get_session_auth_hash()
     if next_url:
         request.session[PENDING_NEXT] = next_url
     request.session.set_expiry(PENDING_SECONDS)
@@ -160,7 +164,14 @@ def pending_user(request: HttpRequest) -> User | None:
         return None
     if not 0 <= time.time() - started <= PENDING_SECONDS:
         return None
-    return User.objects.filter(pk=user_id, is_active=True).first()
+    user = User.objects.filter(pk=user_id, is_active=True).first()
+    seen = request.session.get(PENDING_HASH)
+    if user is None or not isinstance(seen, str):
+        return None
+    if not constant_time_compare(seen, user.get_session_auth_hash()):
+        # The password changed since this session passed it.
+        return None
+    return user
 
 
 def complete_login(request: HttpRequest, user: User, device: Device) -> str:
@@ -170,7 +181,7 @@ def complete_login(request: HttpRequest, user: User, device: Device) -> str:
     next_url = safe_next(request, request.session.get(PENDING_NEXT))
     auth.login(request, user, backend=_BACKEND)
     django_otp.login(request, device)
-    for key in (PENDING_USER, PENDING_AT, PENDING_NEXT):
+    for key in (PENDING_USER, PENDING_AT, PENDING_NEXT, PENDING_HASH):
         request.session.pop(key, None)
     now = int(time.time())
     request.session[STARTED] = now

@@ -9,12 +9,14 @@ TOTP codes are also slowed down by django-otp's throttle (ThrottlingMixin).
 """
 
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
 
 from django.conf import settings
+from django.contrib.sessions.backends.base import SessionBase
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -81,6 +83,7 @@ class Outcome(StrEnum):
     WRONG = "wrong"
     WAIT = "wait"
     LOCKED = "locked"
+    EXPIRED = "expired"
 
 
 @dataclass(frozen=True)
@@ -232,21 +235,69 @@ def staff_unlock(*, user: User, by: User | None, request: HttpRequest | None = N
 # --- enrolment and devices -----------------------------------------------------------------------
 
 
-def totp_device_to_enrol(user: User) -> TOTPDevice:
-    """The authenticator app being enrolled: a new secret, kept (unconfirmed) until a first
-    code confirms it, so that reloading the page does not change the QR code."""
-    device = TOTPDevice.objects.filter(user=user, confirmed=False).order_by("-pk").first()
+# The authenticator app this session is enrolling (its unconfirmed TOTPDevice's pk). Each session
+# makes its own secret: a secret shown to one session (perhaps someone else's, who had the
+# password) is never the one another session confirms.
+ENROLLING = "staff.enrolling_totp"
+# An unconfirmed app older than this is never confirmed: its secret has been on a screen too long.
+ENROL_SECONDS = 60 * 60
+
+
+def _enrol_stale() -> Q:
+    cutoff = timezone.now() - timedelta(seconds=ENROL_SECONDS)
+    return Q(created_at__lt=cutoff) | Q(created_at__isnull=True)
+
+
+def _is_stale(device: TOTPDevice) -> bool:
+    cutoff = timezone.now() - timedelta(seconds=ENROL_SECONDS)
+    return device.created_at is None or device.created_at < cutoff
+
+
+def totp_device_enrolling(user: User, session: SessionBase) -> TOTPDevice | None:
+    """The unconfirmed app whose secret this session was shown, however old (confirming it
+    checks its age)."""
+    pk = session.get(ENROLLING)
+    if not isinstance(pk, int):
+        return None
+    return TOTPDevice.objects.filter(pk=pk, user=user, confirmed=False).first()
+
+
+def totp_device_to_enrol(user: User, session: SessionBase) -> TOTPDevice:
+    """The authenticator app this session is enrolling: a new secret, kept (unconfirmed) for
+    this session only until a first code confirms it, so that reloading the page does not change
+    the QR code but another session never sees it."""
+    device = totp_device_enrolling(user, session)
+    if device is not None and _is_stale(device):
+        device = None
     if device is None:
+        TOTPDevice.objects.filter(user=user, confirmed=False).filter(_enrol_stale()).delete()
         device = TOTPDevice.objects.create(user=user, name=TOTP_DEVICE_NAME, confirmed=False)
+        session[ENROLLING] = device.pk
     return device
 
 
-def totp_enrol_confirm(*, user: User, device: TOTPDevice, code: str, request: HttpRequest) -> Check:
-    """A first code from the app confirms it. (A wrong one is throttled but not counted toward
-    the hard lock: whoever sees the QR code could type a right one.)"""
+def totp_enrol_confirm(
+    *, user: User, device: TOTPDevice | None, code: str, request: HttpRequest
+) -> Check:
+    """A first code from the app confirms it, and the user's other unconfirmed apps (secrets
+    other sessions were shown) are deleted. An app that is gone or too old is refused (EXPIRED):
+    the page then shows a new secret. (A wrong code is throttled but not counted toward the
+    hard lock: whoever sees the QR code could type a right one.)"""
     typed = "".join(code.split())
     with transaction.atomic():
-        row = TOTPDevice.objects.select_for_update().get(pk=device.pk, user=user, confirmed=False)
+        _locked_user(user)  # one confirmation at a time per user
+        row = (
+            TOTPDevice.objects.select_for_update()
+            .filter(pk=device.pk, user=user, confirmed=False)
+            .first()
+            if device is not None
+            else None
+        )
+        if row is None or _is_stale(row):
+            if row is not None:
+                row.delete()
+            request.session.pop(ENROLLING, None)
+            return Check(Outcome.EXPIRED)
         allowed, data = row.verify_is_allowed()
         if not allowed:
             until = (data or {}).get("locked_until", timezone.now())
@@ -258,8 +309,10 @@ def totp_enrol_confirm(*, user: User, device: TOTPDevice, code: str, request: Ht
         if ok:
             row.confirmed = True
             row.save(update_fields=["confirmed"])
+            TOTPDevice.objects.filter(user=user, confirmed=False).delete()
     if not ok:
         return Check(Outcome.WRONG)
+    request.session.pop(ENROLLING, None)
     device_added(user=user, device=row, request=request)
     return Check(Outcome.OK, device=row)
 
@@ -310,3 +363,16 @@ def device_remove(*, user: User, kind: str, pk: int, request: HttpRequest) -> De
         AuditEvent.Action.STAFF_DEVICE_REMOVED, request=request, actor=user, kind=kind, device=pk
     )
     return remaining
+
+
+# --- the password ---------------------------------------------------------------------------
+
+
+def staff_password_change(*, user: User, new_password: str, request: HttpRequest) -> User:
+    """A new password (already checked: the old one and the configured validators). Every
+    session of the user made with the old one ends at its next request (Django compares the
+    session's password hash); the view keeps its own (update_session_auth_hash)."""
+    user.set_password(new_password)
+    user.save(update_fields=["password"])
+    services.audit(AuditEvent.Action.STAFF_PASSWORD_CHANGED, request=request, actor=user)
+    return user

@@ -1,6 +1,10 @@
-"""The staff sign-in forms: password, a code from an authenticator app, a recovery code."""
+"""The staff sign-in forms: password, a code from an authenticator app, a recovery code; and
+the change of one's own password."""
+
+from typing import Any
 
 from django import forms
+from django.contrib.auth.forms import PasswordChangeForm
 from django.utils.translation import gettext_lazy as _
 
 
@@ -49,3 +53,12 @@ class RecoveryCodeForm(forms.Form):
             }
         ),
     )
+
+
+class StaffPasswordChangeForm(PasswordChangeForm):
+    """Django's own (the old password, the new one twice, settings.AUTH_PASSWORD_VALIDATORS),
+    on a page with other forms: it does not take the focus."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["old_password"].widget.attrs.pop("autofocus", None)

@@ -14,6 +14,7 @@ urlpatterns = [
     path("logout/", staff_views.logout, name="logout"),
     path("reauth/", staff_views.reauth, name="reauth"),
     path("security/", staff_views.security, name="security"),
+    path("security/password/", staff_views.password_change, name="password_change"),
     path(
         "security/recovery-codes/",
         staff_views.recovery_codes_regenerate,

@@ -14,7 +14,7 @@ import django_otp
 import segno
 from axes.helpers import get_cool_off
 from django.contrib import messages
-from django.contrib.auth import authenticate
+from django.contrib.auth import authenticate, update_session_auth_hash
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
@@ -30,7 +30,12 @@ from accounts import services, staff, staff_auth, staff_passkeys
 from accounts.models import AuditEvent, StaffPasskey, User
 from accounts.staff import recent_second_factor_required, staff_required
 from accounts.staff_auth import Check, Outcome
-from accounts.staff_forms import PasswordForm, RecoveryCodeForm, TotpForm
+from accounts.staff_forms import (
+    PasswordForm,
+    RecoveryCodeForm,
+    StaffPasswordChangeForm,
+    TotpForm,
+)
 
 # What the sign-in page may say after a redirect (accounts.staff.NOTICE).
 _NOTICES = {"expired", "signed-out", "locked"}
@@ -299,13 +304,14 @@ def enrol(request: HttpRequest) -> HttpResponse:
         return refusal
     assert user is not None
     signed_in = _signed_in(request) is not None
-    device = staff_auth.totp_device_to_enrol(user)
     form = TotpForm()
     if request.method == "POST":
         form = TotpForm(request.POST)
         if form.is_valid():
+            # The app whose secret this session was shown, and no other.
+            shown = staff_auth.totp_device_enrolling(user, request.session)
             check = staff_auth.totp_enrol_confirm(
-                user=user, device=device, code=form.cleaned_data["otp"], request=request
+                user=user, device=shown, code=form.cleaned_data["otp"], request=request
             )
             if check.outcome == Outcome.OK:
                 assert check.device is not None
@@ -318,10 +324,17 @@ def enrol(request: HttpRequest) -> HttpResponse:
                 return _recovery_codes_page(request, codes, target)
             if check.outcome == Outcome.WAIT:
                 _explain(check, form, "otp")
+            elif check.outcome == Outcome.EXPIRED:
+                form.add_error(
+                    "otp",
+                    _("This QR code has expired. Scan the new one and type the code it gives."),
+                )
             else:
                 form.add_error(
                     "otp", _("This code is not right. Check the time of your phone and try again.")
                 )
+    # This session's secret (a new one if it has none yet or its own has expired).
+    device = staff_auth.totp_device_to_enrol(user, request.session)
     secret = b32encode(device.bin_key).decode()
     context = {
         "form": form,
@@ -354,9 +367,13 @@ def logout(request: HttpRequest) -> HttpResponse:
 # --- "Your security" ----------------------------------------------------------------------------
 
 
-@require_GET
-@staff_required()
-def security(request: HttpRequest) -> HttpResponse:
+def _password_form(user: User, data: Any = None) -> StaffPasswordChangeForm:
+    return StaffPasswordChangeForm(user, data)
+
+
+def _security_page(
+    request: HttpRequest, password_form: StaffPasswordChangeForm, *, status: int = 200
+) -> HttpResponse:
     user = request.user
     assert isinstance(user, User)
     devices = []
@@ -370,8 +387,37 @@ def security(request: HttpRequest) -> HttpResponse:
         "recovery_left": staff_auth.recovery_codes_left(user),
         "recent": staff.second_factor_is_recent(request),
         "reauth_url": f"{reverse('staff:reauth')}?{urlencode({'next': request.path})}",
+        "password_form": password_form,
     }
-    return _no_store(render(request, "accounts/staff/security.html", context))
+    return _no_store(render(request, "accounts/staff/security.html", context, status=status))
+
+
+@require_GET
+@staff_required()
+def security(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    assert isinstance(user, User)
+    return _security_page(request, _password_form(user))
+
+
+@require_POST
+@staff_required()
+@recent_second_factor_required
+def password_change(request: HttpRequest) -> HttpResponse:
+    """/staff/security/password/: the old password, the new one twice (the configured
+    validators). This session stays signed in; the user's other sessions end."""
+    user = request.user
+    assert isinstance(user, User)
+    form = _password_form(user, request.POST)
+    if not form.is_valid():
+        # Nothing is changed; the page comes back with the errors (never the typed passwords).
+        return _security_page(request, form)
+    staff_auth.staff_password_change(
+        user=user, new_password=form.cleaned_data["new_password1"], request=request
+    )
+    update_session_auth_hash(request, user)
+    messages.success(request, _("Your password is changed. Your other sessions are signed out."))
+    return redirect("staff:security")
 
 
 @require_POST

@@ -12,6 +12,7 @@ phone, and tries everything.
 import json
 import re
 import time
+from base64 import b32decode, b32encode
 from datetime import timedelta
 from typing import Any
 
@@ -27,7 +28,7 @@ from django.utils import timezone
 from django_otp.oath import TOTP
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from accounts import staff
+from accounts import staff, staff_auth
 from accounts.models import AuditEvent, RecoveryCode, RecoveryCodeDevice, StaffPasskey, User
 from portal import urls as portal_urls
 from tests.support.staff import staff_client
@@ -286,6 +287,228 @@ class TestEnrolment:
         assert "otpauth://totp/" in capsys.readouterr().out
         erin = User.objects.get(username="erin")
         assert sign_in(Client(), erin).status_code == 302
+
+
+def enrol_secret(client: Client) -> str:
+    page = client.get("/staff/enrol/")
+    assert page.status_code == 200
+    found = re.search(r'data-secret="([A-Z2-7]+)"', page.content.decode())
+    assert found is not None
+    return found.group(1)
+
+
+def code_of_secret(secret: str) -> str:
+    """What an authenticator app that scanned `secret` shows now (the device may be gone)."""
+    totp = TOTP(b32decode(secret))
+    return f"{totp.token():06d}"
+
+
+def device_with_secret(user: User, secret: str) -> TOTPDevice | None:
+    for device in TOTPDevice.objects.filter(user=user):
+        if b32encode(device.bin_key).decode() == secret:
+            return device
+    return None
+
+
+class TestEnrolmentSecretsAreNotShared:
+    """Mallory knows the initial password of dave, who has not enrolled yet. Whatever secret she
+    is shown must never become the one dave confirms."""
+
+    def test_each_password_session_gets_its_own_secret_and_only_the_confirmed_one_signs_in(
+        self, dave: User
+    ) -> None:
+        mallory = Client()
+        password_step(mallory, "dave")
+        seen_by_mallory = enrol_secret(mallory)
+
+        client = Client()
+        password_step(client, "dave")
+        daves = enrol_secret(client)
+        # Reloading keeps each session's own secret.
+        assert enrol_secret(client) == daves and enrol_secret(mallory) == seen_by_mallory
+        assert daves != seen_by_mallory
+
+        device = device_with_secret(dave, daves)
+        assert device is not None
+        shown = client.post("/staff/enrol/", {"otp": code(device)})
+        assert shown.status_code == 200 and is_signed_in(client)
+
+        # Mallory's secret died with dave's confirmation: only dave's app remains.
+        assert list(TOTPDevice.objects.filter(user=dave).values_list("pk", flat=True)) == [
+            device.pk
+        ]
+        assert device_with_secret(dave, seen_by_mallory) is None
+        stolen = code_of_secret(seen_by_mallory)
+        assert mallory.post("/staff/enrol/", {"otp": stolen})["Location"] == (
+            "/staff/login/second-factor/"
+        )
+        assert mallory.post("/staff/login/second-factor/", {"otp": stolen}).status_code == 200
+        assert not is_signed_in(mallory)
+        later = Client()
+        password_step(later, "dave")
+        unthrottle(dave)
+        assert later.post("/staff/login/second-factor/", {"otp": stolen}).status_code == 200
+        assert not is_signed_in(later)
+
+    def test_an_unconfirmed_secret_left_by_another_session_is_never_shown_again(
+        self, dave: User
+    ) -> None:
+        left = TOTPDevice.objects.create(user=dave, name="authenticator", confirmed=False)
+        client = Client()
+        password_step(client, "dave")
+
+        shown = enrol_secret(client)
+
+        assert shown != b32encode(left.bin_key).decode()
+        device = device_with_secret(dave, shown)
+        assert device is not None
+        client.post("/staff/enrol/", {"otp": code(device)})
+        assert is_signed_in(client)
+        assert not TOTPDevice.objects.filter(pk=left.pk).exists()
+
+    def test_a_secret_older_than_an_hour_is_refused_and_deleted(self, dave: User) -> None:
+        client = Client()
+        password_step(client, "dave")
+        old_secret = enrol_secret(client)
+        old = device_with_secret(dave, old_secret)
+        assert old is not None
+        TOTPDevice.objects.filter(pk=old.pk).update(
+            created_at=timezone.now() - timedelta(seconds=staff_auth.ENROL_SECONDS + 60)
+        )
+
+        answer = client.post("/staff/enrol/", {"otp": code(old)})
+
+        assert answer.status_code == 200 and not is_signed_in(client)
+        assert "has expired" in answer.content.decode()
+        assert not TOTPDevice.objects.filter(pk=old.pk).exists()
+        # A new secret is shown, and it works.
+        new_secret = enrol_secret(client)
+        assert new_secret != old_secret
+        new = device_with_secret(dave, new_secret)
+        assert new is not None
+        client.post("/staff/enrol/", {"otp": code(new)})
+        assert is_signed_in(client)
+
+    def test_an_abandoned_secret_older_than_an_hour_is_swept(self, dave: User) -> None:
+        abandoned = TOTPDevice.objects.create(user=dave, name="authenticator", confirmed=False)
+        TOTPDevice.objects.filter(pk=abandoned.pk).update(
+            created_at=timezone.now() - timedelta(hours=2)
+        )
+        client = Client()
+        password_step(client, "dave")
+        enrol_secret(client)
+        assert not TOTPDevice.objects.filter(pk=abandoned.pk).exists()
+
+
+NEW_PASSWORD = "a quite different passphrase 42"
+
+
+def change_password(
+    client: Client, old: str = PASSWORD, new: str = NEW_PASSWORD, again: str | None = None
+) -> Any:
+    return client.post(
+        "/staff/security/password/",
+        {
+            "old_password": old,
+            "new_password1": new,
+            "new_password2": new if again is None else again,
+            "next": "/staff/security/",
+        },
+    )
+
+
+class TestPasswordChange:
+    def test_bob_changes_his_password_and_his_other_sessions_end(self, bob: User) -> None:
+        other = Client()
+        sign_in(other, bob)
+        assert is_signed_in(other)
+        # Mallory passed the old password and awaits the second factor.
+        mallory = Client()
+        password_step(mallory, "bob")
+        assert mallory.get("/staff/login/second-factor/").status_code == 200
+        client = staff_client(bob)
+
+        answer = change_password(client)
+
+        assert answer.status_code == 302 and answer["Location"] == "/staff/security/"
+        assert "Your password is changed" in client.get("/staff/security/").content.decode()
+        assert is_signed_in(client)
+        assert not is_signed_in(other)
+        assert mallory.get("/staff/login/second-factor/")["Location"] == "/staff/login/"
+        assert AuditEvent.objects.filter(
+            action=AuditEvent.Action.STAFF_PASSWORD_CHANGED, actor=bob
+        ).exists()
+        refused = password_step(Client(), "bob")
+        assert refused.status_code == 200 and "do not match" in refused.content.decode()
+        accepted = password_step(Client(), "bob", NEW_PASSWORD)
+        assert accepted["Location"] == "/staff/login/second-factor/"
+
+    def test_a_wrong_old_password_is_refused_and_nothing_changes(self, bob: User) -> None:
+        other = Client()
+        sign_in(other, bob)
+        client = staff_client(bob)
+
+        answer = change_password(client, old="mallory's guess")
+
+        assert answer.status_code == 200
+        html = answer.content.decode()
+        assert "Your old password was entered incorrectly" in html
+        assert NEW_PASSWORD not in html and "mallory&#x27;s guess" not in html
+        assert User.objects.get(pk=bob.pk).check_password(PASSWORD)
+        assert is_signed_in(client) and is_signed_in(other)
+        assert not AuditEvent.objects.filter(
+            action=AuditEvent.Action.STAFF_PASSWORD_CHANGED
+        ).exists()
+
+    def test_the_configured_validators_apply(self, bob: User) -> None:
+        client = staff_client(bob)
+        short = change_password(client, new="short1")
+        assert "too short" in short.content.decode()
+        mismatch = change_password(client, again=NEW_PASSWORD + "!")
+        assert "didn’t match" in mismatch.content.decode()
+        assert User.objects.get(pk=bob.pk).check_password(PASSWORD)
+
+    def test_it_needs_a_recent_second_factor(self, bob: User) -> None:
+        client = staff_client(bob, second_factor_at=time.time() - 3600)
+        page = client.get("/staff/security/").content.decode()
+        assert "confirm it is you first" in page
+
+        answer = change_password(client)
+
+        assert answer["Location"] == "/staff/reauth/?next=%2Fstaff%2Fsecurity%2F"
+        assert User.objects.get(pk=bob.pk).check_password(PASSWORD)
+        client.post(answer["Location"], {"otp": code(device_of(bob))})
+        assert change_password(client)["Location"] == "/staff/security/"
+        assert User.objects.get(pk=bob.pk).check_password(NEW_PASSWORD)
+
+    def test_it_is_a_post_with_a_csrf_token(self, bob: User) -> None:
+        signed_in = staff_client(bob)
+        client = Client(enforce_csrf_checks=True)
+        client.cookies[SESSION] = cookie(signed_in)
+        assert client.get("/staff/security/password/").status_code == 405
+
+        forged = change_password(client)  # from mallory's page: no token
+
+        assert forged.status_code == 403
+        assert User.objects.get(pk=bob.pk).check_password(PASSWORD)
+        html = client.get("/staff/security/").content.decode()
+        token = html.split('name="csrfmiddlewaretoken" value="', 1)[1].split('"', 1)[0]
+        answer = client.post(
+            "/staff/security/password/",
+            {
+                "old_password": PASSWORD,
+                "new_password1": NEW_PASSWORD,
+                "new_password2": NEW_PASSWORD,
+                "csrfmiddlewaretoken": token,
+            },
+        )
+        assert answer.status_code == 302
+        assert User.objects.get(pk=bob.pk).check_password(NEW_PASSWORD)
+
+    def test_it_speaks_french(self, bob: User) -> None:
+        client = staff_client(bob)
+        page = client.get("/staff/security/", HTTP_ACCEPT_LANGUAGE="fr").content.decode()
+        assert "Changer mon mot de passe" in page and "Ancien mot de passe" in page
 
 
 class TestRecoveryCodes:

@@ -136,6 +136,22 @@ def test_dave_enrols_his_app_then_signs_in_with_a_code(
     expect(page.get_by_text("Authenticator app", exact=True)).to_be_visible()
     accessible(page)
     fits_the_screen(page)
+
+    # Dave replaces the password he was given; a wrong old one is explained first.
+    new = "dave's own passphrase, long enough"
+    page.get_by_label("Old password", exact=True).fill("not the password")
+    page.get_by_label("New password", exact=True).fill(new)
+    page.get_by_label("New password confirmation", exact=True).fill(new)
+    page.get_by_role("button", name="Change my password").click()
+    expect(page.get_by_text("Your old password was entered incorrectly")).to_be_visible()
+    accessible(page)
+    fits_the_screen(page)
+    page.get_by_label("Old password", exact=True).fill(PASSWORD)
+    page.get_by_label("New password", exact=True).fill(new)
+    page.get_by_label("New password confirmation", exact=True).fill(new)
+    page.get_by_label("New password confirmation", exact=True).press("Enter")
+    expect(page.get_by_text("Your password is changed.")).to_be_visible()
+    assert User.objects.get(username="dave").check_password(new)
     assert csp_violations == []
 
 
