@@ -138,3 +138,15 @@ class TestCsvInjection:
         header, line = list(csv_lines([event]))[:2]
         assert header.startswith('"') and line.startswith('"')
         assert '"x;\'=1+1"' in line
+
+
+class TestTheWorkspaceAddress:
+    def test_an_auditor_is_sent_to_the_audit_log_and_searches_nothing(self) -> None:
+        bob = User.objects.create_user("bob", "bob@example.org", "x" * 20, role="auditor")
+        client = staff_client(bob)
+        response = client.get(reverse("staff:home"), {"patient_id": "PID-1"})
+        assert response.status_code == 302
+        assert response["Location"] == reverse("staff:audit")
+        assert not AuditEvent.objects.filter(action=AuditEvent.Action.STUDY_SEARCH).exists()
+        # The search itself stays the sharers' (the share form, for one, is refused).
+        assert client.get(reverse("staff:share_new"), {"study": "1.2.3"}).status_code == 403

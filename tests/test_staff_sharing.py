@@ -262,7 +262,6 @@ class TestRoles:
         auditor = staff_client(bob)
         pk = created.share.pk
         for method, url in [
-            ("get", reverse("staff:home") + "?patient_id=X"),
             ("get", _share_form_url("1.2.826.0.1.3680043.8.498.1001", "local")),
             ("post", _share_form_url("1.2.826.0.1.3680043.8.498.1001", "local")),
             ("get", reverse("staff:share_detail", args=[pk])),

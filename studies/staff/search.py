@@ -2,20 +2,26 @@
 itself is the selector studies.search; each search is audited)."""
 
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.urls import path
 from django.views.decorators.http import require_GET
 
 from accounts import services as account_services
 from accounts.models import AuditEvent, User
-from accounts.staff import staff_required
+from accounts.staff import home_url, role_allows, staff_required
 from studies.search import LOCAL, QueryError, SearchResult, studies_search
 from studies.staff.forms import SearchForm
 
 
-@staff_required(User.Role.SHARER)
+@staff_required()
 @require_GET
 def home(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    assert isinstance(user, User)  # staff_required
+    if not role_allows(user, User.Role.SHARER):
+        # The workspace's address is everyone's way in (a bookmark, a link from elsewhere):
+        # an auditor lands on the audit log, not on a refusal.
+        return redirect(home_url(user))
     # A search is a GET (a bookmarkable, repeatable read); an empty form is the start page.
     searched = bool(request.GET)
     form = SearchForm(request.GET if searched else None)
