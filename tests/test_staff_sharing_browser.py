@@ -225,6 +225,9 @@ def test_staff_share_a_pacs_study_with_a_prior_and_the_patient_opens_the_printed
             f"{patient_studies.prior_count} / {patient_studies.prior_count}",
         ]
     )
+    # The share's status line follows, still without a reload.
+    expect(page.locator("#share-status")).to_have_attribute("data-status", "active")
+    expect(page.locator("#share-status")).to_have_text("Active")
     assert loads == [], "the page reloaded instead of updating itself"
     _accessible(page)
     _fits_a_phone(page)

@@ -1,6 +1,6 @@
 // The share page: follows the retrieval of each study by polling the page's progress
 // endpoint (data-url) and updates the bars in place. A failure, which brings a retry button,
-// reloads the page once to show it.
+// reloads the page once to show it; the share's status line follows too.
 (function () {
   "use strict";
   var list = document.getElementById("progress");
@@ -32,6 +32,12 @@
       .then(function (data) {
         var reload = false;
         data.studies.forEach(function (row) { reload = update(row) || reload; });
+        // The share's own status (pending, then active once every study is in).
+        var shown = document.getElementById("share-status");
+        if (shown && shown.dataset.status !== data.status) {
+          shown.dataset.status = data.status;
+          shown.textContent = data.status_label;
+        }
         if (reload) { window.location.reload(); return; }
         if (!data.done) { window.setTimeout(poll, delay); }
       })

@@ -398,6 +398,7 @@ def share_detail(request: HttpRequest, pk: int) -> HttpResponse:
             "staff_section": "shares",
             "share": share,
             "status": _status_label(share),
+            "status_value": account_selectors.share_status(share),
             "rows": _progress_rows(share),
             "secrets": _secrets_of(request, share),
             "max_days": settings.SHARE_MAX_DAYS,
@@ -415,6 +416,7 @@ def share_progress_json(request: HttpRequest, pk: int) -> JsonResponse:
     response = JsonResponse(
         {
             "status": account_selectors.share_status(share),
+            "status_label": _status_label(share),
             "done": all(row["state"] in ("ready", "failed") for row in rows),
             "studies": rows,
         }
