@@ -14,7 +14,6 @@ from playwright.sync_api import (
     Browser,
     ConsoleMessage,
     Page,
-    ViewportSize,
     expect,
     sync_playwright,
 )
@@ -27,6 +26,7 @@ from tests.support.access import (
     make_study,
     sms_messages,
 )
+from tests.support.browser import PHONE, assert_fits_the_screen
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -37,7 +37,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-PHONE: ViewportSize = {"width": 375, "height": 740}
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +81,6 @@ def page(
     context.close()
 
 
-def _fits_the_screen(page: Page) -> None:
-    width = page.evaluate("document.documentElement.scrollWidth")
-    assert width <= PHONE["width"], f"the page is {width}px wide on a {PHONE['width']}px phone"
-
-
 def _history_urls(page: Page) -> list[str]:
     cdp = page.context.new_cdp_session(page)
     entries = cdp.send("Page.getNavigationHistory")["entries"]
@@ -104,7 +98,7 @@ def test_patient_opens_the_link_and_reaches_the_viewer(
     page.goto(live_server.url + fragment_link(created))
     expect(page).to_have_url(live_server.url + "/access/verify")
     expect(page.get_by_text("06 •• •• •• 42")).to_be_visible()
-    _fits_the_screen(page)
+    assert_fits_the_screen(page)
     # Following the link sent nothing: the patient asks for the code.
     assert sms_messages(sms_dir) == []
     page.get_by_role("button", name="Send me a code").click()
@@ -123,7 +117,7 @@ def test_patient_opens_the_link_and_reaches_the_viewer(
     expect(page.locator(".series").first).to_contain_text("CT")
     # make_study indexes no pixels: the viewer lists the CT's files without showing them.
     expect(page.locator(".series").first).to_contain_text("3 files")
-    _fits_the_screen(page)
+    assert_fits_the_screen(page)
 
     # The token is nowhere in the address bar or the history.
     assert all(token not in url for url in _history_urls(page))

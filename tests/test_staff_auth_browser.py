@@ -11,23 +11,16 @@ from typing import Any
 
 import pytest
 import zxingcpp
-from axe_playwright_python.sync_playwright import Axe
 from django_otp.oath import TOTP
 from django_otp.plugins.otp_totp.models import TOTPDevice
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect
 
 from accounts.models import AuditEvent, StaffPasskey, User
-from tests.test_recipient_browser import (
-    PHONE,
-    browser,  # noqa: F401  (the module's Chromium)
-)
+from tests.support.browser import PHONE, assert_accessible, assert_fits_the_screen
+from tests.test_recipient_browser import browser  # noqa: F401  (the module's Chromium)
 
 PASSWORD = "correct horse battery staple"
-WCAG_21_AA = {
-    "runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]},
-    "resultTypes": ["violations"],
-}
 
 
 @pytest.fixture
@@ -56,16 +49,6 @@ def page(
     context.close()
 
 
-def accessible(page: Page) -> None:
-    results = Axe().run(page, options=WCAG_21_AA)
-    assert results.violations_count == 0, results.generate_report()
-
-
-def fits_the_screen(page: Page) -> None:
-    width = page.evaluate("document.documentElement.scrollWidth")
-    assert width <= PHONE["width"], f"the page is {width}px wide on a {PHONE['width']}px phone"
-
-
 def totp_code(secret: str, *, steps_ahead: int = 0) -> str:
     key = base64.b32decode(secret + "=" * (-len(secret) % 8))
     totp = TOTP(key)
@@ -76,8 +59,8 @@ def totp_code(secret: str, *, steps_ahead: int = 0) -> str:
 def type_password(page: Page, live_server: Any, username: str) -> None:
     page.goto(live_server.url + "/staff/login/")
     expect(page.get_by_role("heading", name="Staff sign-in")).to_be_visible()
-    accessible(page)
-    fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
     # The keyboard alone: the username field has the focus.
     page.keyboard.type(username)
     page.keyboard.press("Tab")
@@ -97,8 +80,8 @@ def test_dave_enrols_his_app_then_signs_in_with_a_code(
     qr = page.get_by_role("img", name="QR code to scan with your authenticator app")
     expect(qr).to_be_visible()
     assert (qr.get_attribute("src") or "").startswith("data:image/svg+xml")
-    accessible(page)
-    fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
     secret = page.locator("#totp-secret").get_attribute("data-secret") or ""
     # The key typed by hand is the one shown in groups, and the QR code, as a phone reads it,
     # carries the same key.
@@ -111,8 +94,8 @@ def test_dave_enrols_his_app_then_signs_in_with_a_code(
     page.get_by_role("button", name="Confirm").click()
     expect(page.get_by_role("heading", name="Your recovery codes")).to_be_visible()
     expect(page.locator(".recovery-codes code")).to_have_count(10)
-    accessible(page)
-    fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
     page.get_by_role("link", name="I have kept them, continue").click()
     expect(page).to_have_url(live_server.url + "/staff/")
     assert TOTPDevice.objects.get(user__username="dave").confirmed
@@ -125,8 +108,8 @@ def test_dave_enrols_his_app_then_signs_in_with_a_code(
     type_password(page, live_server, "dave")
     expect(page).to_have_url(live_server.url + "/staff/login/second-factor/")
     expect(page.get_by_role("heading", name="Confirm it is you")).to_be_visible()
-    accessible(page)
-    fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
     page.keyboard.type(totp_code(secret, steps_ahead=1))  # the code field has the focus
     page.keyboard.press("Enter")
     expect(page).to_have_url(live_server.url + "/staff/")
@@ -134,8 +117,8 @@ def test_dave_enrols_his_app_then_signs_in_with_a_code(
     page.goto(live_server.url + "/staff/security/")
     expect(page.get_by_role("heading", name="Your security")).to_be_visible()
     expect(page.get_by_text("Authenticator app", exact=True)).to_be_visible()
-    accessible(page)
-    fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
 
     # Dave replaces the password he was given; a wrong old one is explained first.
     new = "dave's own passphrase, long enough"
@@ -144,8 +127,8 @@ def test_dave_enrols_his_app_then_signs_in_with_a_code(
     page.get_by_label("New password confirmation", exact=True).fill(new)
     page.get_by_role("button", name="Change my password").click()
     expect(page.get_by_text("Your old password was entered incorrectly")).to_be_visible()
-    accessible(page)
-    fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
     page.get_by_label("Old password", exact=True).fill(PASSWORD)
     page.get_by_label("New password", exact=True).fill(new)
     page.get_by_label("New password confirmation", exact=True).fill(new)
@@ -189,7 +172,7 @@ def test_alice_adds_a_passkey_and_signs_in_with_it(
     page.get_by_role("button", name="Add a passkey on this device").click()
     expect(page.get_by_text("Your passkey is added.")).to_be_visible()
     expect(page.get_by_text("Passkey", exact=True)).to_be_visible()
-    accessible(page)
+    assert_accessible(page)
     credentials = cdp.send("WebAuthn.getCredentials", {"authenticatorId": authenticator})
     assert len(credentials["credentials"]) == 1
     assert StaffPasskey.objects.filter(user=alice).count() == 1
@@ -197,7 +180,7 @@ def test_alice_adds_a_passkey_and_signs_in_with_it(
     page.get_by_role("button", name="Sign out (alice)").click()
     type_password(page, live_server, "alice")
     expect(page).to_have_url(live_server.url + "/staff/login/second-factor/")
-    accessible(page)
+    assert_accessible(page)
     page.get_by_role("button", name="Confirm with my passkey").click()
     expect(page).to_have_url(live_server.url + "/staff/")
     assert AuditEvent.objects.filter(

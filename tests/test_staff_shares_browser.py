@@ -7,13 +7,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from axe_playwright_python.sync_playwright import Axe
 from django.conf import settings as django_settings
-from playwright.sync_api import Browser, ConsoleMessage, Page, ViewportSize, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from accounts.models import Share, User
 from studies import services
 from tests.support.access import make_share, make_study
+from tests.support.browser import PHONE, assert_accessible, assert_fits_the_screen
 from tests.support.staff import staff_client
 
 CHROMIUM_ARGS = [
@@ -25,8 +25,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-PHONE: ViewportSize = {"width": 375, "height": 740}
-WCAG_21_AA = {"runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}}
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +78,6 @@ def _signed_in_page(
     return page
 
 
-def _accessible(page: Page) -> None:
-    results = Axe().run(page, options=WCAG_21_AA)
-    assert results.violations_count == 0, results.generate_report()
-
-
-def _fits_the_screen(page: Page) -> None:
-    width = page.evaluate("document.documentElement.scrollWidth")
-    assert width <= PHONE["width"], f"the page is {width}px wide on a {PHONE['width']}px phone"
-
-
 def _tab_to(page: Page, name: str, limit: int = 80) -> None:
     """Press Tab until the focused element is the control named `name`."""
     for _ in range(limit):
@@ -116,8 +104,8 @@ def test_a_sharer_finds_a_share_and_revokes_it_with_the_keyboard(
     page.goto(live_server.url + "/staff/shares/")
     expect(page.get_by_role("heading", name="Shares")).to_be_visible()
     expect(page.get_by_role("cell", name="Retrieving")).to_be_visible()
-    _accessible(page)
-    _fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
 
     # Filter by patient with the keyboard: type in the field, Enter submits.
     page.get_by_label("Patient", exact=True).focus()
@@ -136,8 +124,8 @@ def test_a_sharer_finds_a_share_and_revokes_it_with_the_keyboard(
     expect(
         page.get_by_role("heading", name=f"Share {created.share.pk}: access log")
     ).to_be_visible()
-    _accessible(page)
-    _fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
 
     _tab_to(page, "Revoke the share")
     page.keyboard.press("Enter")
@@ -145,12 +133,12 @@ def test_a_sharer_finds_a_share_and_revokes_it_with_the_keyboard(
     expect(page.get_by_text(f"Share {created.share.pk} is revoked")).to_be_visible()
     expect(page.locator(".study-facts .status")).to_have_text("Revoked")
     assert Share.objects.get(pk=created.share.pk).revoked_by == alice
-    _accessible(page)
+    assert_accessible(page)
 
     page.goto(live_server.url + "/staff/shares/revoke-patient/?patient_id=PID-DUPONT")
     expect(page.get_by_text("Patient PID-DUPONT has no live share.")).to_be_visible()
-    _accessible(page)
-    _fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
     assert csp_violations == []
 
 
@@ -170,13 +158,13 @@ def test_an_admin_sees_the_nodes_pages(
 
     page.goto(live_server.url + "/staff/nodes/")
     expect(page.get_by_role("heading", name="PACS nodes")).to_be_visible()
-    _accessible(page)
-    _fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
 
     page.get_by_role("link", name="Add a node").click()
     expect(page.get_by_role("heading", name="Add a node")).to_be_visible()
-    _accessible(page)
-    _fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
     # A bad port: the errors are announced and the form keeps what was typed.
     page.get_by_label("Name").fill("second")
     page.get_by_label("AE title").fill("SECOND")
@@ -185,11 +173,11 @@ def test_an_admin_sees_the_nodes_pages(
     page.get_by_role("button", name="Add the node").click()
     expect(page.get_by_role("alert")).to_be_visible()
     expect(page.get_by_label("AE title")).to_have_value("SECOND")
-    _accessible(page)
+    assert_accessible(page)
 
     page.goto(live_server.url + "/staff/nodes/")
     page.get_by_role("link", name="Remove main-pacs").click()
     expect(page.get_by_role("heading", name="Remove main-pacs")).to_be_visible()
-    _accessible(page)
-    _fits_the_screen(page)
+    assert_accessible(page)
+    assert_fits_the_screen(page)
     assert csp_violations == []

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import zxingcpp
-from axe_playwright_python.sync_playwright import Axe
 from celery import _state as celery_state
 from django.conf import settings as django_settings
 from PIL import Image
@@ -27,6 +26,7 @@ from studies.demo import synthetic
 from studies.models import PacsNode, RetrievalJob
 from tests.support import free_port
 from tests.support.access import last_code
+from tests.support.browser import assert_accessible
 from tests.support.orthanc import OrthancServer
 from tests.support.staff import staff_client
 from tests.support.worker import CeleryWorker
@@ -35,7 +35,6 @@ from tests.test_recipient_browser import browser  # noqa: F401  (the module's Ch
 pytestmark = [pytest.mark.worker, pytest.mark.dicom]
 
 PATIENT_ID = "STF-BROWSER"
-WCAG_21_AA = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
 
 
 class Studies:
@@ -132,19 +131,13 @@ def staff_context(
     context.close()
 
 
-def _accessible(page: Page) -> None:
-    options = {"runOnly": {"type": "tag", "values": WCAG_21_AA}, "resultTypes": ["violations"]}
-    results = Axe().run(page, options=options)
-    assert results.violations_count == 0, results.generate_report()
-
-
 def _fits_a_phone(page: Page) -> None:
     size = page.viewport_size
     page.set_viewport_size({"width": 375, "height": 740})
     try:
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 375, f"{page.url} is {width}px wide on a 375px phone"
-        _accessible(page)
+        assert_accessible(page)
     finally:
         if size:
             page.set_viewport_size(size)
@@ -174,7 +167,7 @@ def test_staff_share_a_pacs_study_with_a_prior_and_the_patient_opens_the_printed
     # --- search ---------------------------------------------------------------------------
     page.goto(live_server.url + "/staff/")
     expect(page.get_by_role("heading", name="Search studies")).to_be_visible()
-    _accessible(page)
+    assert_accessible(page)
     # With the keyboard alone, as on the rest of the way to the share.
     page.get_by_label("Patient ID").focus()
     page.keyboard.type(PATIENT_ID)
@@ -186,14 +179,14 @@ def test_staff_share_a_pacs_study_with_a_prior_and_the_patient_opens_the_printed
     expect(rows.first).to_contain_text("orthanc")
     expect(rows.nth(1)).to_contain_text("IRM GENOU")
     expect(page.locator(".source-ok", has_text="orthanc")).to_contain_text("2 studies")
-    _accessible(page)
+    assert_accessible(page)
     _fits_a_phone(page)
 
     # --- the share form ---------------------------------------------------------------------
     rows.first.get_by_role("link", name="Share").focus()
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", name="Share a study")).to_be_visible()
-    _accessible(page)
+    assert_accessible(page)
     _fits_a_phone(page)
     page.get_by_label("IRM GENOU").focus()
     page.keyboard.press("Space")
@@ -229,13 +222,13 @@ def test_staff_share_a_pacs_study_with_a_prior_and_the_patient_opens_the_printed
     expect(page.locator("#share-status")).to_have_attribute("data-status", "active")
     expect(page.locator("#share-status")).to_have_text("Active")
     assert loads == [], "the page reloaded instead of updating itself"
-    _accessible(page)
+    assert_accessible(page)
     _fits_a_phone(page)
 
     # --- the handout, printed -----------------------------------------------------------------
     page.get_by_role("link", name="Print the handout").click()
     expect(page.get_by_role("heading", name="Your images online")).to_be_visible()
-    _accessible(page)
+    assert_accessible(page)
     page.emulate_media(media="print")
     expect(page.get_by_role("button", name="Print")).to_be_hidden()
     expect(page.locator(".access-code")).to_contain_text(code.split("-")[1])
